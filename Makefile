@@ -1,0 +1,59 @@
+# tokenmill: `make demo` and `make test` set up .venv themselves (Python deps + the Rust extension).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-rust test-python lint fmt bench develop wheel clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.stamp-run: requirements.txt | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.stamp-dev: requirements-dev.txt requirements.txt $(VENV)/.stamp-run
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# Build the extension in release mode into the venv (incremental through ./target).
+develop: $(VENV)/.stamp-run
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	$(BIN)/maturin develop --release -q
+
+demo: develop
+	$(PY) -m tokenmill demo
+
+test: $(VENV)/.stamp-dev develop test-rust test-python
+
+test-rust:
+	cargo test --workspace --quiet
+
+test-python:
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.stamp-dev
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	$(BIN)/ruff check python tests benches
+	$(BIN)/ruff format --check python tests benches
+
+fmt: $(VENV)/.stamp-dev
+	cargo fmt --all
+	$(BIN)/ruff format python tests benches
+	$(BIN)/ruff check --fix python tests benches
+
+bench: $(VENV)/.stamp-dev develop
+	$(PY) benches/run_all.py
+
+# The abi3 wheel (one wheel for CPython >= 3.9), e.g. to carry to a GPU machine.
+wheel: $(VENV)/.stamp-run
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	$(BIN)/maturin build --release --out dist
+
+clean:
+	rm -rf target dist $(VENV)

@@ -1,0 +1,112 @@
+"""The ``tokenmill`` console script (also ``python -m tokenmill``).
+
+Each subcommand is one ``_cmd_*`` function; argument parsing lives in ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+import tokenmill
+
+NOT_BUILT = 2  # exit status of subcommands that do not exist yet
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"tokenmill {name}: not built yet in tokenmill {tokenmill.__version__}", file=sys.stderr)
+        return NOT_BUILT
+
+    return run
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tokenmill import eval as ev
+
+    refs, hyps = _read_lines(args.reference), _read_lines(args.hypothesis)
+    flags = dict(
+        lowercase=args.lowercase,
+        remove_punctuation=args.remove_punctuation,
+        collapse_whitespace=args.collapse_whitespace,
+    )
+    if len(refs) != len(hyps):
+        print(
+            f"tokenmill eval: {args.reference} has {len(refs)} lines but {args.hypothesis} has {len(hyps)}",
+            file=sys.stderr,
+        )
+        return 1
+    ops = ev.word_edit_ops if args.metric == "wer" else ev.char_edit_ops
+    counts = ops(refs, hyps, **flags)
+    rate = (ev.wer if args.metric == "wer" else ev.cer)(refs, hyps, **flags)
+    print(
+        f"{args.metric.upper()} {rate:.6f}  (hits {counts.hits}, substitutions {counts.substitutions}, "
+        f"deletions {counts.deletions}, insertions {counts.insertions}; {len(refs)} lines)"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tokenmill import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenmill", description=tokenmill.__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"tokenmill {tokenmill.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer or encode text with one")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    for action in ("train", "encode"):
+        t = tok_sub.add_parser(action, help=f"tokenizer {action}")
+        t.set_defaults(func=_not_built(f"tokenizer {action}"))
+    tok.set_defaults(func=lambda a: (tok.print_help(), NOT_BUILT)[1])
+
+    for name, help_text in (
+        ("prepare", "tokenize corpora into Megatron-compatible .bin/.idx token files"),
+        ("inspect", "statistics and integrity check of prepared token files"),
+        ("merge", "concatenate prepared shards into one dataset"),
+        ("train", "pre-train or fine-tune a LLaMA model"),
+        ("export-hf", "export a checkpoint as a Hugging Face model folder"),
+        ("plan", "compute, time, cost and memory of a training run"),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        s.set_defaults(func=_not_built(name))
+
+    ev = sub.add_parser("eval", help="word/character error rate between two line-aligned text files")
+    ev.add_argument("metric", choices=["wer", "cer"])
+    ev.add_argument("reference", help="reference transcript, one utterance per line")
+    ev.add_argument("hypothesis", help="hypothesis transcript, one utterance per line")
+    ev.add_argument("--lowercase", action="store_true", help="case-fold both sides first")
+    ev.add_argument("--remove-punctuation", action="store_true", help="drop Unicode punctuation first")
+    ev.add_argument("--collapse-whitespace", action="store_true", help="split words on any whitespace")
+    ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return NOT_BUILT
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:
+        print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

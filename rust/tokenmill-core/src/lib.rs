@@ -1,0 +1,11 @@
+//! tokenmill-core: the algorithms behind tokenmill, in plain Rust (no PyO3).
+//!
+//! Every fallible function returns [`Result`]; the binding crate maps each [`Error`] kind to one
+//! Python exception. Nothing here may panic on user input.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod fsutil;
+
+pub use error::{Error, Result};

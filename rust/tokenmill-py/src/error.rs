@@ -1,0 +1,20 @@
+//! The one place where core errors become Python exceptions, variant by variant.
+
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::PyErr;
+use tokenmill_core::Error;
+
+pub fn to_py(err: Error) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        Error::InvalidArgument(_)
+        | Error::Format { .. }
+        | Error::Record { .. }
+        | Error::Token(_) => PyValueError::new_err(msg),
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            _ => PyOSError::new_err(msg),
+        },
+    }
+}
