@@ -2,12 +2,32 @@
 
 Tokenizer (BPE train/encode/decode), corpus preparation and a PyTorch dataloader in Rust; CUDA kernels
 through CuPy; a thin LLaMA trainer; a compute/cost/memory planner; evaluation (perplexity, WER/CER).
-Heavy dependencies (torch, cupy) are imported only by the submodules that need them.
+Submodules load on first use, so ``import tokenmill`` stays cheap and torch is imported only by the parts
+that need it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from tokenmill import _core
-from tokenmill import eval as eval  # noqa: A004 - the public name is tokenmill.eval, as in DESIGN.md
 
 __version__: str = _core.__version__
 
-__all__ = ["__version__", "eval"]
+_SUBMODULES = ("corpus", "data", "eval", "kernels", "model", "optim", "plan", "train")
+_ATTRS = {"Tokenizer": "tokenmill.tokenizer"}
+
+__all__ = ["Tokenizer", "__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tokenmill.{name}")
+    if name in _ATTRS:
+        return getattr(importlib.import_module(_ATTRS[name]), name)
+    raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
