@@ -76,13 +76,18 @@ def test_rms_norm_matches_transformers():
 
 def test_rms_norm_hand_example():
     # rows (3, 4): rms = sqrt(12.5); (1, 1): rms = 1
-    y = K.rms_norm(torch.tensor([[3.0, 4.0], [1.0, -1.0]], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64), eps=0.0)
+    y = K.rms_norm(
+        torch.tensor([[3.0, 4.0], [1.0, -1.0]], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64), eps=0.0
+    )
     r = 12.5**0.5
     torch.testing.assert_close(y, torch.tensor([[3 / r, 8 / r], [1.0, -2.0]], dtype=F64))
 
 
 @given(
-    rows=st.integers(0, 6), d=st.integers(1, 40), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16])
+    rows=st.integers(0, 6),
+    d=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
 def test_rms_norm_low_precision_close_to_float64(rows, d, seed, dtype):
     x = randn(rows, d, seed=seed)
@@ -273,17 +278,58 @@ def test_bad_input_names_the_argument():
         (lambda: K.rms_norm(x, w, eps=-1.0), r"eps must be"),
         (lambda: K.swiglu(x, torch.randn(4, 9)), r"up must have the shape of gate"),
         (lambda: K.swiglu(x, [1.0]), r"up must be a torch.Tensor"),
-        (lambda: K.apply_rope(torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)), r"q must have shape \[\.\.\., seq, heads, head_dim\]"),
-        (lambda: K.apply_rope(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 6), torch.randn(3, 8), torch.randn(3, 8)), r"k must have shape"),
-        (lambda: K.apply_rope(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(4, 8), torch.randn(4, 8)), r"cos must have shape \(3, 8\) or \(1, 3, 8\)"),
-        (lambda: K.apply_rope(torch.randn(1, 3, 2, 7), torch.randn(1, 3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)), r"q head_dim must be even"),
-        (lambda: K.rope(torch.randn(1, 3, 2, 8), torch.arange(3).int()), r"positions must have dtype torch.int64"),
-        (lambda: K.rope(torch.randn(1, 3, 2, 8), torch.arange(4)), r"positions must have shape \(3,\) or \(1, 3\)"),
-        (lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 5, 2])), r"targets\[2\] \(flattened\) = 5 is outside \[0, 5\)"),
-        (lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 2])), r"targets must have shape \(4,\)"),
-        (lambda: K.linear_cross_entropy(x, torch.randn(5, 7), torch.zeros(4, dtype=torch.long)), r"weight must have shape \[vocab, 8\]"),
-        (lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(4, dtype=torch.long), reduction="none"), r"reduction must be 'mean' or 'sum'"),
-        (lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(4)), r"targets must have dtype torch.int64"),
+        (
+            lambda: K.apply_rope(torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)),
+            r"q must have shape \[\.\.\., seq, heads, head_dim\]",
+        ),
+        (
+            lambda: K.apply_rope(
+                torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 6), torch.randn(3, 8), torch.randn(3, 8)
+            ),
+            r"k must have shape",
+        ),
+        (
+            lambda: K.apply_rope(
+                torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(4, 8), torch.randn(4, 8)
+            ),
+            r"cos must have shape \(3, 8\) or \(1, 3, 8\)",
+        ),
+        (
+            lambda: K.apply_rope(
+                torch.randn(1, 3, 2, 7), torch.randn(1, 3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)
+            ),
+            r"q head_dim must be even",
+        ),
+        (
+            lambda: K.rope(torch.randn(1, 3, 2, 8), torch.arange(3).int()),
+            r"positions must have dtype torch.int64",
+        ),
+        (
+            lambda: K.rope(torch.randn(1, 3, 2, 8), torch.arange(4)),
+            r"positions must have shape \(3,\) or \(1, 3\)",
+        ),
+        (
+            lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 5, 2])),
+            r"targets\[2\] \(flattened\) = 5 is outside \[0, 5\)",
+        ),
+        (
+            lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, 2])),
+            r"targets must have shape \(4,\)",
+        ),
+        (
+            lambda: K.linear_cross_entropy(x, torch.randn(5, 7), torch.zeros(4, dtype=torch.long)),
+            r"weight must have shape \[vocab, 8\]",
+        ),
+        (
+            lambda: K.linear_cross_entropy(
+                x, torch.randn(5, 8), torch.zeros(4, dtype=torch.long), reduction="none"
+            ),
+            r"reduction must be 'mean' or 'sum'",
+        ),
+        (
+            lambda: K.linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(4)),
+            r"targets must have dtype torch.int64",
+        ),
     ]
     for fn, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -304,7 +350,8 @@ def _nvrtc_or_skip():
 
 VARIANTS = ("bf16_v8", "bf16_v1", "f32_v4", "f32_v1")
 EXPECTED_KERNELS = {
-    "rms_norm": [f"rms_norm_{p}_{v}" for p in ("fwd", "bwd") for v in VARIANTS] + ["rms_norm_dw_reduce_bf16", "rms_norm_dw_reduce_f32"],
+    "rms_norm": [f"rms_norm_{p}_{v}" for p in ("fwd", "bwd") for v in VARIANTS]
+    + ["rms_norm_dw_reduce_bf16", "rms_norm_dw_reduce_f32"],
     "rope": [f"rope_{p}_{v}" for p in ("table", "positions") for v in VARIANTS],
     "swiglu": [f"swiglu_{p}_{v}" for p in ("fwd", "bwd") for v in VARIANTS],
     "linear_ce": [f"ce_rows_{v}" for v in VARIANTS],
@@ -327,7 +374,9 @@ def test_sources_compile_with_nvrtc(name, arch, own_bf16):
 
 def test_compile_error_is_reported_with_log(monkeypatch):
     _nvrtc_or_skip()
-    monkeypatch.setattr(launch, "source", lambda name: "extern \"C\" __global__ void f() { undefined_thing(); }")
+    monkeypatch.setattr(
+        launch, "source", lambda name: 'extern "C" __global__ void f() { undefined_thing(); }'
+    )
     with pytest.raises(RuntimeError, match="undefined_thing"):
         launch.nvrtc_compile("rms_norm", "sm_90")
 
@@ -390,11 +439,17 @@ def test_gpu_rope_swiglu_ce(dtype):
         for a, b in ((oq, rq), (ok, rk)):
             assert torch.isfinite(a).all() and ((a.double() - b).norm() / b.norm()).item() < tol
         r = K.rope(q, pos, 500000.0)
-        assert ((r.double() - reference.rope(q.detach().double(), pos.cpu(), 500000.0).cuda()).norm() / r.double().norm()) < tol
+        assert (
+            (r.double() - reference.rope(q.detach().double(), pos.cpu(), 500000.0).cuda()).norm()
+            / r.double().norm()
+        ) < tol
         g = torch.randn(1000, 37, device="cuda", dtype=dtype, requires_grad=True)
         u = torch.randn(1000, 37, device="cuda", dtype=dtype, requires_grad=True)
         y = K.swiglu(g, u)
-        assert ((y.double() - reference.swiglu(g.detach().double(), u.detach().double())).norm() / y.double().norm()) < tol
+        assert (
+            (y.double() - reference.swiglu(g.detach().double(), u.detach().double())).norm()
+            / y.double().norm()
+        ) < tol
         h = torch.randn(300, 64, device="cuda", dtype=dtype, requires_grad=True)
         w = torch.randn(1001, 64, device="cuda", dtype=dtype, requires_grad=True)
         t = torch.randint(0, 1001, (300,), device="cuda")

@@ -36,7 +36,12 @@ def test_dynamic_code_matches_bitsandbytes_layout():
     assert torch.isclose(signed[0], -(torch.tensor(0.9859375) + 1) / 2)
 
 
-@given(n=st.integers(1, 1000), seed=st.integers(0, 2**16), signed=st.booleans(), scale=st.sampled_from([1e-8, 1.0, 1e4]))
+@given(
+    n=st.integers(1, 1000),
+    seed=st.integers(0, 2**16),
+    signed=st.booleans(),
+    scale=st.sampled_from([1e-8, 1.0, 1e4]),
+)
 def test_quantize_picks_the_nearest_code(n, seed, signed, scale):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * scale

@@ -26,6 +26,9 @@ import torch
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("rms_norm", "rope", "swiglu", "linear_ce", "adamw8bit")
 DEBUG_FILL_NAN = False
+# Tensors reach kernels as DLPack-imported CuPy arrays (zero copy). TOKENMILL_KERNEL_ARGS=pointer passes raw
+# device pointers instead (same memory, less host overhead per launch; benches/gpu_check.py measures both).
+ARGS_VIA_POINTERS = os.environ.get("TOKENMILL_KERNEL_ARGS", "dlpack") == "pointer"
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], Any] = {}
@@ -63,9 +66,12 @@ def _options(own_bf16: bool) -> tuple[str, ...]:
 
 
 def source(name: str) -> str:
+    """The text of ``<name>.cu`` with ``#include "common.cuh"`` expanded in place, so that CuPy's on-disk
+    kernel cache (keyed by the source text and options) sees every change."""
     if name not in SOURCES:
         raise ValueError(f"unknown kernel source {name!r}; known: {', '.join(SOURCES)}")
-    return (KERNEL_DIR / f"{name}.cu").read_text()
+    text = (KERNEL_DIR / f"{name}.cu").read_text()
+    return text.replace('#include "common.cuh"', (KERNEL_DIR / "common.cuh").read_text(), 1)
 
 
 def nvrtc_compile(name: str, arch: str = "sm_90", own_bf16: bool = False) -> bytes:
@@ -77,7 +83,9 @@ def nvrtc_compile(name: str, arch: str = "sm_90", own_bf16: bool = False) -> byt
         try:
             nvrtc.compileProgram(prog, [f"-arch={arch}", *_options(own_bf16)])
         except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC failed on {name}.cu for {arch}: {e}\n{nvrtc.getProgramLog(prog)}") from e
+            raise RuntimeError(
+                f"NVRTC failed on {name}.cu for {arch}: {e}\n{nvrtc.getProgramLog(prog)}"
+            ) from e
         return nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
@@ -131,7 +139,7 @@ def _compile_module(name: str, device: int):
         if _own_bf16 is not True:
             try:
                 mod = cupy.RawModule(code=source(name), options=_options(False), backend="nvrtc")
-                mod.compile()
+                mod.compile()  # now, so that a header problem shows up here
                 _own_bf16 = False
                 return mod
             except cupy.cuda.compiler.CompileException:
@@ -172,6 +180,8 @@ def _arg(a: Any) -> Any:
     import numpy as np
 
     if isinstance(a, torch.Tensor):
+        if ARGS_VIA_POINTERS:
+            return np.uint64(a.data_ptr())
         import cupy
 
         t = a.detach()

@@ -34,7 +34,9 @@ def _check_float(name: str, t: object, device: torch.device | None = None) -> to
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (same device as the first argument)")
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); call .contiguous()")
+        raise ValueError(
+            f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); call .contiguous()"
+        )
     return t
 
 
@@ -98,7 +100,9 @@ def _rms_norm_bwd_cuda(
         return dx, dw.zero_()
     smem = 4 * d
     if smem > launch.max_shared_mem(dev):
-        raise ValueError(f"rms_norm backward: hidden size {d} needs {smem} bytes of shared memory, more than this GPU has")
+        raise ValueError(
+            f"rms_norm backward: hidden size {d} needs {smem} bytes of shared memory, more than this GPU has"
+        )
     vec = _vec(x.dtype, d, dy, x, w, dx)
     threads = _threads_for_row(d, vec)
     grid = min(n, launch.sm_count(dev) * max(1, 2048 // threads))
@@ -116,7 +120,9 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         shape = x.shape
         x2 = x.view(-1, shape[-1])
-        y, rstd = _rms_norm_fwd_cuda(x2, weight, eps) if x.is_cuda else reference.rms_norm_fwd(x2, weight, eps)
+        y, rstd = (
+            _rms_norm_fwd_cuda(x2, weight, eps) if x.is_cuda else reference.rms_norm_fwd(x2, weight, eps)
+        )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -144,7 +150,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     _check_float("weight", weight, x.device)
     _check_same_dtype("weight", weight, "x", x)
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape ({x.shape[-1] if x.dim() else '?'},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape ({x.shape[-1] if x.dim() else '?'},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return RMSNormFunction.apply(x, weight, float(eps))
@@ -169,7 +177,9 @@ def _table_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> int:
     lead = tuple(x.shape[:-2])
     ok_shapes = {(seq, d), (*lead, d)}
     if tuple(t.shape) not in ok_shapes:
-        raise ValueError(f"{name} must have shape {(seq, d)} or {(*lead, d)} for an input of shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape {(seq, d)} or {(*lead, d)} for an input of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
     return t.numel() // d
 
 
@@ -180,8 +190,20 @@ def _rope_table_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, back
         return y
     dev, vec = x.device.index, _vec(x.dtype, d // 2, x, y, cos, sin)
     total = n_tok * heads * (d // 2 // vec)
-    args = (x, y, cos, sin, np.int64(n_tok), np.int32(heads), np.int32(d), np.int64(cos.numel() // d), np.int32(backward))
-    launch.launch("rope", f"rope_table_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args)
+    args = (
+        x,
+        y,
+        cos,
+        sin,
+        np.int64(n_tok),
+        np.int32(heads),
+        np.int32(d),
+        np.int64(cos.numel() // d),
+        np.int32(backward),
+    )
+    launch.launch(
+        "rope", f"rope_table_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args
+    )
     return y
 
 
@@ -200,7 +222,9 @@ class ApplyRopeFunction(torch.autograd.Function):
         out = []
         for g in (dq, dk):
             g = g.contiguous()
-            out.append(_rope_table_cuda(g, cos, sin, True) if g.is_cuda else reference.rope_table_bwd(g, cos, sin))
+            out.append(
+                _rope_table_cuda(g, cos, sin, True) if g.is_cuda else reference.rope_table_bwd(g, cos, sin)
+            )
         return out[0], out[1], None, None
 
 
@@ -223,7 +247,9 @@ def apply_rope(
     _rope_dims("q", q)
     _rope_dims("k", k)
     if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have shape [{', '.join(map(str, q.shape[:-2]))}, kv_heads, {q.shape[-1]}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have shape [{', '.join(map(str, q.shape[:-2]))}, kv_heads, {q.shape[-1]}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
     _table_rows("cos", cos, q)
     _table_rows("sin", sin, q)
     if cos.shape != sin.shape:
@@ -247,8 +273,20 @@ def _rope_positions_cuda(x: torch.Tensor, positions: torch.Tensor, theta: float,
         inv_freq = _INV_FREQ[key] = reference.rope_inv_freq(d, theta).to(x.device)
     dev, vec = x.device.index, _vec(x.dtype, d // 2, x, y)
     total = n_tok * heads * (d // 2 // vec)
-    args = (x, y, positions, inv_freq, np.int64(n_tok), np.int32(heads), np.int32(d), np.int64(positions.numel()), np.float32(sign))
-    launch.launch("rope", f"rope_positions_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args)
+    args = (
+        x,
+        y,
+        positions,
+        inv_freq,
+        np.int64(n_tok),
+        np.int32(heads),
+        np.int32(d),
+        np.int64(positions.numel()),
+        np.float32(sign),
+    )
+    launch.launch(
+        "rope", f"rope_positions_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args
+    )
     return y
 
 
@@ -282,7 +320,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
     _rope_dims("x", x)
     lead = tuple(x.shape[:-2])
     if tuple(positions.shape) not in {(x.shape[-3],), lead}:
-        raise ValueError(f"positions must have shape {(x.shape[-3],)} or {lead} for x {tuple(x.shape)}, got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must have shape {(x.shape[-3],)} or {lead} for x {tuple(x.shape)}, got {tuple(positions.shape)}"
+        )
     if not (isinstance(theta, (int, float)) and theta > 0 and math.isfinite(theta)):
         raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
     return RopeFunction.apply(x, positions, float(theta))
@@ -293,7 +333,9 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for ``apply_rope`` from position_ids (shape positions.shape + (head_dim,))."""
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be an integer torch.Tensor, got {getattr(positions, 'dtype', type(positions).__name__)}")
+        raise ValueError(
+            f"positions must be an integer torch.Tensor, got {getattr(positions, 'dtype', type(positions).__name__)}"
+        )
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     return reference.rope_cos_sin(positions, head_dim, theta, dtype)
@@ -309,11 +351,15 @@ def _swiglu_fwd_cuda(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return y
     dev, vec = gate.device.index, _vec(gate.dtype, n, gate, up, y)
     grid = _grid_stride(n // vec, 256, dev)
-    launch.launch("swiglu", f"swiglu_fwd_{_TYPE_NAME[gate.dtype]}_v{vec}", dev, grid, 256, (gate, up, y, np.int64(n)))
+    launch.launch(
+        "swiglu", f"swiglu_fwd_{_TYPE_NAME[gate.dtype]}_v{vec}", dev, grid, 256, (gate, up, y, np.int64(n))
+    )
     return y
 
 
-def _swiglu_bwd_cuda(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd_cuda(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     dg = launch.empty(gate.shape, gate.dtype, gate.device)
     du = launch.empty(up.shape, up.dtype, up.device)
     n = gate.numel()
@@ -359,7 +405,9 @@ def _linear_ce_fwd_cuda(hidden, weight, targets, ignore_index, reduction, chunk_
     dev = hidden.device.index
     counted = targets != ignore_index
     n_valid = counted.sum(dtype=torch.float32)
-    scale = (1.0 / n_valid) if reduction == "mean" else torch.ones((), dtype=torch.float32, device=hidden.device)
+    scale = (
+        (1.0 / n_valid) if reduction == "mean" else torch.ones((), dtype=torch.float32, device=hidden.device)
+    )
     scale = scale.reshape(1).contiguous()
     losses = launch.empty((n_tok,), torch.float32, hidden.device)
     gh = launch.empty(hidden.shape, hidden.dtype, hidden.device) if need_gh else None
@@ -376,7 +424,16 @@ def _linear_ce_fwd_cuda(hidden, weight, targets, ignore_index, reduction, chunk_
         h = hidden[start:end]
         logits = buf[: end - start]
         torch.mm(h, weight.t(), out=logits)
-        args = (logits, targets[start:end], losses[start:end], scale, np.int64(end - start), np.int64(vocab), np.int64(ignore_index), np.int32(with_grad))
+        args = (
+            logits,
+            targets[start:end],
+            losses[start:end],
+            scale,
+            np.int64(end - start),
+            np.int64(vocab),
+            np.int64(ignore_index),
+            np.int32(with_grad),
+        )
         launch.launch("linear_ce", fn, dev, end - start, threads, args)
         if need_gh:
             torch.mm(logits, weight, out=gh[start:end])
@@ -410,7 +467,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy: backward called twice; the saved gradients were consumed")
+            raise RuntimeError(
+                "linear_cross_entropy: backward called twice; the saved gradients were consumed"
+            )
         gh, gw = ctx.grads
         ctx.grads = None
         # In place: the saved gradients belong to this graph only; saves a [V, H] temporary.
@@ -442,9 +501,13 @@ def linear_cross_entropy(
     _check_same_dtype("weight", weight, "hidden", hidden)
     _check_int("targets", targets, hidden.device)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1] if hidden.dim() else '?'}] to match hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [vocab, {hidden.shape[-1] if hidden.dim() else '?'}] to match hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(targets.shape)}"
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(ignore_index, int):
@@ -455,7 +518,9 @@ def linear_cross_entropy(
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         i = int(bad.view(-1).nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] (flattened) = {int(targets.view(-1)[i])} is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+        raise ValueError(
+            f"targets[{i}] (flattened) = {int(targets.view(-1)[i])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
     n_tok = targets.numel()
     if chunk_rows is None:
         chunk_rows = reference.default_chunk_rows(n_tok, vocab)

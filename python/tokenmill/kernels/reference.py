@@ -102,12 +102,16 @@ def rope_table_bwd(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """RoPE from integer positions ([seq] or [batch, seq]) for x [batch, seq, heads, head_dim]."""
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    cos, sin = rope_cos_sin(
+        positions, x.shape[-1], theta, torch.float64 if x.dtype == torch.float64 else torch.float32
+    )
     return rope_table_fwd(x, cos, sin)
 
 
 def rope_positions_bwd(g: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    cos, sin = rope_cos_sin(positions, g.shape[-1], theta, torch.float64 if g.dtype == torch.float64 else torch.float32)
+    cos, sin = rope_cos_sin(
+        positions, g.shape[-1], theta, torch.float64 if g.dtype == torch.float64 else torch.float32
+    )
     return rope_table_bwd(g, cos, sin)
 
 

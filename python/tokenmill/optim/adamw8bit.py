@@ -162,7 +162,9 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
+        )
         super().__init__(params, defaults)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], min_8bit_size: int) -> None:
@@ -195,9 +197,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise ValueError("AdamW8bit does not support sparse gradients")
                 if p.dtype not in (torch.float32, torch.bfloat16):
-                    raise ValueError(f"param {i} of its group has dtype {p.dtype}; AdamW8bit takes float32 or bfloat16")
+                    raise ValueError(
+                        f"param {i} of its group has dtype {p.dtype}; AdamW8bit takes float32 or bfloat16"
+                    )
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    raise ValueError(f"param {i}: grad must match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device}), got ({g.dtype}, {tuple(g.shape)}, {g.device})")
+                    raise ValueError(
+                        f"param {i}: grad must match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device}), got ({g.dtype}, {tuple(g.shape)}, {g.device})"
+                    )
                 if not p.is_contiguous():
                     raise ValueError(f"param {i} of its group must be contiguous")
                 g = g.contiguous()
@@ -219,7 +225,11 @@ class AdamW8bit(torch.optim.Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         keep = {
-            pid: {k: v.clone() for k, v in state_dict["state"].get(pid, {}).items() if isinstance(v, torch.Tensor)}
+            pid: {
+                k: v.clone()
+                for k, v in state_dict["state"].get(pid, {}).items()
+                if isinstance(v, torch.Tensor)
+            }
             for pid in saved_ids
         }
         super().load_state_dict(state_dict)
