@@ -88,7 +88,7 @@ __device__ __forceinline__ void adamw8bit_step(T *__restrict__ p, const T *__res
 }
 
 #define TM_ADAMW8(T, NAME)                                                                                   \
-  extern "C" __global__ void adamw8bit_##NAME(T *p, const T *g, unsigned char *q1, unsigned char *q2,        \
+  extern "C" __global__ void __launch_bounds__(256) adamw8bit_##NAME(T *p, const T *g, unsigned char *q1, unsigned char *q2,        \
                                               float *absmax1, float *absmax2, const float *code1,           \
                                               const float *code2, long long n, float beta1, float beta2,    \
                                               float eps, float step_size, float bc2_sqrt, float decay) {    \

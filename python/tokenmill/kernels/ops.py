@@ -417,7 +417,8 @@ def _linear_ce_fwd_cuda(hidden, weight, targets, ignore_index, reduction, chunk_
     with_grad = need_gh or need_gw
     buf = torch.empty((min(chunk_rows, n_tok), vocab), dtype=hidden.dtype, device=hidden.device)
     vec = _vec(hidden.dtype, vocab, buf)
-    threads = min(512, _threads_for_row(vocab, vec))
+    threads = _threads_for_row(vocab, vec)
+    grid_cap = launch.sm_count(dev) * max(1, 1024 // threads)  # see linear_ce.cu: rows in flight stay in L2
     fn = f"ce_rows_{_TYPE_NAME[hidden.dtype]}_v{vec}"
     for start in range(0, n_tok, chunk_rows):
         end = min(n_tok, start + chunk_rows)
@@ -434,7 +435,7 @@ def _linear_ce_fwd_cuda(hidden, weight, targets, ignore_index, reduction, chunk_
             np.int64(ignore_index),
             np.int32(with_grad),
         )
-        launch.launch("linear_ce", fn, dev, end - start, threads, args)
+        launch.launch("linear_ce", fn, dev, min(end - start, grid_cap), threads, args)
         if need_gh:
             torch.mm(logits, weight, out=gh[start:end])
         if need_gw:

@@ -88,11 +88,11 @@ __device__ __forceinline__ void rms_norm_dw_reduce(const float *__restrict__ par
 }
 
 #define TM_RMS_NORM(T, NAME, V)                                                                              \
-  extern "C" __global__ void rms_norm_fwd_##NAME##_v##V(const T *x, const T *w, T *y, float *rstd,         \
+  extern "C" __global__ void __launch_bounds__(1024) rms_norm_fwd_##NAME##_v##V(const T *x, const T *w, T *y, float *rstd,         \
                                                         long long n_rows, int d, float eps) {              \
     rms_norm_fwd<T, V>(x, w, y, rstd, n_rows, d, eps);                                                     \
   }                                                                                                        \
-  extern "C" __global__ void rms_norm_bwd_##NAME##_v##V(const T *dy, const T *x, const T *w,               \
+  extern "C" __global__ void __launch_bounds__(1024) rms_norm_bwd_##NAME##_v##V(const T *dy, const T *x, const T *w,               \
                                                         const float *rstd, T *dx, float *dw_partial,       \
                                                         long long n_rows, int d) {                         \
     rms_norm_bwd<T, V>(dy, x, w, rstd, dx, dw_partial, n_rows, d);                                         \

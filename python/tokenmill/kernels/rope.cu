@@ -75,12 +75,12 @@ __device__ __forceinline__ void rope_positions(const T *__restrict__ x, T *__res
 }
 
 #define TM_ROPE(T, NAME, V)                                                                                   \
-  extern "C" __global__ void rope_table_##NAME##_v##V(const T *x, T *y, const T *cos_t, const T *sin_t,     \
+  extern "C" __global__ void __launch_bounds__(256) rope_table_##NAME##_v##V(const T *x, T *y, const T *cos_t, const T *sin_t,     \
                                                       long long n_tok, int n_heads, int d, long long cs_rows, \
                                                       int backward) {                                        \
     rope_table<T, V>(x, y, cos_t, sin_t, n_tok, n_heads, d, cs_rows, backward);                              \
   }                                                                                                          \
-  extern "C" __global__ void rope_positions_##NAME##_v##V(const T *x, T *y, const long long *pos,           \
+  extern "C" __global__ void __launch_bounds__(256) rope_positions_##NAME##_v##V(const T *x, T *y, const long long *pos,           \
                                                           const float *inv_freq, long long n_tok,           \
                                                           int n_heads, int d, long long pos_rows,           \
                                                           float sign) {                                      \

@@ -42,10 +42,10 @@ __device__ __forceinline__ void swiglu_bwd(const T *__restrict__ dy, const T *__
 }
 
 #define TM_SWIGLU(T, NAME, V)                                                                                \
-  extern "C" __global__ void swiglu_fwd_##NAME##_v##V(const T *gate, const T *up, T *y, long long n) {      \
+  extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_##NAME##_v##V(const T *gate, const T *up, T *y, long long n) {      \
     swiglu_fwd<T, V>(gate, up, y, n);                                                                       \
   }                                                                                                         \
-  extern "C" __global__ void swiglu_bwd_##NAME##_v##V(const T *dy, const T *gate, const T *up, T *dgate,    \
+  extern "C" __global__ void __launch_bounds__(256) swiglu_bwd_##NAME##_v##V(const T *dy, const T *gate, const T *up, T *dgate,    \
                                                       T *dup, long long n) {                                \
     swiglu_bwd<T, V>(dy, gate, up, dgate, dup, n);                                                          \
   }
