@@ -68,6 +68,7 @@ class Config:
 
 def make_config(args: argparse.Namespace) -> Config:
     if args.dry_run:
+        torch.set_num_threads(1)  # tiny tensors: a thread pool only adds noise
         dev = torch.device("cpu")
         return Config(dev, True, 64, 32, 48, 4, 2, 8, 1001, args.compile_on_cpu, args.budget, args.seed)
     if not torch.cuda.is_available():
@@ -356,8 +357,11 @@ def correctness(cfg: Config) -> list[Check]:
                     p.grad, pc.grad = g.to(dev), g.clone()
                     o.step()
                     oc.step()
-                upd = (p.detach().cpu().double() - pc.detach().double()).abs().max().item()
-                a_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: one rounding of p differs
+                a, b = p.detach().cpu().double(), pc.detach().double()
+                upd = ((a - b).abs() / (b.abs() + 1)).max().item()
+                # FMA contraction on the GPU can move a moment to the neighbouring code now and then (a ~1%
+                # change of one step, lr 1e-3); in bf16 the parameter may round one ulp (2^-8) the other way.
+                a_tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
                 ok = math.isfinite(upd) and upd <= a_tol
                 out.append(
                     Check(
@@ -367,7 +371,7 @@ def correctness(cfg: Config) -> list[Check]:
                         upd,
                         a_tol,
                         ok,
-                        "max abs diff vs CPU reference",
+                        "max |diff| / (|p| + 1) vs CPU reference",
                     )
                 )
 
@@ -446,6 +450,7 @@ def maybe_compile(cfg: Config, fn: Callable) -> Callable:
 
 def perf(cfg: Config, copy_gbps: float) -> list[Row]:
     from tokenmill import kernels as K
+    from tokenmill.kernels import reference
     from tokenmill.optim import AdamW8bit
 
     dev, dt = cfg.device, torch.bfloat16
@@ -559,6 +564,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
 
     def run_section() -> None:
         V = cfg.vocab
+        chunk = reference.default_chunk_rows(T, V)
         h = torch.randn(T, H, device=dev, dtype=dt, requires_grad=True)
         w = (torch.randn(V, H, device=dev) / math.sqrt(H)).to(dt).requires_grad_()
         t = torch.randint(0, V, (T,), device=dev)
@@ -566,13 +572,19 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
         comp = maybe_compile(cfg, eager_linear_ce) if cfg.compile else None
         variants = {
             "tokenmill": lambda: torch.autograd.grad(K.linear_cross_entropy(h, w, t), (h, w)),
+            # a bigger chunk: fewer read-modify-write passes over grad_weight, twice the logits buffer
+            "tokenmill chunk 2x": lambda: torch.autograd.grad(
+                K.linear_cross_entropy(h, w, t, chunk_rows=2 * chunk), (h, w)
+            ),
             "eager": lambda: torch.autograd.grad(eager_linear_ce(h, w, t), (h, w)),
         }
         with_compile(variants, (lambda: torch.autograd.grad(comp(h, w, t), (h, w))) if comp else None)
         flops = 6 * T * H * V
         heavy = dict(warmup=1, reps=3) if not cfg.dry_run else dict(warmup=1, reps=2)
         gb = 2 * (T * H + V * H) * e / 1e9  # read inputs, write their gradients
-        res = bench_variants(cfg, section, variants, gb, rows, **heavy, note=f"T {T}, H {H}, V {V}")
+        res = bench_variants(
+            cfg, section, variants, gb, rows, **heavy, note=f"T {T}, H {H}, V {V}, chunk {chunk}"
+        )
         for r in res.values():
             if r.time_ms:
                 r.note += f"; {flops / (r.time_ms / 1e3) / 1e12:.0f} TFLOP/s"
