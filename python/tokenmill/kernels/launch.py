@@ -32,6 +32,7 @@ ARGS_VIA_POINTERS = os.environ.get("TOKENMILL_KERNEL_ARGS", "dlpack") == "pointe
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], Any] = {}
+_functions: dict[tuple[str, str, int], Any] = {}
 _streams: dict[tuple[int, int], Any] = {}
 _allocator_set = False
 _own_bf16: bool | None = None  # True once cuda_bf16.h turned out unusable with this NVRTC
@@ -139,7 +140,7 @@ def _compile_module(name: str, device: int):
         if _own_bf16 is not True:
             try:
                 mod = cupy.RawModule(code=source(name), options=_options(False), backend="nvrtc")
-                mod.compile()  # now, so that a header problem shows up here
+                _compile_now(mod)  # so that a header problem shows up here
                 _own_bf16 = False
                 return mod
             except cupy.cuda.compiler.CompileException:
@@ -147,22 +148,32 @@ def _compile_module(name: str, device: int):
                     raise
                 _own_bf16 = True  # e.g. headers from another CUDA release than this NVRTC
         mod = cupy.RawModule(code=source(name), options=_options(True), backend="nvrtc")
-        mod.compile()
+        _compile_now(mod)
         return mod
+
+
+def _compile_now(mod) -> None:
+    if hasattr(mod, "compile"):
+        mod.compile()
+    else:  # older CuPy compiles on first access to .module
+        _ = mod.module
 
 
 def kernel(source_name: str, function: str, device: int):
     """The compiled function ``function`` from ``<source_name>.cu`` for ``device`` (compiled once)."""
+    fkey = (source_name, function, device)
+    fn = _functions.get(fkey)
+    if fn is not None:
+        return fn
     key = (source_name, device)
-    mod = _modules.get(key)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                use_torch_allocator()
-                mod = _compile_module(source_name, device)
-                _modules[key] = mod
-    return mod.get_function(function)
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            use_torch_allocator()
+            mod = _compile_module(source_name, device)
+            _modules[key] = mod
+        fn = _functions[fkey] = mod.get_function(function)
+    return fn
 
 
 def _stream(device: int):
@@ -210,7 +221,7 @@ def launch(
     grid = grid if isinstance(grid, tuple) else (int(grid),)
     block = block if isinstance(block, tuple) else (int(block),)
     with cupy.cuda.Device(device), _stream(device):
-        if shared_mem > 48 * 1024:
+        if shared_mem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared_mem:
             fn.max_dynamic_shared_size_bytes = shared_mem
         fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
 
