@@ -1,0 +1,170 @@
+"""The CUDA kernels and their host launch code (ops.py, optim) run on CPU through tests/cuda_emu.py: index
+math, reductions, vectorised and scalar paths, grid-stride loops, argument order and types. Outputs are
+pre-filled with NaN (launch.DEBUG_FILL_NAN), so an element a kernel does not write fails the comparison."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cuda_emu
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenmill.kernels import launch, ops, reference
+from tokenmill.optim import adamw8bit as A
+
+pytestmark = pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ to build the CPU emulator")
+
+BF16, F32 = torch.bfloat16, torch.float32
+TOL = {BF16: 1e-2, F32: 1e-5}
+
+
+@pytest.fixture(scope="module")
+def emu(pytestconfig):
+    # libraries are keyed by a hash of their source: rebuilt only when a kernel changes
+    return cuda_emu.Emulator(cuda_emu.build(Path(pytestconfig.cache.mkdir("cuda_emu"))))
+
+
+@pytest.fixture(autouse=True)
+def emulated(emu, monkeypatch):
+    monkeypatch.setattr(launch, "launch", emu.launch)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 2)  # small grids: grid-stride loops run
+    monkeypatch.setattr(launch, "max_shared_mem", lambda device: 48 * 1024)
+    monkeypatch.setattr(launch, "DEBUG_FILL_NAN", True)
+    emu.launches.clear()
+    yield emu
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    if not torch.isfinite(a).all():
+        return math.inf
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rnd(*shape, dtype=F32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("rows,d", [(5, 64), (9, 40), (3, 37)])
+def test_rms_norm(emulated, dtype, rows, d):
+    x, w, dy = rnd(rows, d, dtype=dtype), rnd(d, dtype=dtype, seed=1), rnd(rows, d, dtype=dtype, seed=2)
+    y, rstd = ops._rms_norm_fwd_cuda(x, w, 1e-5)
+    y_ref, rstd_ref = reference.rms_norm_fwd(x.double(), w.double(), 1e-5)
+    assert rel(y, y_ref) < TOL[dtype] and rel(rstd, rstd_ref) < 1e-6
+    dx, dw = ops._rms_norm_bwd_cuda(dy, x, w, rstd)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    gx, gw = torch.autograd.grad(reference.rms_norm(xr, wr, 1e-5), (xr, wr), dy.double())
+    assert rel(dx, gx) < TOL[dtype] and rel(dw, gw) < TOL[dtype]
+    vec = {F32: 4, BF16: 8}[dtype] if d % {F32: 4, BF16: 8}[dtype] == 0 else 1
+    assert [f for _, f, _, _ in emulated.launches[:2]] == [
+        f"rms_norm_fwd_{ops._TYPE_NAME[dtype]}_v{vec}",
+        f"rms_norm_bwd_{ops._TYPE_NAME[dtype]}_v{vec}",
+    ]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("head_dim", [16, 6])
+def test_rope_table_and_positions(emulated, dtype, head_dim):
+    b, s, h, kvh = 2, 7, 3, 1
+    q, k = rnd(b, s, h, head_dim, dtype=dtype), rnd(b, s, kvh, head_dim, dtype=dtype, seed=1)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
+    for cos, sin in (
+        ops.rope_cos_sin(pos, head_dim, 500.0, dtype),
+        ops.rope_cos_sin(pos[0], head_dim, 500.0, dtype),
+    ):
+        for x in (q, k):
+            y = ops._rope_table_cuda(x, cos, sin, False)
+            assert rel(y, reference.rope_table_fwd(x.double(), cos.double(), sin.double())) < TOL[dtype]
+            g = ops._rope_table_cuda(x, cos, sin, True)
+            assert rel(g, reference.rope_table_bwd(x.double(), cos.double(), sin.double())) < TOL[dtype]
+    arbitrary_cos, arbitrary_sin = (
+        rnd(s, head_dim, dtype=dtype, seed=5),
+        rnd(s, head_dim, dtype=dtype, seed=6),
+    )
+    g = ops._rope_table_cuda(q, arbitrary_cos, arbitrary_sin, True)  # exact transpose for any table
+    assert (
+        rel(g, reference.rope_table_bwd(q.double(), arbitrary_cos.double(), arbitrary_sin.double()))
+        < TOL[dtype]
+    )
+    for p in (pos, pos[1]):
+        y = ops._rope_positions_cuda(q, p, 500.0, 1.0)
+        assert rel(y, reference.rope(q.double(), p, 500.0)) < TOL[dtype]
+        g = ops._rope_positions_cuda(q, p, 500.0, -1.0)
+        assert rel(g, reference.rope_positions_bwd(q.double(), p, 500.0)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("n", [4096, 1000, 333])
+def test_swiglu(emulated, dtype, n):
+    g, u, dy = rnd(n, dtype=dtype, scale=4), rnd(n, dtype=dtype, seed=1), rnd(n, dtype=dtype, seed=2)
+    y = ops._swiglu_fwd_cuda(g, u)
+    assert rel(y, F.silu(g.double()) * u.double()) < TOL[dtype]
+    dg, du = ops._swiglu_bwd_cuda(dy, g, u)
+    gr, ur = g.double().requires_grad_(), u.double().requires_grad_()
+    rg, ru = torch.autograd.grad(F.silu(gr) * ur, (gr, ur), dy.double())
+    assert rel(dg, rg) < TOL[dtype] and rel(du, ru) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("vocab,chunk,reduction", [(200, 7, "mean"), (200, 7, "sum"), (203, 64, "mean")])
+def test_linear_cross_entropy(emulated, dtype, vocab, chunk, reduction):
+    tokens, hidden = 40, 16
+    h, w = rnd(tokens, hidden, dtype=dtype), rnd(vocab, hidden, dtype=dtype, seed=1, scale=0.5)
+    t = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(2))
+    t[::5] = -100
+    loss, gh, gw = ops._linear_ce_fwd_cuda(h, w, t, -100, reduction, chunk, True, True)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, reduction=reduction)
+    rh, rw = torch.autograd.grad(ref, (hr, wr))
+    tol = 2e-2 if dtype == BF16 else 1e-5
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert rel(gh, rh) < tol and rel(gw, rw) < tol
+    loss_only, none_h, none_w = ops._linear_ce_fwd_cuda(h, w, t, -100, reduction, chunk, False, False)
+    assert (
+        none_h is None and none_w is None and abs(loss_only.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    )
+
+
+def test_linear_cross_entropy_extreme_logits(emulated):
+    # large logits: the online log-sum-exp must not overflow; -inf-like rows must not produce NaN
+    h = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.9, 0.0], [-1.0, 0.0]])
+    t = torch.tensor([0, 1, 2])
+    loss, gh, gw = ops._linear_ce_fwd_cuda(h, w, t, -100, "sum", 2, True, True)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, reduction="sum")
+    rh, rw = torch.autograd.grad(ref, (hr, wr))
+    assert abs(loss.item() - ref.item()) < 1e-4 * ref.item()
+    assert rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize(
+    "n", [3000, 256 * 4 * 2 * 3 + 17]
+)  # grid-stride over quantisation blocks, partial tail
+def test_adamw8bit_step(emulated, dtype, n):
+    p = rnd(n, dtype=dtype)
+    pc = p.clone()
+    st, stc = {}, {}
+    opt = A.AdamW8bit([torch.nn.Parameter(p)], min_8bit_size=0)
+    opt._init_state(p, st, 0)
+    opt._init_state(pc, stc, 0)
+    for step in range(1, 4):
+        g = rnd(n, dtype=dtype, seed=step)
+        st["step"] = stc["step"] = step
+        A._cuda_step(p, g, st, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        A.reference_step(pc, g, stc, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        assert torch.isfinite(p.float()).all()
+        diff = ((p.double() - pc.double()).abs() / (pc.double().abs() + 1)).max().item()
+        assert diff < (1e-2 if dtype == BF16 else 1e-5), diff
+        torch.testing.assert_close(
+            st["absmax1"], stc["absmax1"], rtol=1e-3, atol=0
+        )  # a moment may sit on a neighbouring code
+        torch.testing.assert_close(st["absmax2"], stc["absmax2"], rtol=1e-3, atol=0)
+        assert (st["state1"] != stc["state1"]).float().mean() < 1e-3
+        assert (st["state2"] != stc["state2"]).float().mean() < 1e-3
