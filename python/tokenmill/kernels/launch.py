@@ -182,7 +182,13 @@ def _stream(device: int):
     ptr = torch.cuda.current_stream(device).cuda_stream
     s = _streams.get((device, ptr))
     if s is None:
-        s = cupy.cuda.ExternalStream(ptr, device)
+        if ptr == 0:  # torch's default stream is the legacy NULL stream
+            s = cupy.cuda.Stream.null
+        else:
+            try:
+                s = cupy.cuda.ExternalStream(ptr, device)
+            except TypeError:  # CuPy < 12 takes no device id
+                s = cupy.cuda.ExternalStream(ptr)
         _streams[(device, ptr)] = s
     return s
 
