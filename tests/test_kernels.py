@@ -256,6 +256,24 @@ def test_linear_cross_entropy_only_hidden_grad_and_second_backward_refused():
         torch.autograd.grad(loss, (h,))
 
 
+def test_linear_cross_entropy_no_grad_skips_gradients(monkeypatch):
+    seen = []
+    real = reference.linear_cross_entropy_fwd
+
+    def spy(*args):
+        seen.append(args[-2:])  # (grad_hidden, grad_weight)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "linear_cross_entropy_fwd", spy)
+    h, w = randn(4, 3, requires_grad=True), randn(5, 3, seed=1, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        a = K.linear_cross_entropy(h, w, t)
+    b = K.linear_cross_entropy(h, w, t)
+    assert seen == [(False, False), (True, True)]
+    assert a.item() == b.item() and not a.requires_grad and b.requires_grad
+
+
 def test_default_chunk_rows_bounds_the_logits_buffer():
     assert reference.default_chunk_rows(16384, 128256) == 2048
     assert reference.default_chunk_rows(10, 128256) == 10

@@ -165,6 +165,12 @@ def kernel(source_name: str, function: str, device: int):
     fn = _functions.get(fkey)
     if fn is not None:
         return fn
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "tokenmill.kernels runs CUDA tensors through CuPy: pip install cupy-cuda12x (or cupy-cuda13x)"
+        ) from e
     key = (source_name, device)
     with _lock:
         mod = _modules.get(key)

@@ -454,11 +454,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     backward would cost a fourth matmul) and scaled by the upstream gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, grad_enabled):
         shape = hidden.shape
         h2 = hidden.view(-1, shape[-1])
         t1 = targets.view(-1)
-        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad is True under torch.no_grad() too: only pay for gradients when a graph is built
+        need_gh = grad_enabled and ctx.needs_input_grad[0]
+        need_gw = grad_enabled and ctx.needs_input_grad[1]
         fwd = _linear_ce_fwd_cuda if hidden.is_cuda else reference.linear_cross_entropy_fwd
         loss, gh, gw = fwd(h2, weight, t1, ignore_index, reduction, chunk_rows, need_gh, need_gw)
         ctx.grads = (gh.view(shape) if gh is not None else None, gw)
@@ -478,7 +480,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gh.mul_(grad_out.to(gh.dtype))
         if gw is not None:
             gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -527,4 +529,6 @@ def linear_cross_entropy(
         chunk_rows = reference.default_chunk_rows(n_tok, vocab)
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, chunk_rows)
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, targets, ignore_index, reduction, chunk_rows, torch.is_grad_enabled()
+    )
