@@ -11,6 +11,7 @@ CUDA parameters run one fused kernel per tensor (kernels/adamw8bit.cu); CPU para
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -42,6 +43,11 @@ def _code(signed: bool, device: torch.device) -> torch.Tensor:
     if key not in _CODES:
         _CODES[key] = dynamic_code(signed).to(device)
     return _CODES[key]
+
+
+@functools.cache
+def _zero_index(signed: bool) -> int:
+    return int(torch.searchsorted(dynamic_code(signed), torch.tensor(0.0)))
 
 
 def quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +177,7 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] = 0
         if p.numel() >= min_8bit_size:
             n_blocks = (p.numel() + BLOCK - 1) // BLOCK
-            zero1 = int(torch.searchsorted(dynamic_code(True), torch.tensor(0.0)))
-            zero2 = int(torch.searchsorted(dynamic_code(False), torch.tensor(0.0)))
+            zero1, zero2 = _zero_index(True), _zero_index(False)
             state["state1"] = torch.full((p.numel(),), zero1, dtype=torch.uint8, device=p.device)
             state["state2"] = torch.full((p.numel(),), zero2, dtype=torch.uint8, device=p.device)
             state["absmax1"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
