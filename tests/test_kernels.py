@@ -408,9 +408,14 @@ def test_ops_launch_only_kernels_that_exist():
     text = inspect.getsource(ops) + inspect.getsource(adamw8bit)
     launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn,)', text)
     prefixes = set(re.findall(r'f"(\w+?)_\{_TYPE_NAME', text)) | {"adamw8bit"}
-    assert len(launched) >= 9
+    assert len(launched) >= 8
     for p in prefixes:
         assert any(k.startswith(p + "_") for names in EXPECTED_KERNELS.values() for k in names), p
+    # rope's kernel name is f"rope_{kind}_..." with the kind passed to ops._rope_launch
+    kinds = set(re.findall(r'_rope_launch\(\s*"(\w+)"', text))
+    assert kinds == {"table", "positions"}
+    for kind in kinds:
+        assert f"rope_{kind}_bf16_v8" in EXPECTED_KERNELS["rope"]
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -67,21 +67,43 @@ def test_rms_norm(emulated, dtype, rows, d):
     ]
 
 
+@pytest.mark.parametrize("dtype,d,rows", [(F32, 4100, 5), (BF16, 1100, 5), (BF16, 16, 40)])
+def test_rms_norm_backward_rows_per_block(emulated, monkeypatch, dtype, d, rows):
+    # a 1-SM grid: blocks loop over many rows and accumulate dw; d = 4100 (f32, 4-wide) and 1100 (scalar)
+    # need two passes of 1024 threads per row (the second partial), exercising the transposed accumulator
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1)
+    x, w, dy = rnd(rows, d, dtype=dtype), rnd(d, dtype=dtype, seed=1), rnd(rows, d, dtype=dtype, seed=2)
+    _, rstd = ops._rms_norm_fwd_cuda(x, w, 1e-5)
+    dx, dw = ops._rms_norm_bwd_cuda(dy, x, w, rstd)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    gx, gw = torch.autograd.grad(reference.rms_norm(xr, wr, 1e-5), (xr, wr), dy.double())
+    assert rel(dx, gx) < TOL[dtype] and rel(dw, gw) < TOL[dtype]
+    bwd = [(f, g) for _, f, g, _ in emulated.launches if "bwd" in f or "reduce" in f]
+    assert bwd[0][1] < rows and bwd[1] == (f"rms_norm_dw_reduce_{ops._TYPE_NAME[dtype]}", math.ceil(d / 32))
+
+
 @pytest.mark.parametrize("dtype", [BF16, F32])
-@pytest.mark.parametrize("head_dim", [16, 6])
-def test_rope_table_and_positions(emulated, dtype, head_dim):
-    b, s, h, kvh = 2, 7, 3, 1
+@pytest.mark.parametrize("head_dim,h,kvh", [(16, 3, 1), (6, 3, 1), (16, 9, 3), (32, 8, 0)])
+def test_rope_table_and_positions(emulated, dtype, head_dim, h, kvh):
+    # 9 + 3 heads: two slices of ops._ROPE_HEADS heads per work item, the second one partial and spanning the
+    # q/k boundary; kvh = 0: a single tensor
+    b, s = 2, 7
     q, k = rnd(b, s, h, head_dim, dtype=dtype), rnd(b, s, kvh, head_dim, dtype=dtype, seed=1)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
     for cos, sin in (
         ops.rope_cos_sin(pos, head_dim, 500.0, dtype),
         ops.rope_cos_sin(pos[0], head_dim, 500.0, dtype),
     ):
-        for x in (q, k):
-            y = ops._rope_table_cuda(x, cos, sin, False)
-            assert rel(y, reference.rope_table_fwd(x.double(), cos.double(), sin.double())) < TOL[dtype]
-            g = ops._rope_table_cuda(x, cos, sin, True)
-            assert rel(g, reference.rope_table_bwd(x.double(), cos.double(), sin.double())) < TOL[dtype]
+        cd, sd = cos.double(), sin.double()
+        for backward, ref in ((False, reference.rope_table_fwd), (True, reference.rope_table_bwd)):
+            yq, yk = ops._rope_table_cuda(q, cos, sin, backward, k)  # one launch for both
+            assert rel(yq, ref(q.double(), cd, sd)) < TOL[dtype]
+            if kvh:
+                assert rel(yk, ref(k.double(), cd, sd)) < TOL[dtype]
+            else:
+                assert yk.shape == k.shape
+            for x in (q, k) if kvh else (q,):
+                assert rel(ops._rope_table_cuda(x, cos, sin, backward), ref(x.double(), cd, sd)) < TOL[dtype]
     arbitrary_cos, arbitrary_sin = (
         rnd(s, head_dim, dtype=dtype, seed=5),
         rnd(s, head_dim, dtype=dtype, seed=6),
@@ -96,6 +118,24 @@ def test_rope_table_and_positions(emulated, dtype, head_dim):
         assert rel(y, reference.rope(q.double(), p, 500.0)) < TOL[dtype]
         g = ops._rope_positions_cuda(q, p, 500.0, -1.0)
         assert rel(g, reference.rope_positions_bwd(q.double(), p, 500.0)) < TOL[dtype]
+        if kvh:
+            yq, yk = ops._rope_positions_cuda(q, p, 500.0, 1.0, k)
+            assert rel(yq, reference.rope(q.double(), p, 500.0)) < TOL[dtype]
+            assert rel(yk, reference.rope(k.double(), p, 500.0)) < TOL[dtype]
+
+
+def test_rope_grid_stride_and_launch_count(emulated, monkeypatch):
+    # more work items than the (patched, 1-SM: 16 blocks of 256) grid covers: the grid-stride loop must
+    # reach them all
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1)
+    q, k = rnd(2, 600, 9, 16), rnd(2, 600, 2, 16, seed=1)
+    cos, sin = ops.rope_cos_sin(torch.arange(600), 16, 500.0, F32)
+    yq, yk = ops._rope_table_cuda(q, cos, sin, False, k)
+    assert rel(yq, reference.rope_table_fwd(q.double(), cos.double(), sin.double())) < 1e-5
+    assert rel(yk, reference.rope_table_fwd(k.double(), cos.double(), sin.double())) < 1e-5
+    assert [f for _, f, _, _ in emulated.launches] == ["rope_table_f32_v4"]
+    _, _, grid, block = emulated.launches[0]
+    assert grid * block < 2 * 600 * 2 * 2  # items: tokens * groups * slices
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
