@@ -299,6 +299,20 @@ def sm_count(device: int) -> int:
 
 
 @functools.cache
+def resident_blocks(source_name: str, function: str, device: int, threads: int) -> int:
+    """Blocks of ``threads`` threads of a kernel that fit on one SM at once, from its register count (the
+    kernels here use little shared memory); at least 1. A grid-stride kernel launched with
+    ``sm_count * resident_blocks`` blocks runs in one wave, so no block waits for another to finish."""
+    fn = kernel(source_name, function, device)
+    try:
+        regs = max(1, int(fn.num_regs))
+    except (AttributeError, TypeError):  # an older CuPy: assume the worst case allowed by launch bounds
+        regs = 255
+    regs = -(-regs // 8) * 8  # allocation granularity
+    return max(1, min(2048 // threads, 32, 65536 // (regs * threads)))
+
+
+@functools.cache
 def max_shared_mem(device: int) -> int:
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
