@@ -126,17 +126,17 @@ def test_rope_table_and_positions(emulated, dtype, head_dim, h, kvh):
 
 
 def test_rope_grid_stride_and_launch_count(emulated, monkeypatch):
-    # more work items than the (patched, 1-SM: 16 blocks of 256) grid covers: the grid-stride loop must
+    # more work items than the (patched, 1-SM: 64 blocks of 256) grid covers: the grid-stride loop must
     # reach them all
     monkeypatch.setattr(launch, "sm_count", lambda device: 1)
-    q, k = rnd(2, 600, 9, 16), rnd(2, 600, 2, 16, seed=1)
-    cos, sin = ops.rope_cos_sin(torch.arange(600), 16, 500.0, F32)
+    q, k = rnd(4, 1100, 9, 16), rnd(4, 1100, 2, 16, seed=1)
+    cos, sin = ops.rope_cos_sin(torch.arange(1100), 16, 500.0, F32)
     yq, yk = ops._rope_table_cuda(q, cos, sin, False, k)
     assert rel(yq, reference.rope_table_fwd(q.double(), cos.double(), sin.double())) < 1e-5
     assert rel(yk, reference.rope_table_fwd(k.double(), cos.double(), sin.double())) < 1e-5
     assert [f for _, f, _, _ in emulated.launches] == ["rope_table_f32_v4"]
     _, _, grid, block = emulated.launches[0]
-    assert grid * block < 2 * 600 * 2 * 2  # items: tokens * groups * slices
+    assert grid * block < 4 * 1100 * 2 * 2  # items: tokens * groups * slices
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])

@@ -106,13 +106,16 @@ def _rms_norm_bwd_cuda(
         raise ValueError(
             f"rms_norm backward: hidden size {d} needs {smem} bytes of shared memory, more than this GPU has"
         )
-    # A grid that is resident at once (launch bounds guarantee 1024 threads per SM): a block that had to
-    # wait for another to finish would double the time of its share of the rows.
-    grid = min(n, launch.sm_count(dev) * max(1, 1024 // threads))
-    partial = launch.empty((grid, d), torch.float32, x.device)
+    # A grid that is resident at once (registers and shared memory permitting): a block that had to wait
+    # for another to finish would double the time of its share of the rows.
     name = _TYPE_NAME[x.dtype]
+    fn = f"rms_norm_bwd_{name}_v{vec}"
+    by_smem = max(1, launch.max_shared_mem(dev) // (smem + 2048))
+    per_sm = min(launch.resident_blocks("rms_norm", fn, dev, threads), by_smem)
+    grid = min(n, launch.sm_count(dev) * per_sm)
+    partial = launch.empty((grid, d), torch.float32, x.device)
     args = (dy, x, w, rstd, dx, partial, np.int64(n), np.int32(d))
-    launch.launch("rms_norm", f"rms_norm_bwd_{name}_v{vec}", dev, grid, threads, args, shared_mem=smem)
+    launch.launch("rms_norm", fn, dev, grid, threads, args, shared_mem=smem)
     args2 = (partial, np.int32(grid), np.int32(d), dw)
     launch.launch("rms_norm", f"rms_norm_dw_reduce_{name}", dev, math.ceil(d / 32), 256, args2)
     return dx, dw
@@ -224,7 +227,10 @@ def _rope_launch(
         direction,
     )
     fn = f"rope_{kind}_{_TYPE_NAME[q.dtype]}_v{vec}"
-    launch.launch("rope", fn, dev, _grid_stride(total, 256, dev), 256, args)
+    # Few items per thread (each covers 8 heads): a grid of about one item per thread, so that no thread
+    # does two items while others do one (16 blocks per SM would leave 1.2 items per thread on average at
+    # 16k tokens x 40 heads, i.e. a 2-item critical path).
+    launch.launch("rope", fn, dev, _grid_stride(total, 256, dev, per_sm=64), 256, args)
     return yq, yk
 
 
