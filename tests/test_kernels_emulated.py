@@ -259,3 +259,19 @@ def test_adamw8bit_pointer_table_reused(emulated, monkeypatch):
     p.grad.copy_(rnd(700, seed=2))  # same tensors: the table is not rebuilt
     opt.step()
     assert next(iter(opt._tables.values()))[1] is first
+
+
+def test_adamw8bit_copy_rebuilds_tables(emulated, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(A, "_runs_kernel", lambda p: True)
+    p = torch.nn.Parameter(rnd(700))
+    opt = A.AdamW8bit([p], min_8bit_size=0)
+    p.grad = rnd(700, seed=1)
+    opt.step()
+    clone = copy.deepcopy(opt)  # torch's __getstate__ drops the tables; __setstate__ starts empty ones
+    assert clone._tables == {}
+    q = clone.param_groups[0]["params"][0]
+    q.grad = rnd(700, seed=2)
+    clone.step()
+    assert len(clone._tables) == 1 and torch.isfinite(q).all()

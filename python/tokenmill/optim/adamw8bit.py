@@ -223,6 +223,11 @@ class AdamW8bit(torch.optim.Optimizer):
         # device pointer tables of the multi-tensor kernel, one per launch of a step (see _cuda_multi_step)
         self._tables: dict[Any, tuple[np.ndarray, torch.Tensor]] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickling / deepcopy keep torch's fields only; the pointer tables are rebuilt on the next step
+        super().__setstate__(state)
+        self._tables = {}
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], min_8bit_size: int) -> None:
         state["step"] = 0
         if p.numel() >= min_8bit_size:
