@@ -326,6 +326,12 @@ pub struct Stats {
     pub top_tokens: Vec<(u32, u64)>,
 }
 
+impl Stats {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("stats always serialize")
+    }
+}
+
 pub fn stats(ds: &IndexedDataset, top_k: usize) -> Result<Stats> {
     let n = ds.num_sequences();
     let mut buckets = [0u64; 33];
