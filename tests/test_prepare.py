@@ -313,6 +313,23 @@ def test_killed_run_leaves_nothing_complete_and_rerun_is_clean(tok_path, tmp_pat
     assert sorted(f.name for f in out.iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
 
 
+def test_ctrl_c_stops_cleanly(tok_path, tmp_path):
+    doc = json.dumps({"text": "".join(tm.corpus.stdlib_docstrings(max_docs=400))}) + "\n"
+    src = tmp_path / "big.jsonl"
+    src.write_text(doc * 200)
+    cmd = [sys.executable, "-m", "tokenmill", "prepare", str(src), "--tokenizer", str(tok_path), "-o",
+           str(tmp_path / "out" / "ds"), "--workers", "1", "-q", "--chunk-bytes", "65536"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("out/.ds.bin.tmp-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_argument_errors(tok, tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", ["x"])
     with pytest.raises(ValueError, match="on_error"):

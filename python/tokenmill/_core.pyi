@@ -20,3 +20,31 @@ def align(
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Unit-cost edit distance between two id sequences."""
+
+# Corpus preparation (tokenmill.data.prepare)
+
+def prepare_corpus(
+    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
+    prefix: str,
+    tokenizer: object,
+    text_key: str,
+    eos_id: Optional[int],
+    on_error: Literal["skip", "fail"],
+    num_workers: Optional[int],
+    num_shards: int,
+    shard_index: int,
+    progress: bool,
+    chunk_bytes: int,
+    external: Optional[object] = None,
+) -> str:
+    """Tokenize (path, format, delimiter) inputs into prefix.{bin,idx,json}; returns the manifest JSON.
+    ``tokenizer`` is a ``Tokenizer._core``; ``external`` has ``open(path)`` and ``next_batch()``."""
+
+def prepared_stats(prefix: str, top_k: int) -> str:
+    """Documents, tokens, length histogram and top tokens of an MMIDIDX dataset, as JSON."""
+
+def prepared_verify(prefix: str) -> list[str]:
+    """Problems found re-checking a prepared dataset against its manifest (empty: intact)."""
+
+def prepared_merge(shards: Sequence[str], prefix: str) -> str:
+    """Merge all shards of one partition into prefix; returns the merged manifest JSON."""

@@ -95,6 +95,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             input_format=args.format,
             eos_token=args.eos_token,
             progress=not args.quiet,
+            chunk_bytes=args.chunk_bytes,
         )
     _print_manifest_summary(m, args.output)
     return 0
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eos-token", metavar="TOKEN", help="special token appended to each document")
     pr.add_argument("--no-eos", action="store_true", help="do not append an end-of-document token")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pr.add_argument("--chunk-bytes", type=int, default=4 << 20, metavar="B", help=argparse.SUPPRESS)
     pr.add_argument("--merge", action="store_true", help="INPUTs are shard prefixes: merge them into --output")
     pr.set_defaults(func=_cmd_prepare)
 
@@ -235,6 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as e:
         print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"tokenmill {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

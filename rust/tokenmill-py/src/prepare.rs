@@ -3,10 +3,11 @@
 
 use crate::tokenizer::PyTokenizer;
 use crate::utils::detach;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokenmill_core::data::inputs::{ExternalSource, Input, InputFormat};
 use tokenmill_core::data::manifest;
 use tokenmill_core::data::mmidx::IndexedDataset;
@@ -76,6 +77,17 @@ impl ExternalSource for PyExternal {
     }
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Runs Python's signal handlers (on the main thread); a pending KeyboardInterrupt stops the run.
+fn interrupted() -> bool {
+    let hit = Python::attach(|py| py.check_signals().is_err());
+    if hit {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+    hit
+}
+
 /// Tokenize inputs `[(path, "text"|"jsonl"|"external", delimiter)]` into `prefix`; returns the
 /// manifest as JSON.
 #[pyfunction]
@@ -130,6 +142,7 @@ pub fn prepare_corpus(
         num_shards,
         shard_index,
         progress,
+        interrupted: Some(interrupted),
     };
     let tok = tokenizer.inner.clone();
     drop(tokenizer);
@@ -137,10 +150,15 @@ pub fn prepare_corpus(
         obj,
         path: PathBuf::new(),
     });
-    detach(py, move || {
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let r = detach(py, move || {
         let ext = ext.as_mut().map(|e| e as &mut dyn ExternalSource);
         prepare::prepare(&inputs, &prefix, &*tok, ext, &opts).map(|m| m.to_json())
-    })
+    });
+    if r.is_err() && INTERRUPTED.swap(false, Ordering::SeqCst) {
+        return Err(PyKeyboardInterrupt::new_err("prepare interrupted; no output was left behind"));
+    }
+    r
 }
 
 /// Statistics of a prepared (or any MMIDIDX) dataset, as JSON.

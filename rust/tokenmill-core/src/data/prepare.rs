@@ -59,6 +59,8 @@ pub struct PrepareOptions {
     pub shard_index: usize,
     /// Draw a progress line on stderr.
     pub progress: bool,
+    /// Polled between chunks on the calling thread; `true` stops the run (nothing is left behind).
+    pub interrupted: Option<fn() -> bool>,
 }
 
 impl Default for PrepareOptions {
@@ -72,6 +74,7 @@ impl Default for PrepareOptions {
             num_shards: 1,
             shard_index: 0,
             progress: false,
+            interrupted: None,
         }
     }
 }
@@ -497,6 +500,9 @@ pub fn prepare<'a>(
         });
         let mut pending: Option<(Chunk, Vec<Outcome>)> = None;
         for msg in rx {
+            if opts.interrupted.is_some_and(|f| f()) {
+                return Err(Error::invalid("interrupted"));
+            }
             let chunk = msg?;
             let prev = pending.take();
             let sink = &mut sink;
