@@ -93,7 +93,9 @@ def main() -> None:
         tok = tm.Tokenizer.from_huggingface(str(d / "tokenizer.json"))
         eos = tok.special_tokens[EOS]
         assert hf.token_to_id(EOS) == eos
-        print(f"# bench_prepare: {len(texts):,} documents, {mb:.1f} MB, vocab {tok.n_vocab:,}; {machine()}; {today()}")
+        print(
+            f"# bench_prepare: {len(texts):,} documents, {mb:.1f} MB, vocab {tok.n_vocab:,}; {machine()}; {today()}"
+        )
 
         t_base, _ = best_of(lambda: baseline(hf, jsonl, d / "base", eos), args.repeat)
         t_ours, _ = best_of(lambda: tm.data.prepare(jsonl, d / "ours", tok, progress=False), args.repeat)

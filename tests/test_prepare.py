@@ -164,7 +164,11 @@ def test_inputs_formats_globs_and_directories(tok, tmp_path):
 BAD = [
     # (line content, kind, message)
     (b'{"text": "caf\xe9"}', "invalid_utf8", "invalid UTF-8 (byte 0xe9 at column 14)"),
-    (b'{"text": "unterminated}', "malformed_json", "malformed JSON: EOF while parsing a string at line 1 column 23"),
+    (
+        b'{"text": "unterminated}',
+        "malformed_json",
+        "malformed JSON: EOF while parsing a string at line 1 column 23",
+    ),
     (b'{"title": "no text"}', "missing_key", 'missing key "text"'),
     (b'{"text": null}', "missing_key", 'key "text" holds null, not a string'),
     (b'{"text": ""}', "empty_document", "empty document"),
@@ -254,7 +258,11 @@ def test_shards_merge_to_the_single_run(tok, tmp_path):
 
 def run_cli(*args, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "tokenmill", *map(str, args)], capture_output=True, text=True, timeout=300, **kw
+        [sys.executable, "-m", "tokenmill", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
     )
 
 
@@ -263,10 +271,23 @@ def test_cli_prepare_inspect_merge(tok, tok_path, tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", docs, key="body")
     with open(src, "a") as f:
         f.write("{not json}\n")
-    r = run_cli("prepare", src, "--tokenizer", tok_path, "--output", tmp_path / "ds", "--text-key", "body", "-q")
+    r = run_cli(
+        "prepare", src, "--tokenizer", tok_path, "--output", tmp_path / "ds", "--text-key", "body", "-q"
+    )
     assert r.returncode == 0, r.stderr
     assert f"{len(docs):,} documents" in r.stdout and f"{src}:{len(docs) + 1}: malformed JSON" in r.stdout
-    r = run_cli("prepare", src, "--tokenizer", tok_path, "-o", tmp_path / "f", "--text-key", "body", "--on-error", "fail")
+    r = run_cli(
+        "prepare",
+        src,
+        "--tokenizer",
+        tok_path,
+        "-o",
+        tmp_path / "f",
+        "--text-key",
+        "body",
+        "--on-error",
+        "fail",
+    )
     assert r.returncode == 1 and f"{src}:{len(docs) + 1}: malformed JSON" in r.stderr
     r = run_cli("inspect", tmp_path / "ds", "--verify", "--tokenizer", tok_path)
     assert r.returncode == 0, r.stderr

@@ -175,13 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(func=lambda a: (tok.print_help(), NOT_BUILT)[1])
 
     pr = sub.add_parser("prepare", help="tokenize corpora into Megatron-compatible .bin/.idx token files")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl(.gz/.zst)/.parquet files, directories, globs")
+    pr.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl(.gz/.zst)/.parquet files, directories, globs"
+    )
     pr.add_argument("--tokenizer", metavar="PATH", help="a tokenizer saved by Tokenizer.save")
     pr.add_argument("--output", "-o", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx, .json")
-    pr.add_argument("--text-key", default="text", metavar="K", help="JSON key / Parquet column (default: text)")
-    pr.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="bad records (default: skip)")
+    pr.add_argument(
+        "--text-key", default="text", metavar="K", help="JSON key / Parquet column (default: text)"
+    )
+    pr.add_argument(
+        "--on-error", choices=["skip", "fail"], default="skip", help="bad records (default: skip)"
+    )
     pr.add_argument("--workers", type=int, metavar="N", help="tokenizer threads (default: all cores)")
-    pr.add_argument("--num-shards", type=int, default=1, metavar="N", help="partition the inputs into N shards")
+    pr.add_argument(
+        "--num-shards", type=int, default=1, metavar="N", help="partition the inputs into N shards"
+    )
     pr.add_argument("--shard-index", type=int, default=0, metavar="I", help="prepare shard I (0-based)")
     pr.add_argument("--delimiter", metavar="LINE", help="text files: documents separated by this line")
     pr.add_argument("--format", choices=["text", "jsonl", "parquet"], help="input format (default: by name)")
@@ -189,12 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-eos", action="store_true", help="do not append an end-of-document token")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.add_argument("--chunk-bytes", type=int, default=4 << 20, metavar="B", help=argparse.SUPPRESS)
-    pr.add_argument("--merge", action="store_true", help="INPUTs are shard prefixes: merge them into --output")
+    pr.add_argument(
+        "--merge", action="store_true", help="INPUTs are shard prefixes: merge them into --output"
+    )
     pr.set_defaults(func=_cmd_prepare)
 
     ins = sub.add_parser("inspect", help="statistics and integrity check of prepared token files")
     ins.add_argument("prefix", metavar="PREFIX")
-    ins.add_argument("--verify", action="store_true", help="re-check checksums and structure (exit 1 on mismatch)")
+    ins.add_argument(
+        "--verify", action="store_true", help="re-check checksums and structure (exit 1 on mismatch)"
+    )
     ins.add_argument("--top", type=int, default=10, metavar="K", help="most frequent tokens to list")
     ins.add_argument("--tokenizer", metavar="PATH", help="decode the top tokens with this tokenizer")
     ins.set_defaults(func=_cmd_inspect)

@@ -145,7 +145,9 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         return Tokenizer.load(tokenizer)
-    raise TypeError(f"tokenizer must be a tokenmill.Tokenizer or the path of one, not {type(tokenizer).__name__}")
+    raise TypeError(
+        f"tokenizer must be a tokenmill.Tokenizer or the path of one, not {type(tokenizer).__name__}"
+    )
 
 
 def _eos_id(tokenizer: Any, append_eos: bool, eos_token: Union[str, int, None]) -> Optional[int]:
@@ -197,7 +199,9 @@ def prepare(
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}")
+        raise ValueError(
+            f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}"
+        )
     if input_format not in (None, "text", "jsonl", "parquet"):
         raise ValueError(f"input_format must be 'text', 'jsonl' or 'parquet', got {input_format!r}")
     if delimiter is not None and ("\n" in delimiter or "\r" in delimiter):

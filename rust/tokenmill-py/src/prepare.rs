@@ -24,7 +24,11 @@ struct PyExternal {
 impl PyExternal {
     fn err(&self, py: Python<'_>, e: PyErr) -> Error {
         let msg = e.value(py).to_string();
-        Error::format(&self.path, msg.trim_start_matches(&format!("{}: ", self.path.display())).to_string())
+        Error::format(
+            &self.path,
+            msg.trim_start_matches(&format!("{}: ", self.path.display()))
+                .to_string(),
+        )
     }
 }
 
@@ -67,7 +71,10 @@ impl ExternalSource for PyExternal {
                         &self.path,
                         format!(
                             "expected str, bytes or None records, got {}",
-                            item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                            item.get_type()
+                                .name()
+                                .map(|n| n.to_string())
+                                .unwrap_or_default()
                         ),
                     ));
                 });
@@ -156,7 +163,9 @@ pub fn prepare_corpus(
         prepare::prepare(&inputs, &prefix, &*tok, ext, &opts).map(|m| m.to_json())
     });
     if r.is_err() && INTERRUPTED.swap(false, Ordering::SeqCst) {
-        return Err(PyKeyboardInterrupt::new_err("prepare interrupted; no output was left behind"));
+        return Err(PyKeyboardInterrupt::new_err(
+            "prepare interrupted; no output was left behind",
+        ));
     }
     r
 }
@@ -180,7 +189,9 @@ pub fn prepared_verify(py: Python<'_>, prefix: PathBuf) -> PyResult<Vec<String>>
 /// Merge prepared shards into one dataset; returns the merged manifest as JSON.
 #[pyfunction]
 pub fn prepared_merge(py: Python<'_>, shards: Vec<PathBuf>, prefix: PathBuf) -> PyResult<String> {
-    detach(py, move || manifest::merge(&shards, &prefix).map(|m| m.to_json()))
+    detach(py, move || {
+        manifest::merge(&shards, &prefix).map(|m| m.to_json())
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
