@@ -144,6 +144,7 @@ def test_inputs_formats_globs_and_directories(tok, tmp_path):
     (d / "d.txt").write_text("---\n".join(x + "\n" for x in docs[11:15]), encoding="utf-8")
     pq.write_table(pa.table({"text": docs[15:20] + [None], "n": list(range(6))}), d / "e.parquet")
     (d / "notes.csv").write_text("ignored: unknown suffix inside a directory")
+    (d / "meta.json").write_text('{"ignored": "plain .json inside a directory"}')
     m = dp.prepare(d, tmp_path / "ds", tok, delimiter="---")
     names = [Path(i["path"]).relative_to(d).as_posix() for i in m["inputs"]]
     assert names == ["a.txt", "b.jsonl.gz", "d.txt", "e.parquet", "sub/c.jsonl.zst"]
@@ -299,6 +300,9 @@ def test_cli_prepare_inspect_merge(tok, tok_path, tmp_path):
     r = run_cli("merge", tmp_path / "s1", tmp_path / "s0", "--output", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert files(tmp_path / "m") == files(tmp_path / "ds")
+    r = run_cli("prepare", "--merge", tmp_path / "s*", "--output", tmp_path / "m2")
+    assert r.returncode == 0, r.stderr
+    assert files(tmp_path / "m2") == files(tmp_path / "ds")
     data = bytearray((tmp_path / "ds.bin").read_bytes())
     data[10] ^= 0x01
     (tmp_path / "ds.bin").write_bytes(bytes(data))

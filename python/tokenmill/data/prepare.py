@@ -11,8 +11,8 @@ Inputs, by file name (``input_format`` overrides):
 * ``.txt`` / ``.text`` / ``.md``: one document per file, or with ``delimiter="---"`` documents
   separated by lines equal to the delimiter (the line break before a delimiter line is not part of
   the document);
-* ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line, text under ``text_key``; blank lines
-  are ignored;
+* ``.jsonl`` / ``.ndjson`` (and ``.json`` when named explicitly, not when found in a directory): one
+  JSON object per line, text under ``text_key``; blank lines are ignored;
 * any of the above with ``.gz`` or ``.zst`` appended, decompressed on the fly;
 * ``.parquet``: the ``text_key`` column (string or binary), read by pyarrow in record batches that
   stream into the Rust pipeline. (A Rust Parquet reader would add the arrow-rs stack to the build;
@@ -54,8 +54,10 @@ _COMPRESSED = (".gz", ".zst", ".zstd")
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 
 
-def _format_of(path: str) -> Optional[str]:
+def _format_of(path: str, in_directory: bool = False) -> Optional[str]:
     name = path.lower()
+    if in_directory and name.endswith(".json"):
+        return None  # plain .json in a directory is more often metadata (or our manifest) than JSON Lines
     for c in _COMPRESSED:
         if name.endswith(c):
             name = name[: -len(c)]
@@ -88,7 +90,7 @@ def expand_inputs(inputs: Union[PathLike, Iterable[PathLike]]) -> list[str]:
                 found += [
                     os.path.join(dirpath, f)
                     for f in filenames
-                    if not f.startswith(".") and _format_of(f) is not None
+                    if not f.startswith(".") and _format_of(f, in_directory=True) is not None
                 ]
             out += sorted(found)
         elif glob.has_magic(s) and not os.path.exists(s):
