@@ -55,10 +55,10 @@ def docs_corpus(n=300):
     return docs
 
 
-def write_jsonl(path: Path, docs, key="text"):
+def write_jsonl(path: Path, docs, key="text", ascii=True):
     with open(path, "w", encoding="utf-8") as f:
         for i, d in enumerate(docs):
-            f.write(json.dumps({"id": i, key: d}) + "\n")
+            f.write(json.dumps({"id": i, key: d}, ensure_ascii=ascii) + "\n")
     return path
 
 
@@ -108,10 +108,11 @@ def test_int32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
 
 
 @settings(max_examples=min(int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "200")), 40))
-@given(docs=st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=8))
-def test_round_trip_decode(tok, tmp_path_factory, docs):
+@given(docs=st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=8), ascii=st.booleans())
+def test_round_trip_decode(tok, tmp_path_factory, docs, ascii):
+    """Documents -> JSON Lines (escaped or raw UTF-8) -> tokens -> decode gives the documents back."""
     d = tmp_path_factory.mktemp("rt")
-    dp.prepare(write_jsonl(d / "a.jsonl", docs), d / "ds", tok, chunk_bytes=64)
+    dp.prepare(write_jsonl(d / "a.jsonl", docs, ascii=ascii), d / "ds", tok, chunk_bytes=64)
     _, got = megatron_read(d / "ds")
     eos = tok.special_tokens[EOS]
     assert [g[-1] for g in got] == [eos] * len(docs)

@@ -811,6 +811,31 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    proptest::proptest! {
+        /// The visitor agrees with a full parse (serde_json::Value) on which string the key holds.
+        #[test]
+        fn json_key_like_a_full_parse(
+            entries in proptest::collection::vec(("[a-z]{0,3}", proptest::option::of(".{0,12}")), 0..6),
+            pretty in proptest::bool::ANY,
+        ) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &entries {
+                obj.insert(k.clone(), v.clone().map_or(serde_json::Value::from(1.5), serde_json::Value::from));
+            }
+            let v = serde_json::Value::Object(obj);
+            let line = if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
+            for key in ["a", "", "ab"] {
+                let want = v.get(key);
+                match (json_text(&line, key), want) {
+                    (Ok(got), Some(serde_json::Value::String(w))) => proptest::prop_assert_eq!(got.as_ref(), w.as_str()),
+                    (Err((SkipKind::MissingKey, _)), None) => {}
+                    (Err((SkipKind::MissingKey, m)), Some(w)) => proptest::prop_assert!(!w.is_string(), "{}", m),
+                    (got, want) => proptest::prop_assert!(false, "{:?} vs {:?}", got.map(|c| c.into_owned()), want),
+                }
+            }
+        }
+    }
+
     #[test]
     fn stats_by_hand() {
         let d = tmpdir("stats");
