@@ -38,6 +38,18 @@ pub trait DocumentEncoder: Sync {
     fn fingerprint(&self) -> String;
 }
 
+impl DocumentEncoder for crate::bpe::Tokenizer {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_ordinary(text)
+    }
+    fn vocab_size(&self) -> usize {
+        self.n_vocab()
+    }
+    fn fingerprint(&self) -> String {
+        crate::bpe::Tokenizer::fingerprint(self)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnError {
     /// Count and skip bad records; the manifest and the summary list them.
