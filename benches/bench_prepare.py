@@ -3,8 +3,10 @@
     python benches/bench_prepare.py [--mb 16] [--vocab 32000] [--repeat 3]
 
 Corpus: Python stdlib sources (tokenmill.corpus), one JSON line per file. Vocabulary: a byte-level BPE
-trained by Hugging Face `tokenizers` on that corpus and loaded into tokenmill with
-`Tokenizer.from_huggingface`, so both sides encode with the same vocabulary.
+trained by Hugging Face `tokenizers` on part of that corpus; its vocabulary, mapped back from HF's
+byte-to-unicode alphabet to bytes, is loaded into tokenmill with `Tokenizer.from_tiktoken` (ids =
+ranks, GPT-2 pattern), so both sides encode with the same vocabulary; the bench checks that both
+pipelines write identical files.
 
 * baseline: read the JSON lines in Python, Hugging Face `tokenizers` `encode_batch` (1,000 documents
   per call, its own Rust thread pool), megatron-core `IndexedDatasetBuilder.add_document` per
@@ -48,11 +50,29 @@ def train_vocab(texts: list[str], vocab: int, out: Path):
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     hf.train_from_iterator(texts[: max(1, len(texts) // 4)], trainer)
+    hf.add_special_tokens([EOS])  # after the mergeable tokens, as tiktoken numbers specials
     hf.save(str(out))
     return hf
+
+
+def hf_to_tokenmill(hf):
+    """The same vocabulary as tiktoken ranks: HF ids in merge order are the ranks."""
+    # GPT-2's byte <-> printable-unicode table, as HF's ByteLevel uses it.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    unicode_to_byte = {chr(c): b for b, c in zip(bs, cs)}
+    eos = hf.token_to_id(EOS)
+    tokens = [bytes(unicode_to_byte[ch] for ch in hf.id_to_token(i)) for i in range(eos)]
+    return tm.Tokenizer.from_tiktoken(tokens, pattern="gpt2", special_tokens={EOS: eos})
 
 
 def baseline(hf, jsonl: Path, prefix: Path, eos: int) -> None:
@@ -90,7 +110,7 @@ def main() -> None:
         texts = build_corpus(jsonl, args.mb)
         mb = sum(len(t.encode()) for t in texts) / 1e6
         hf = train_vocab(texts, args.vocab, d / "tokenizer.json")
-        tok = tm.Tokenizer.from_huggingface(str(d / "tokenizer.json"))
+        tok = hf_to_tokenmill(hf)
         eos = tok.special_tokens[EOS]
         assert hf.token_to_id(EOS) == eos
         print(

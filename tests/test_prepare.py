@@ -96,6 +96,14 @@ def test_megatron_reads_exactly_our_tokens(tok, tok_path, tmp_path):
     assert m["files"]["bin"]["xxh3_128"] == xxhash.xxh3_128_hexdigest(files(tmp_path / "out" / "ds")[0])
 
 
+def test_public_names(tok, tmp_path):
+    """tm.data.prepare / inspect / merge are callables, however the module was imported first."""
+    src = write_jsonl(tmp_path / "a.jsonl", ["hello"])
+    m = tm.data.prepare(src, tmp_path / "ds", tok)
+    assert m["documents"] == 1 and tm.data.inspect(tmp_path / "ds")["tokens"] == m["tokens"]
+    assert callable(tm.data.merge)
+
+
 def test_int32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
     ranks = _ranks(extra_ids=65_500)
     big = tm.Tokenizer.from_tiktoken(ranks, pattern="gpt2", special_tokens={EOS: len(ranks)})
@@ -146,7 +154,8 @@ def test_inputs_formats_globs_and_directories(tok, tmp_path):
     pq.write_table(pa.table({"text": docs[15:20] + [None], "n": list(range(6))}), d / "e.parquet")
     (d / "notes.csv").write_text("ignored: unknown suffix inside a directory")
     (d / "meta.json").write_text('{"ignored": "plain .json inside a directory"}')
-    m = dp.prepare(d, tmp_path / "ds", tok, delimiter="---")
+    with pytest.warns(UserWarning, match=r"skipped 1 records \(1 missing key\)"):
+        m = dp.prepare(d, tmp_path / "ds", tok, delimiter="---")
     names = [Path(i["path"]).relative_to(d).as_posix() for i in m["inputs"]]
     assert names == ["a.txt", "b.jsonl.gz", "d.txt", "e.parquet", "sub/c.jsonl.zst"]
     want = [docs[10]] + docs[:10] + docs[11:15] + docs[15:20] + docs[:10]
