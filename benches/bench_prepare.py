@@ -1,8 +1,8 @@
 """Corpus preparation throughput: tokenmill prepare vs the ecosystem's usual pipeline, side by side.
 
-    python benches/bench_prepare.py [--mb 16] [--vocab 32000] [--repeat 3]
+    python benches/bench_prepare.py [--corpus sources|docstrings] [--mb 16] [--vocab 32000] [--repeat 3]
 
-Corpus: Python stdlib sources (tokenmill.corpus), one JSON line per file. Vocabulary: a byte-level BPE
+Corpus: Python stdlib sources (default) or docstrings (tokenmill.corpus), one JSON line per document. Vocabulary: a byte-level BPE
 trained by Hugging Face `tokenizers` on part of that corpus; its vocabulary, mapped back from HF's
 byte-to-unicode alphabet to bytes, is loaded into tokenmill with `Tokenizer.from_tiktoken` (ids =
 ranks, GPT-2 pattern), so both sides encode with the same vocabulary; the bench checks that both
@@ -35,9 +35,17 @@ from common import best_of, machine, today  # noqa: E402
 EOS = "<|endoftext|>"
 
 
-def build_corpus(path: Path, max_mb: float) -> list[str]:
-    # Empty files are left out: prepare skips (and counts) empty documents, the baseline would not.
-    texts = [text for _, text in tm.corpus.stdlib_sources(max_bytes=int(max_mb * 1e6)) if text]
+def build_corpus(path: Path, max_mb: float, kind: str) -> list[str]:
+    if kind == "sources":
+        # Empty files are left out: prepare skips (and counts) empty documents, the baseline would not.
+        texts = [text for _, text in tm.corpus.stdlib_sources(max_bytes=int(max_mb * 1e6)) if text]
+    else:
+        texts, size = [], 0
+        for doc in tm.corpus.stdlib_docstrings():
+            texts.append(doc)
+            size += len(doc.encode())
+            if size >= max_mb * 1e6:
+                break
     with open(path, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
@@ -53,7 +61,7 @@ def train_vocab(texts: list[str], vocab: int, out: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    hf.train_from_iterator(texts[: max(1, len(texts) // 4)], trainer)
+    hf.train_from_iterator(texts, trainer)
     hf.add_special_tokens([EOS])  # after the mergeable tokens, as tiktoken numbers specials
     hf.save(str(out))
     return hf
@@ -107,19 +115,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=16.0, help="corpus size (MB of stdlib sources)")
     ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--corpus", choices=["sources", "docstrings"], default="sources")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         jsonl = d / "corpus.jsonl"
-        texts = build_corpus(jsonl, args.mb)
+        texts = build_corpus(jsonl, args.mb, args.corpus)
         mb = sum(len(t.encode()) for t in texts) / 1e6
         hf = train_vocab(texts, args.vocab, d / "tokenizer.json")
         tok = hf_to_tokenmill(hf)
         eos = tok.special_tokens[EOS]
         assert hf.token_to_id(EOS) == eos
         print(
-            f"# bench_prepare: {len(texts):,} documents, {mb:.1f} MB, vocab {tok.n_vocab:,}; {machine()}; {today()}"
+            f"# bench_prepare: stdlib {args.corpus}, {len(texts):,} documents, {mb:.1f} MB, vocab {tok.n_vocab:,}; {machine()}; {today()}"
         )
 
         t_base, _ = best_of(lambda: baseline(hf, jsonl, d / "base", eos), args.repeat)
