@@ -117,7 +117,8 @@ class Tokenizer:
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(ranks), pattern, [])
             specials = _specials_dict(special_tokens, core.n_vocab)
             if specials:
-                core = _core.CoreTokenizer.from_ranks(core.mergeable_tokens(), pattern, list(specials.items()))
+                tokens = [t for _, t in core.mergeable_tokens()]
+                core = _core.CoreTokenizer.from_ranks(tokens, pattern, list(specials.items()))
             return cls(core)
         if isinstance(ranks, Mapping):
             tokens: list[bytes] = [b""] * len(ranks)
@@ -209,7 +210,7 @@ class Tokenizer:
 
     def mergeable_ranks(self) -> dict[bytes, int]:
         """{token bytes: rank} as tiktoken takes them."""
-        return {t: i for i, t in enumerate(self._core.mergeable_tokens())}
+        return {t: i for i, t in self._core.mergeable_tokens()}
 
     # ----- encoding -----
 
