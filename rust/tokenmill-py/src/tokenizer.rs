@@ -207,6 +207,13 @@ impl PyTokenizer {
     }
 }
 
+/// The pattern string behind a name ("gpt2", "cl100k", "o200k", "llama3"); other strings unchanged.
+#[pyfunction]
+fn resolve_pattern(name: &str) -> String {
+    tokenmill_core::pretokenize::resolve_pattern(name).to_string()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyTokenizer>()
+    m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(resolve_pattern, m)?)
 }
