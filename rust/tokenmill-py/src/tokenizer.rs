@@ -36,10 +36,7 @@ impl PyTokenizer {
         specials: Vec<(String, u32)>,
     ) -> PyResult<Self> {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        detach(py, move || {
-            Tokenizer::from_ranks(tokens, &pattern, specials)
-        })
-        .map(Self::wrap)
+        detach(py, move || Tokenizer::from_ranks(tokens, &pattern, specials)).map(Self::wrap)
     }
 
     /// Our own format (see tokenmill_core::formats::native).
@@ -72,6 +69,21 @@ impl PyTokenizer {
         detach(py, move || formats::tiktoken::save(&t, &path))
     }
 
+    #[staticmethod]
+    fn from_huggingface(py: Python<'_>, path: String) -> PyResult<Self> {
+        detach(py, move || formats::huggingface::load(&path)).map(Self::wrap)
+    }
+
+    fn save_huggingface(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        let t = self.inner.clone();
+        detach(py, move || formats::huggingface::save(&t, &path))
+    }
+
+    #[staticmethod]
+    fn from_sentencepiece(py: Python<'_>, path: String) -> PyResult<Self> {
+        detach(py, move || formats::sentencepiece::load(&path)).map(Self::wrap)
+    }
+
     fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
         let t = self.inner.clone();
         detach(py, move || Ok(t.encode_ordinary(&text)))
@@ -88,11 +100,7 @@ impl PyTokenizer {
     ) -> PyResult<Vec<u32>> {
         let t = self.inner.clone();
         detach(py, move || {
-            t.encode_with(
-                &text,
-                &refs(&allowed),
-                disallowed.as_deref().map(refs).as_deref(),
-            )
+            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
         })
     }
 
@@ -106,11 +114,7 @@ impl PyTokenizer {
     ) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let t = self.inner.clone();
         let ids = detach(py, move || {
-            t.encode_with(
-                &text,
-                &refs(&allowed),
-                disallowed.as_deref().map(refs).as_deref(),
-            )
+            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
         })?;
         Ok(PyArray1::from_vec(py, ids))
     }
@@ -189,12 +193,12 @@ impl PyTokenizer {
         Ok(PyBytes::new(py, b))
     }
 
-    /// Mergeable tokens in id order (tiktoken's ranks).
-    fn mergeable_tokens<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+    /// (id, bytes) of the mergeable tokens in id order (tiktoken's ranks).
+    fn mergeable_tokens<'py>(&self, py: Python<'py>) -> Vec<(u32, Bound<'py, PyBytes>)> {
         self.inner
             .mergeable_tokens()
             .into_iter()
-            .map(|b| PyBytes::new(py, b))
+            .map(|(i, b)| (i, PyBytes::new(py, b)))
             .collect()
     }
 
@@ -203,6 +207,13 @@ impl PyTokenizer {
     }
 }
 
+/// The pattern string behind a name ("gpt2", "cl100k", "o200k", "llama3"); other strings unchanged.
+#[pyfunction]
+fn resolve_pattern(name: &str) -> String {
+    tokenmill_core::pretokenize::resolve_pattern(name).to_string()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyTokenizer>()
+    m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(resolve_pattern, m)?)
 }
