@@ -2,6 +2,8 @@
 
 from typing import Literal, Optional, Sequence
 
+import numpy
+
 __version__: str
 
 _Unit = Literal["word", "char"]
@@ -20,3 +22,82 @@ def align(
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Unit-cost edit distance between two id sequences."""
+
+# ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
+
+class CoreTokenizer:
+    """A byte-level BPE (tiktoken semantics) or SentencePiece-BPE tokenizer; immutable, thread-safe."""
+
+    n_vocab: int
+    pattern: str
+    fingerprint: str
+    is_sentencepiece: bool
+    @staticmethod
+    def from_ranks(
+        tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]
+    ) -> CoreTokenizer: ...
+    @staticmethod
+    def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    @staticmethod
+    def from_huggingface(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def from_sentencepiece(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def load(path: str) -> CoreTokenizer: ...
+    def save(self, path: str) -> None: ...
+    def save_tiktoken(self, path: str) -> None: ...
+    def save_huggingface(self, path: str) -> None: ...
+    def encode_ordinary(self, text: str) -> list[int]: ...
+    def encode(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> list[int]:
+        """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
+    def encode_to_numpy(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> numpy.ndarray: ...
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        allowed: Sequence[str],
+        disallowed: Optional[Sequence[str]] = None,
+        num_threads: Optional[int] = None,
+    ) -> list[list[int]]: ...
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]: ...
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+    def special_tokens(self) -> list[tuple[str, int]]: ...
+    def token_to_id(self, token: bytes) -> Optional[int]: ...
+    def id_to_token_bytes(self, id: int) -> bytes: ...
+    def mergeable_tokens(self) -> list[tuple[int, bytes]]: ...
+
+def resolve_pattern(name: str) -> str:
+    """The exact pattern string behind "gpt2", "cl100k", "o200k", "llama3"; other strings unchanged."""
+
+# Corpus preparation (tokenmill.data.prepare)
+
+def prepare_corpus(
+    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
+    prefix: str,
+    tokenizer: object,
+    text_key: str,
+    eos_id: Optional[int],
+    on_error: Literal["skip", "fail"],
+    num_workers: Optional[int],
+    num_shards: int,
+    shard_index: int,
+    progress: bool,
+    chunk_bytes: int,
+    external: Optional[object] = None,
+) -> str:
+    """Tokenize (path, format, delimiter) inputs into prefix.{bin,idx,json}; returns the manifest JSON.
+    ``tokenizer`` is a ``Tokenizer._core``; ``external`` has ``open(path)`` and ``next_batch()``."""
+
+def prepared_stats(prefix: str, top_k: int) -> str:
+    """Documents, tokens, length histogram and top tokens of an MMIDIDX dataset, as JSON."""
+
+def prepared_verify(prefix: str) -> list[str]:
+    """Problems found re-checking a prepared dataset against its manifest (empty: intact)."""
+
+def prepared_merge(shards: Sequence[str], prefix: str) -> str:
+    """Merge all shards of one partition into prefix; returns the merged manifest JSON."""

@@ -1,3 +1,7 @@
-//! Token data: Megatron-compatible indexed datasets (and, later, packing and sampling).
+//! Token data: Megatron-compatible indexed datasets, corpus preparation (inputs, manifest, merge)
+//! (and, later, packing and sampling).
 
+pub mod inputs;
+pub mod manifest;
 pub mod mmidx;
+pub mod prepare;
