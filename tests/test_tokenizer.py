@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import tokenmill as tm
 from tokenmill import corpus
 from tokenmill.tokenizer import PATTERNS as NAMES
+from tokenmill.tokenizer import pattern_string
 
 tiktoken = pytest.importorskip("tiktoken")
 rustbpe = pytest.importorskip("rustbpe")
@@ -57,7 +58,7 @@ _PAIRS: dict = {}
 def pair(name: str, texts: list[str]):
     """(ours, tiktoken's) on the same rustbpe-trained ranks for the named pattern."""
     if name not in _PAIRS:
-        pattern = tm.tokenizer.pattern_string(name)
+        pattern = pattern_string(name)
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), 1500, pattern=pattern)
         ranks = dict(trainer.get_mergeable_ranks())
@@ -100,7 +101,7 @@ def tiktoken_pattern(function: str) -> str:
 @pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k"])
 def test_pattern_strings_are_tiktokens(name):
     function = {"gpt2": "r50k_base", "cl100k": "cl100k_base", "o200k": "o200k_base"}[name]
-    assert tm.tokenizer.pattern_string(name) == tiktoken_pattern(function)
+    assert pattern_string(name) == tiktoken_pattern(function)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -54,8 +54,7 @@ pub struct Tokenizer {
     pre: Pretokenizer,
     /// Mergeable token bytes -> id.
     encoder: FxHashMap<Vec<u8>, u32>,
-    pairs: PairMap,
-    byte_ids: [u32; 256],
+    ranks: merge::Ranks,
     /// id -> bytes it decodes to (mergeable and special); None for unused ids.
     decoder: Vec<Option<Vec<u8>>>,
     /// Mergeable token ids, ascending.
@@ -250,8 +249,7 @@ impl Tokenizer {
         let mut tok = Tokenizer {
             pre,
             encoder,
-            pairs,
-            byte_ids,
+            ranks: merge::Ranks::new(byte_ids, pairs),
             decoder,
             mergeable_ids: tokens.iter().map(|(id, _)| *id).collect(),
             options,
@@ -405,7 +403,7 @@ impl Tokenizer {
                     continue;
                 }
             }
-            merge::merge(piece, &self.byte_ids, &self.pairs, out);
+            merge::merge(piece, &self.ranks, out);
         }
     }
 
