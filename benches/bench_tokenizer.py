@@ -21,9 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' encode() must stay on one thread
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import best_of, machine, today  # noqa: E402
-
 import tokenmill as tm  # noqa: E402
+from common import best_of, machine, today  # noqa: E402
 from tokenmill import corpus  # noqa: E402
 from tokenmill.tokenizer import pattern_string  # noqa: E402
 
@@ -56,8 +55,9 @@ def main() -> None:
     trainer.train_from_iterator(iter(head), args.vocab, pattern=pattern)
     ranks = dict(trainer.get_mergeable_ranks())
     ours = tm.Tokenizer.from_tiktoken(ranks, pattern="cl100k", special_tokens=["<|endoftext|>"])
-    tt = tiktoken.Encoding("bench", pat_str=pattern, mergeable_ranks=ranks,
-                           special_tokens={"<|endoftext|>": len(ranks)})
+    tt = tiktoken.Encoding(
+        "bench", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)}
+    )
     with tempfile.TemporaryDirectory() as d:
         ours.save_huggingface(os.path.join(d, "tokenizer.json"))
         hf = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
@@ -80,8 +80,16 @@ def main() -> None:
     mbs = lambda t: nbytes / t / 1e6  # noqa: E731
     rows = [
         ("encode, 1 thread: tokenmill", f"{mbs(t_ours):.1f} MB/s", ""),
-        ("encode, 1 thread: tiktoken", f"{mbs(t_tt):.1f} MB/s", f"tokenmill {t_tt / t_ours:.2f}x (goal >= 3x)"),
-        ("encode, 1 thread: tokenizers", f"{mbs(t_hf):.1f} MB/s", f"tokenmill {t_hf / t_ours:.2f}x (goal >= 10x)"),
+        (
+            "encode, 1 thread: tiktoken",
+            f"{mbs(t_tt):.1f} MB/s",
+            f"tokenmill {t_tt / t_ours:.2f}x (goal >= 3x)",
+        ),
+        (
+            "encode, 1 thread: tokenizers",
+            f"{mbs(t_hf):.1f} MB/s",
+            f"tokenmill {t_hf / t_ours:.2f}x (goal >= 10x)",
+        ),
     ]
 
     t1, b1 = best_of(lambda: ours.encode_ordinary_batch(docs, num_threads=1), args.repeat)
@@ -102,16 +110,26 @@ def main() -> None:
     }
     for name, text in worst.items():
         t, _ = best_of(lambda: ours.encode_ordinary(text), args.repeat)
-        rows.append((f"worst case {name}", f"{len(text) / t / 1e6:.1f} MB/s",
-                     f"time/byte {t / len(text) / prose_per_byte:.2f}x prose (goal <= 2x)"))
+        rows.append(
+            (
+                f"worst case {name}",
+                f"{len(text) / t / 1e6:.1f} MB/s",
+                f"time/byte {t / len(text) / prose_per_byte:.2f}x prose (goal <= 2x)",
+            )
+        )
     run = "a" * (64 << 10)
     t_small, a = best_of(lambda: ours.encode_ordinary(run), args.repeat)
     start = time.perf_counter()
     b = tt.encode_ordinary(run)
     t_tt_small = time.perf_counter() - start
     assert a == b
-    rows.append(("64 KiB single char vs tiktoken", f"{t_small * 1e3:.2f} ms vs {t_tt_small * 1e3:.0f} ms",
-                 f"tokenmill {t_tt_small / t_small:.0f}x (goal >= 3x)"))
+    rows.append(
+        (
+            "64 KiB single char vs tiktoken",
+            f"{t_small * 1e3:.2f} ms vs {t_tt_small * 1e3:.0f} ms",
+            f"tokenmill {t_tt_small / t_small:.0f}x (goal >= 3x)",
+        )
+    )
 
     print(f"{ntok:,} tokens ({nbytes / ntok:.2f} bytes/token)")
     w = max(len(r[0]) for r in rows)

@@ -1,7 +1,8 @@
 """Type stubs for the compiled extension tokenmill._core (Rust, PyO3)."""
 
-import numpy
 from typing import Literal, Optional, Sequence
+
+import numpy
 
 __version__: str
 
@@ -32,7 +33,9 @@ class CoreTokenizer:
     fingerprint: str
     is_sentencepiece: bool
     @staticmethod
-    def from_ranks(tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    def from_ranks(
+        tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]
+    ) -> CoreTokenizer: ...
     @staticmethod
     def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
     @staticmethod
@@ -45,11 +48,13 @@ class CoreTokenizer:
     def save_tiktoken(self, path: str) -> None: ...
     def save_huggingface(self, path: str) -> None: ...
     def encode_ordinary(self, text: str) -> list[int]: ...
-    def encode(self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None) -> list[int]:
+    def encode(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> list[int]:
         """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
     def encode_to_numpy(
         self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
-    ) -> "numpy.ndarray": ...
+    ) -> numpy.ndarray: ...
     def encode_batch(
         self,
         texts: Sequence[str],
@@ -57,7 +62,9 @@ class CoreTokenizer:
         disallowed: Optional[Sequence[str]] = None,
         num_threads: Optional[int] = None,
     ) -> list[list[int]]: ...
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]: ...
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]: ...
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
     def special_tokens(self) -> list[tuple[str, int]]: ...
     def token_to_id(self, token: bytes) -> Optional[int]: ...

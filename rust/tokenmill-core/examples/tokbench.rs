@@ -24,11 +24,18 @@ fn main() {
     let (t, n) = best(|| pre.split(&text).count());
     println!("prose split: {n} pieces {:.1} MB/s", mb(text.len(), t));
     let (t, ids) = best(|| tok.encode_ordinary(&text));
-    println!("prose encode: {} ids {:.1} MB/s", ids.len(), mb(text.len(), t));
+    println!(
+        "prose encode: {} ids {:.1} MB/s",
+        ids.len(),
+        mb(text.len(), t)
+    );
     let letters: String = (0..1u32 << 20)
         .map(|i| (b'a' + ((i.wrapping_mul(2654435761) >> 7) % 26) as u8) as char)
         .collect();
-    for (name, s) in [("1 MiB a-run", "a".repeat(1 << 20)), ("1 MiB letters", letters)] {
+    for (name, s) in [
+        ("1 MiB a-run", "a".repeat(1 << 20)),
+        ("1 MiB letters", letters),
+    ] {
         let (t, ids) = best(|| tok.encode_ordinary(&s));
         println!("{name}: {} ids {:.1} MB/s", ids.len(), mb(s.len(), t));
     }

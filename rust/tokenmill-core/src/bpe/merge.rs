@@ -161,12 +161,13 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
     next[n - 1] = NONE;
     let mut index: FxHashMap<u32, u32> = FxHashMap::default();
     let mut buckets: Vec<Bucket> = Vec::new();
-    let bucket_of = |prio: u32, index: &mut FxHashMap<u32, u32>, buckets: &mut Vec<Bucket>| -> usize {
-        *index.entry(prio).or_insert_with(|| {
-            buckets.push(Bucket::default());
-            (buckets.len() - 1) as u32
-        }) as usize
-    };
+    let bucket_of =
+        |prio: u32, index: &mut FxHashMap<u32, u32>, buckets: &mut Vec<Bucket>| -> usize {
+            *index.entry(prio).or_insert_with(|| {
+                buckets.push(Bucket::default());
+                (buckets.len() - 1) as u32
+            }) as usize
+        };
     for i in 0..n - 1 {
         let r = ranks.bytes_rank(piece[i], piece[i + 1]);
         cur.push(r);

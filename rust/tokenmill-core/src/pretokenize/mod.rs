@@ -23,7 +23,8 @@ use regex_automata::meta::{Cache, Regex as MetaRegex};
 use regex_automata::util::pool::{Pool, PoolGuard};
 use regex_automata::{Anchored, Input, PatternID};
 
-type CacheFn = Box<dyn Fn() -> Cache + Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>;
+type CacheFn =
+    Box<dyn Fn() -> Cache + Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>;
 
 /// tiktoken 0.14 `r50k_base` / `gpt2` pattern.
 pub const GPT2: &str =
