@@ -109,7 +109,7 @@ def main() -> None:
         "1 MiB random letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1 << 20)),
     }
     for name, text in worst.items():
-        t, _ = best_of(lambda: ours.encode_ordinary(text), args.repeat)
+        t, _ = best_of(lambda text=text: ours.encode_ordinary(text), args.repeat)
         rows.append(
             (
                 f"worst case {name}",
