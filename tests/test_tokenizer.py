@@ -339,3 +339,19 @@ def test_cli_encode(tmp_path, texts):
     assert (
         cli.main(["tokenizer", "encode", str(tmp_path / "in.txt"), "--tokenizer", str(tmp_path / "tok")]) == 1
     )
+
+
+def test_docstring_examples():
+    import doctest
+
+    import tokenmill.tokenizer as module
+    from tokenmill import _core
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    ran = 0
+    for test in doctest.DocTestFinder().find(module):
+        if ".train" in test.name and not hasattr(_core, "train_bpe"):
+            continue  # training lives on the bpetrain branch
+        ran += len(test.examples)
+        runner.run(test)
+    assert ran > 5 and runner.failures == 0
