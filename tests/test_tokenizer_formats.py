@@ -8,12 +8,9 @@ import json
 import random
 
 import pytest
+import tokenmill as tm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tokenmill as tm
-from tokenmill import corpus
-
 from test_tokenizer import TRICKY, pair, text_strategy, training_texts_cached
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -68,7 +65,9 @@ def test_our_tokenizer_json_loads_in_tokenizers(hf_trained, tmp_path):
 
     @given(text_strategy())
     def check(text):
-        assert back.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False).ids
+        assert (
+            back.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False).ids
+        )
 
     check()
 
@@ -153,7 +152,10 @@ def test_unsupported_sentencepiece_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"u\.model.*UNIGRAM"):
         tm.Tokenizer.from_sentencepiece(tmp_path / "u.model")
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "n"), vocab_size=300, model_type="bpe",
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "n"),
+        vocab_size=300,
+        model_type="bpe",
         minloglevel=2,
     )
     with pytest.raises(ValueError, match=r"n\.model.*normalizer"):
@@ -186,12 +188,14 @@ def originals(tmp_path_factory, sp_trained):
     small.save(d / "t.tokenmill")
     small.save_tiktoken(d / "t.tiktoken")
     small.save_huggingface(d / "t.json")
-    return _Files({
-        "native": (d / "t.tokenmill").read_bytes(),
-        "tiktoken": (d / "t.tiktoken").read_bytes(),
-        "hf": (d / "t.json").read_bytes(),
-        "spm": sp_trained[2].read_bytes(),
-    })
+    return _Files(
+        {
+            "native": (d / "t.tokenmill").read_bytes(),
+            "tiktoken": (d / "t.tiktoken").read_bytes(),
+            "hf": (d / "t.json").read_bytes(),
+            "spm": sp_trained[2].read_bytes(),
+        }
+    )
 
 
 @settings(max_examples=60)

@@ -45,7 +45,9 @@ def _clean(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int) -> dict[str, int]:
+def _specials_dict(
+    special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int
+) -> dict[str, int]:
     if special_tokens is None:
         return {}
     if isinstance(special_tokens, Mapping):
@@ -53,6 +55,22 @@ def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None]
     if isinstance(special_tokens, str):
         raise TypeError("special_tokens must be a list of strings or a dict {text: id}, not a str")
     return {s: first_id + i for i, s in enumerate(special_tokens)}
+
+
+def _train_args(vocab_size: int, special_tokens: Sequence[str], min_frequency: int) -> list[str]:
+    """Check the arguments of :meth:`Tokenizer.train`; returns the special tokens as a list."""
+    if isinstance(special_tokens, str):
+        raise TypeError("special_tokens must be a list of strings, not a str")
+    specials = list(special_tokens)
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"special_tokens has duplicates: {specials}")
+    if vocab_size < 256 + len(specials):
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than 256 byte tokens + {len(specials)} special tokens"
+        )
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
+    return specials
 
 
 class Tokenizer:
@@ -89,11 +107,8 @@ class Tokenizer:
         >>> tok.n_vocab
         260
         """
-        specials = list(special_tokens)
-        n_merge = vocab_size - len(specials)
-        if n_merge < 256:
-            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
-        tokens = _core.train_bpe(iter(texts), n_merge, pattern, specials, min_frequency, show_progress)
+        specials = _train_args(vocab_size, special_tokens, min_frequency)
+        tokens = _core.train_bpe(iter(texts), vocab_size, pattern, specials, min_frequency, show_progress)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -107,12 +122,11 @@ class Tokenizer:
         show_progress: bool = True,
     ) -> Tokenizer:
         """Like :meth:`train`, reading text files (one document per file) in parallel in Rust."""
-        specials = list(special_tokens)
-        n_merge = vocab_size - len(specials)
-        if n_merge < 256:
-            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
+        specials = _train_args(vocab_size, special_tokens, min_frequency)
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
         tokens = _core.train_bpe_files(
-            [os.fspath(p) for p in paths], n_merge, pattern, specials, min_frequency, show_progress
+            [os.fspath(p) for p in paths], vocab_size, pattern, specials, min_frequency, show_progress
         )
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
@@ -142,7 +156,9 @@ class Tokenizer:
             tokens: list[bytes] = [b""] * len(ranks)
             for tok, rank in ranks.items():
                 if not 0 <= rank < len(ranks) or tokens[rank]:
-                    raise ValueError(f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}")
+                    raise ValueError(
+                        f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}"
+                    )
                 tokens[rank] = bytes(tok)
         else:
             tokens = [bytes(t) for t in ranks]
@@ -232,7 +248,9 @@ class Tokenizer:
 
     # ----- encoding -----
 
-    def _policy(self, allowed_special: Specials, disallowed_special: Specials) -> tuple[list[str], Optional[list[str]]]:
+    def _policy(
+        self, allowed_special: Specials, disallowed_special: Specials
+    ) -> tuple[list[str], Optional[list[str]]]:
         allowed = list(self._specials) if allowed_special == "all" else list(allowed_special)
         if disallowed_special == "all":
             return allowed, None  # Rust: every special not allowed is disallowed
@@ -279,7 +297,9 @@ class Tokenizer:
         except UnicodeEncodeError:
             return self._core.encode_batch([_clean(t) for t in texts], allowed, disallowed, num_threads)
 
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]:
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]:
         """``encode_batch`` ignoring special tokens."""
         try:
             return self._core.encode_ordinary_batch(list(texts), num_threads)
