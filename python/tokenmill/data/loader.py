@@ -168,6 +168,7 @@ class DataLoader(IterableDataset):
         self.masks = [mask_prefix(p) for p in self.prefixes]
         self.tokenizer_fingerprint = _check_fingerprints(self.prefixes)
         self._rust: Optional[Any] = None
+        self._pid = os.getpid()
         self._core()  # open and validate every file now, not mid-run
         self.position = 0  # global index of the next sample this loader's stream starts from
         self._origin = 0
@@ -175,7 +176,9 @@ class DataLoader(IterableDataset):
     # -- construction and pickling (torch DataLoader workers get a copy; the Rust side reopens) --
 
     def _core(self) -> Any:
-        if self._rust is None:
+        # A forked torch worker inherits the Rust object but not its threads: reopen per process.
+        if self._rust is None or self._pid != os.getpid():
+            self._pid = os.getpid()
             self._rust = _core.Loader(
                 self.prefixes,
                 self.masks,
