@@ -4,6 +4,7 @@
 mod error;
 mod eval;
 mod loader;
+mod tokenizer;
 mod utils;
 
 use pyo3::prelude::*;
@@ -13,5 +14,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     eval::register(m)?;
     loader::register(m)?;
+    tokenizer::register(m)?;
     Ok(())
 }
