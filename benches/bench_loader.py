@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +52,9 @@ def nanogpt_batches(bin_path: str, n: int, seed: int = 0) -> None:
 
 
 def tokenmill_batches(prefix: str, n: int, prefetch: int, packing: str = "concat") -> None:
-    loader = DataLoader(prefix, seq_len=T, batch_size=B, packing=packing, seed=0, prefetch=prefetch, num_threads=2)
+    loader = DataLoader(
+        prefix, seq_len=T, batch_size=B, packing=packing, seed=0, prefetch=prefetch, num_threads=2
+    )
     got = 0
     for b in loader:
         assert b["input_ids"].shape == (B, T) and b["cu_seqlens"][-1] == B * T
@@ -106,7 +107,9 @@ def main() -> None:
             ("tokenmill best_fit, prefetch=0", t_bf),
         ]
         for name, t in rows:
-            print(f"{name:34s} {tok / t / 1e6:8.2f} M tokens/s  {t / n * 1e6:8.1f} us/batch  {t_nano / t:5.2f}x nanoGPT")
+            print(
+                f"{name:34s} {tok / t / 1e6:8.2f} M tokens/s  {t / n * 1e6:8.1f} us/batch  {t_nano / t:5.2f}x nanoGPT"
+            )
 
         need, params = h100_tokens_per_s()
         host = t_sync / n

@@ -30,7 +30,7 @@ _DType = Literal["uint8", "uint16", "int32", "int64"]
 def write_token_file(prefix: str, docs: Sequence[Sequence[int]], dtype_name: _DType) -> None:
     """Write documents to PREFIX.bin/.idx (Megatron MMIDIDX) atomically."""
 
-def open_token_file(prefix: str) -> tuple[str, "numpy.ndarray", "numpy.ndarray"]:
+def open_token_file(prefix: str) -> tuple[str, numpy.ndarray, numpy.ndarray]:
     """Validate PREFIX.bin/.idx; (dtype name, int64 lengths, int64 token offsets) per document."""
 
 class Loader:
@@ -54,19 +54,20 @@ class Loader:
     def samples_per_epoch(self) -> list[int]: ...
     def mixture_counts(self) -> list[int]:
         """Samples of each source per mixing block of 65,536."""
-    def sources(self, start: int, n: int) -> "numpy.ndarray":
+    def sources(self, start: int, n: int) -> numpy.ndarray:
         """Source index (int64) of global samples start..start+n."""
     def sample(self, g: int) -> tuple[int, int, list[tuple[int, int, int]]]:
         """(source, epoch, [(document, start, length), ...]) of global sample g."""
     def fill(
         self,
         start: int,
-        input_ids: "numpy.ndarray",
-        labels: "numpy.ndarray",
-        position_ids: "numpy.ndarray",
-        cu_seqlens: "numpy.ndarray",
+        input_ids: numpy.ndarray,
+        labels: numpy.ndarray,
+        position_ids: numpy.ndarray,
+        cu_seqlens: numpy.ndarray,
     ) -> tuple[int, int]:
         """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 
 class CoreTokenizer:
@@ -77,7 +78,9 @@ class CoreTokenizer:
     fingerprint: str
     is_sentencepiece: bool
     @staticmethod
-    def from_ranks(tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    def from_ranks(
+        tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]
+    ) -> CoreTokenizer: ...
     @staticmethod
     def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
     @staticmethod
@@ -90,11 +93,13 @@ class CoreTokenizer:
     def save_tiktoken(self, path: str) -> None: ...
     def save_huggingface(self, path: str) -> None: ...
     def encode_ordinary(self, text: str) -> list[int]: ...
-    def encode(self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None) -> list[int]:
+    def encode(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> list[int]:
         """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
     def encode_to_numpy(
         self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
-    ) -> "numpy.ndarray": ...
+    ) -> numpy.ndarray: ...
     def encode_batch(
         self,
         texts: Sequence[str],
@@ -102,7 +107,9 @@ class CoreTokenizer:
         disallowed: Optional[Sequence[str]] = None,
         num_threads: Optional[int] = None,
     ) -> list[list[int]]: ...
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]: ...
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]: ...
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
     def special_tokens(self) -> list[tuple[str, int]]: ...
     def token_to_id(self, token: bytes) -> Optional[int]: ...

@@ -27,7 +27,9 @@ Specials = Union[Literal["all"], Collection[str]]
 PATTERNS = ("gpt2", "cl100k", "o200k", "llama3")
 
 
-def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int) -> dict[str, int]:
+def _specials_dict(
+    special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int
+) -> dict[str, int]:
     if special_tokens is None:
         return {}
     if isinstance(special_tokens, Mapping):
@@ -117,13 +119,17 @@ class Tokenizer:
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(ranks), pattern, [])
             specials = _specials_dict(special_tokens, core.n_vocab)
             if specials:
-                core = _core.CoreTokenizer.from_ranks(core.mergeable_tokens(), pattern, list(specials.items()))
+                core = _core.CoreTokenizer.from_ranks(
+                    core.mergeable_tokens(), pattern, list(specials.items())
+                )
             return cls(core)
         if isinstance(ranks, Mapping):
             tokens: list[bytes] = [b""] * len(ranks)
             for tok, rank in ranks.items():
                 if not 0 <= rank < len(ranks) or tokens[rank]:
-                    raise ValueError(f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}")
+                    raise ValueError(
+                        f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}"
+                    )
                 tokens[rank] = bytes(tok)
         else:
             tokens = [bytes(t) for t in ranks]
@@ -213,7 +219,9 @@ class Tokenizer:
 
     # ----- encoding -----
 
-    def _policy(self, allowed_special: Specials, disallowed_special: Specials) -> tuple[list[str], Optional[list[str]]]:
+    def _policy(
+        self, allowed_special: Specials, disallowed_special: Specials
+    ) -> tuple[list[str], Optional[list[str]]]:
         allowed = list(self._specials) if allowed_special == "all" else list(allowed_special)
         if disallowed_special == "all":
             return allowed, None  # Rust: every special not allowed is disallowed
@@ -251,7 +259,9 @@ class Tokenizer:
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
         return self._core.encode_batch(list(texts), allowed, disallowed, num_threads)
 
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]:
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]:
         """``encode_batch`` ignoring special tokens."""
         return self._core.encode_ordinary_batch(list(texts), num_threads)
 

@@ -135,7 +135,12 @@ impl PyLoader {
     }
 
     /// Source index of global samples start..start+n.
-    fn sources<'py>(&self, py: Python<'py>, start: u64, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    fn sources<'py>(
+        &self,
+        py: Python<'py>,
+        start: u64,
+        n: u64,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let v = detach(py, || {
             Ok((start..start + n)
                 .map(|g| self.inner.locate(g).0 as i64)

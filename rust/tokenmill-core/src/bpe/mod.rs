@@ -71,7 +71,11 @@ impl Tokenizer {
 
     /// A SentencePiece BPE model; its control and unknown pieces become the special tokens.
     pub fn from_sentencepiece(model: spm::SpModel) -> Result<Self> {
-        let tokens: Vec<Vec<u8>> = model.pieces.iter().map(|p| p.piece.as_bytes().to_vec()).collect();
+        let tokens: Vec<Vec<u8>> = model
+            .pieces
+            .iter()
+            .map(|p| p.piece.as_bytes().to_vec())
+            .collect();
         let specials = model
             .pieces
             .iter()
@@ -455,10 +459,7 @@ impl Tokenizer {
 }
 
 /// Run `f` on a rayon pool of `n` threads (None or 0: the global pool).
-pub fn with_threads<R: Send>(
-    n: Option<usize>,
-    f: impl FnOnce() -> Result<R> + Send,
-) -> Result<R> {
+pub fn with_threads<R: Send>(n: Option<usize>, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
     match n {
         None | Some(0) => f(),
         Some(n) => rayon::ThreadPoolBuilder::new()

@@ -320,7 +320,11 @@ impl Loader {
             .map(|r| {
                 let (s, k) = self.mixture.locate(start + r);
                 let src = &self.sources[s];
-                (s, src.layout(k / src.per_epoch, &self.cfg), k % src.per_epoch)
+                (
+                    s,
+                    src.layout(k / src.per_epoch, &self.cfg),
+                    k % src.per_epoch,
+                )
             })
             .collect();
         let cross = self.cross_doc();
@@ -381,10 +385,13 @@ fn render_row(
             Some((d, q)) if src.learn(d, q) => src.token(d, q),
             _ => IGNORE_INDEX,
         };
-        if src.mask.is_some() {
-            for x in 0..len - 1 {
-                if !src.learn(p.doc, p.start + x as u32 + 1) {
-                    l[x] = IGNORE_INDEX;
+        if let Some(m) = &src.mask {
+            // The mask of the tokens predicted at positions 0..len-1: tokens start+1 ..= start+len-1.
+            let at = (src.offsets[p.doc as usize] + p.start as u64) as usize + 1;
+            let learned = &m.token_bytes()[at..at + len - 1];
+            for (y, &keep) in l.iter_mut().zip(learned) {
+                if keep == 0 {
+                    *y = IGNORE_INDEX;
                 }
             }
         }
@@ -479,11 +486,24 @@ mod tests {
                 assert_eq!(y, x + 1, "labels follow within a document");
             } else if x != 0 {
                 let (d, p) = (x / 1000 - 1, x % 1000);
-                assert_eq!(p + 1, docs[d as usize].len() as i64, "only document ends are unlabelled");
+                assert_eq!(
+                    p + 1,
+                    docs[d as usize].len() as i64,
+                    "only document ends are unlabelled"
+                );
             }
         }
         assert_eq!(cu[info.cu_len - 1] as usize, n * t);
-        assert!(l.fill(n as u64, 1, &mut a[..t], &mut b[..t], &mut c[..t], &mut cu[..t + 1]).is_err());
+        assert!(l
+            .fill(
+                n as u64,
+                1,
+                &mut a[..t],
+                &mut b[..t],
+                &mut c[..t],
+                &mut cu[..t + 1]
+            )
+            .is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -31,7 +31,10 @@ pub fn to_string(tok: &Tokenizer) -> String {
             m.add_dummy_prefix as u8, m.remove_extra_whitespaces as u8, m.byte_fallback as u8
         )),
     }
-    out.push_str(&format!("pattern {}\n", b64_encode(tok.pattern().as_bytes())));
+    out.push_str(&format!(
+        "pattern {}\n",
+        b64_encode(tok.pattern().as_bytes())
+    ));
     match tok.spm() {
         None => {
             let toks = tok.mergeable_tokens();
@@ -98,7 +101,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
             };
             Some([flag(a)?, flag(b)?, flag(c)?])
         }
-        _ => return Err(bad(ln, format!("expected `kind bytelevel|sentencepiece ...`, got {kind:.60?}"))),
+        _ => {
+            return Err(bad(
+                ln,
+                format!("expected `kind bytelevel|sentencepiece ...`, got {kind:.60?}"),
+            ))
+        }
     };
     let (ln, pat) = next("`pattern`")?;
     let pattern = pat
@@ -150,7 +158,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         let (ln, l) = next("a special token line")?;
         let (id, s) = l
             .split_once(' ')
-            .and_then(|(id, s)| Some((id.parse::<u32>().ok()?, String::from_utf8(b64_decode(s)?).ok()?)))
+            .and_then(|(id, s)| {
+                Some((
+                    id.parse::<u32>().ok()?,
+                    String::from_utf8(b64_decode(s)?).ok()?,
+                ))
+            })
             .ok_or_else(|| bad(ln, "expected `<id> <base64 UTF-8 text>`".into()))?;
         specials.push((s, id));
     }
