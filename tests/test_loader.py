@@ -332,10 +332,22 @@ def test_torch_dataloader_workers(files):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["cu_seqlens"], y["cu_seqlens"])
 
 
-def test_pin_memory_flag(files):
-    prefix = files("a", [13, 40, 7])
-    b = next(iter(DataLoader(prefix, seq_len=8, batch_size=2, pin_memory=torch.cuda.is_available())))
-    assert b["input_ids"].is_pinned() == torch.cuda.is_available()
+def test_pinned_path_and_python_prefetch_thread(files):
+    prefix = files("a", [13, 40, 7, 22, 5])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        b = next(iter(DataLoader(prefix, seq_len=8, batch_size=2, pin_memory=True)))
+        assert b["input_ids"].is_pinned() and b["cu_seqlens"].is_pinned()
+    else:
+        with pytest.warns(UserWarning, match="pin_memory"):
+            DataLoader(prefix, seq_len=8, batch_size=2, pin_memory=True)
+    # The thread that feeds pinned buffers gives the same stream as rendering on demand.
+    loader = DataLoader(prefix, seq_len=8, batch_size=2, epochs=1, prefetch=0)
+    plain = batches(loader)
+    threaded = list(loader._prefetched(loader._core(), loader._batch_starts(*loader._schedule(0, 0, 1))))
+    assert len(threaded) == len(plain)
+    for x, y in zip(threaded, plain):
+        assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids", "cu_seqlens"))
 
 
 def test_bad_input_at_construction(files, tmp_path):

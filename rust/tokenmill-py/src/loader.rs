@@ -3,11 +3,13 @@
 
 use crate::error::to_py;
 use crate::utils::detach;
-use numpy::{PyArray1, PyReadwriteArray1, PyReadwriteArray2};
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadwriteArray1, PyReadwriteArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
-use tokenmill_core::data::loader::{self, Config, SourceSpec};
+use std::sync::{Arc, Mutex};
+use tokenmill_core::data::loader::{self, Batch, Config, Prefetcher, Schedule, SourceSpec};
 use tokenmill_core::data::mmidx::{DType, IndexedDataset};
 use tokenmill_core::data::packing::Packing;
 
@@ -62,7 +64,7 @@ pub fn open_token_file<'py>(
 
 #[pyclass(module = "tokenmill._core", name = "Loader", frozen)]
 pub struct PyLoader {
-    inner: loader::Loader,
+    inner: Arc<loader::Loader>,
 }
 
 #[pymethods]
@@ -118,7 +120,33 @@ impl PyLoader {
             num_threads,
         };
         let inner = detach(py, move || loader::Loader::new(&specs, cfg))?;
-        Ok(PyLoader { inner })
+        Ok(PyLoader {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Start rendering batches first + j * stride (j < count; endless when None) on a Rust thread,
+    /// `depth` batches ahead.
+    #[pyo3(signature = (first, stride, rows, count, depth))]
+    fn prefetch(
+        &self,
+        first: u64,
+        stride: u64,
+        rows: usize,
+        count: Option<u64>,
+        depth: usize,
+    ) -> PyResult<PyPrefetcher> {
+        let schedule = Schedule {
+            first,
+            stride,
+            rows,
+            count,
+        };
+        let p = Prefetcher::start(self.inner.clone(), schedule, depth).map_err(to_py)?;
+        Ok(PyPrefetcher {
+            inner: Mutex::new(Some(p)),
+            seq_len: self.inner.seq_len(),
+        })
     }
 
     /// Samples in the global stream, or None when it is endless.
@@ -182,9 +210,61 @@ impl PyLoader {
     }
 }
 
+type BatchArrays<'py> = (
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<i32>>,
+    usize,
+);
+
+#[pyclass(module = "tokenmill._core", name = "Prefetcher", frozen)]
+pub struct PyPrefetcher {
+    inner: Mutex<Option<Prefetcher>>,
+    seq_len: usize,
+}
+
+fn matrix(py: Python<'_>, v: Vec<i64>, rows: usize, cols: usize) -> Bound<'_, PyArray2<i64>> {
+    // The Vec moves into the numpy array: no copy.
+    Array2::from_shape_vec((rows, cols), v)
+        .expect("a rendered batch is rows x seq_len")
+        .into_pyarray(py)
+}
+
+#[pymethods]
+impl PyPrefetcher {
+    /// The next batch as numpy arrays owned by Rust memory (input_ids, labels, position_ids,
+    /// cu_seqlens, max_seqlen), or None when the schedule is done. Waits with the GIL released.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
+        let got: Option<Batch> = detach(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut().and_then(|p| p.next()) {
+                None => Ok(None),
+                Some(r) => r.map(Some),
+            }
+        })?;
+        Ok(got.map(|b| {
+            let t = self.seq_len;
+            (
+                matrix(py, b.input_ids, b.rows, t),
+                matrix(py, b.labels, b.rows, t),
+                matrix(py, b.position_ids, b.rows, t),
+                b.cu_seqlens.into_pyarray(py),
+                b.max_seqlen,
+            )
+        }))
+    }
+
+    /// Stop the thread now (also happens when the object is dropped).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| drop(self.inner.lock().unwrap_or_else(|e| e.into_inner()).take()));
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(open_token_file, m)?)?;
     m.add_class::<PyLoader>()?;
+    m.add_class::<PyPrefetcher>()?;
     Ok(())
 }

@@ -21,7 +21,10 @@ use super::sampler::{derive, Mixture};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -244,6 +247,10 @@ impl Loader {
         self.len == Some(0)
     }
 
+    pub fn seq_len(&self) -> usize {
+        self.cfg.seq_len as usize
+    }
+
     pub fn samples_per_epoch(&self) -> Vec<u64> {
         self.sources.iter().map(|s| s.per_epoch).collect()
     }
@@ -359,6 +366,107 @@ impl Loader {
             cu_len: n + 1,
             max_seqlen,
         })
+    }
+}
+
+/// A batch rendered into buffers the loader owns (handed to Python without copies).
+pub struct Batch {
+    pub rows: usize,
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub position_ids: Vec<i64>,
+    /// Exactly the entries written (`BatchInfo::cu_len`).
+    pub cu_seqlens: Vec<i32>,
+    pub max_seqlen: usize,
+}
+
+impl Loader {
+    pub fn render(&self, start: u64, rows: usize) -> Result<Batch> {
+        let cells = rows * self.cfg.seq_len as usize;
+        let mut b = Batch {
+            rows,
+            input_ids: vec![0; cells],
+            labels: vec![0; cells],
+            position_ids: vec![0; cells],
+            cu_seqlens: vec![0; cells + 1],
+            max_seqlen: 0,
+        };
+        let info = self.fill(
+            start,
+            rows,
+            &mut b.input_ids,
+            &mut b.labels,
+            &mut b.position_ids,
+            &mut b.cu_seqlens,
+        )?;
+        b.cu_seqlens.truncate(info.cu_len);
+        b.max_seqlen = info.max_seqlen;
+        Ok(b)
+    }
+}
+
+/// Batch starts `first + j * stride` for `j < count` (endless when `None`), `rows` rows each (fewer
+/// where the stream ends).
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    pub first: u64,
+    pub stride: u64,
+    pub rows: usize,
+    pub count: Option<u64>,
+}
+
+/// Renders batches of a [`Schedule`] ahead of the consumer on a thread of its own, `depth` deep.
+/// Dropping it stops the thread (the channel closes; a batch being rendered is discarded).
+pub struct Prefetcher {
+    stop: Arc<AtomicBool>,
+    rx: Option<Receiver<Result<Batch>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn start(loader: Arc<Loader>, schedule: Schedule, depth: usize) -> Result<Prefetcher> {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("tokenmill-prefetch".into())
+            .spawn(move || {
+                let mut j = 0u64;
+                while schedule.count.map_or(true, |c| j < c) && !flag.load(Ordering::Relaxed) {
+                    let start = schedule.first + j * schedule.stride;
+                    let rows = match loader.len() {
+                        Some(n) => schedule.rows.min(n.saturating_sub(start) as usize),
+                        None => schedule.rows,
+                    };
+                    let batch = loader.render(start, rows);
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                    j += 1;
+                }
+            })
+            .map_err(|e| Error::invalid(format!("cannot start the prefetch thread: {e}")))?;
+        Ok(Prefetcher {
+            stop,
+            rx: Some(rx),
+            handle: Some(handle),
+        })
+    }
+
+    /// The next batch, waiting for it; `None` once the schedule is done.
+    pub fn next(&mut self) -> Option<Result<Batch>> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.rx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
