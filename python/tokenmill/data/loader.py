@@ -162,7 +162,9 @@ class DataLoader(IterableDataset):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if pin_memory and not torch.cuda.is_available():
-            warnings.warn("pin_memory=True but no CUDA device is available: batches are not pinned", stacklevel=2)
+            warnings.warn(
+                "pin_memory=True but no CUDA device is available: batches are not pinned", stacklevel=2
+            )
             pin_memory = False
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
@@ -282,7 +284,9 @@ class DataLoader(IterableDataset):
             self.position += self.global_batch_size
             yield batch
 
-    def _prefetched_rust(self, core: Any, schedule: tuple[int, int, Optional[int]]) -> Iterator[dict[str, Any]]:
+    def _prefetched_rust(
+        self, core: Any, schedule: tuple[int, int, Optional[int]]
+    ) -> Iterator[dict[str, Any]]:
         """A Rust thread renders ahead into Rust-owned arrays; torch.from_numpy wraps them (no copy)."""
         first, stride, count = schedule
         pre = core.prefetch(first, stride, self.batch_size, count, self.prefetch)

@@ -238,7 +238,7 @@ impl PyPrefetcher {
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
         let got: Option<Batch> = detach(py, || {
             let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_mut().and_then(|p| p.next()) {
+            match guard.as_mut().and_then(|p| p.recv()) {
                 None => Ok(None),
                 Some(r) => r.map(Some),
             }

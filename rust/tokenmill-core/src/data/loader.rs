@@ -432,7 +432,7 @@ impl Prefetcher {
             .name("tokenmill-prefetch".into())
             .spawn(move || {
                 let mut j = 0u64;
-                while schedule.count.map_or(true, |c| j < c) && !flag.load(Ordering::Relaxed) {
+                while schedule.count.unwrap_or(u64::MAX) > j && !flag.load(Ordering::Relaxed) {
                     let start = schedule.first + j * schedule.stride;
                     let rows = match loader.len() {
                         Some(n) => schedule.rows.min(n.saturating_sub(start) as usize),
@@ -455,7 +455,7 @@ impl Prefetcher {
     }
 
     /// The next batch, waiting for it; `None` once the schedule is done.
-    pub fn next(&mut self) -> Option<Result<Batch>> {
+    pub fn recv(&mut self) -> Option<Result<Batch>> {
         self.rx.as_ref()?.recv().ok()
     }
 }
