@@ -67,6 +67,18 @@ class Loader:
         cu_seqlens: numpy.ndarray,
     ) -> tuple[int, int]:
         """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+    def prefetch(self, first: int, stride: int, rows: int, count: Optional[int], depth: int) -> Prefetcher:
+        """Render batches first + j * stride (j < count; endless when None) on a Rust thread, depth ahead."""
+
+class Prefetcher:
+    """A Rust thread rendering batches ahead into Rust-owned arrays."""
+
+    def next(
+        self,
+    ) -> Optional[tuple["numpy.ndarray", "numpy.ndarray", "numpy.ndarray", "numpy.ndarray", int]]:
+        """(input_ids, labels, position_ids, cu_seqlens, max_seqlen) or None when done; waits without the GIL."""
+    def close(self) -> None:
+        """Stop the thread now."""
 
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 
