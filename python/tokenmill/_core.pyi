@@ -75,7 +75,7 @@ class Prefetcher:
 
     def next(
         self,
-    ) -> Optional[tuple["numpy.ndarray", "numpy.ndarray", "numpy.ndarray", "numpy.ndarray", int]]:
+    ) -> Optional[tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray, int]]:
         """(input_ids, labels, position_ids, cu_seqlens, max_seqlen) or None when done; waits without the GIL."""
     def close(self) -> None:
         """Stop the thread now."""
