@@ -21,8 +21,8 @@ EXAMPLES = max(10, settings().max_examples * 3 // 10)
 PAD = 0
 
 
-def make_docs(lengths):
-    return [[1 + BASE * d + p for p in range(n)] for d, n in enumerate(lengths)]
+def make_docs(lengths, first_doc=0):
+    return [[1 + BASE * (first_doc + d) + p for p in range(n)] for d, n in enumerate(lengths)]
 
 
 def decode(tok):
@@ -33,9 +33,9 @@ def decode(tok):
 
 @pytest.fixture
 def files(tmp_path):
-    def make(name, lengths, manifest=None):
+    def make(name, lengths, manifest=None, first_doc=0):
         prefix = tmp_path / name
-        write_token_file(prefix, make_docs(lengths), dtype="int32")
+        write_token_file(prefix, make_docs(lengths, first_doc), dtype="int32")
         if manifest is not None:
             (tmp_path / f"{name}.json").write_text(json.dumps(manifest))
         return str(prefix)
@@ -185,7 +185,12 @@ def test_megatron_written_file_reads_identically(tmp_path):
 
 
 def test_mixing_proportions(files):
-    weights = {files("a", [50] * 20): 0.6, files("b", [7] * 30): 0.3, files("c", [100] * 3): 0.1}
+    # Source s holds documents 1000 * s ..: a token names its source.
+    weights = {
+        files("a", [50] * 20): 0.6,
+        files("b", [7] * 30, first_doc=1000): 0.3,
+        files("c", [100] * 3, first_doc=2000): 0.1,
+    }
     loader = DataLoader(weights, seq_len=16, batch_size=8, seed=11)
     core = loader._core()
     n = 50_000
@@ -197,11 +202,9 @@ def test_mixing_proportions(files):
     # Over a whole block the proportions are exact to 1/65536.
     full = core.sources(65_536 * 3, 65_536)
     assert np.bincount(full).tolist() == core.mixture_counts() == [39322, 19661, 6553]
-    # The batches agree with the reported sources (each file's tokens carry its document range).
-    b = next(iter(loader))
-    firsts = b["input_ids"][:, 0].numpy()
-    nonpad = [decode(x) for x in firsts]
-    assert all(x is not None for x in nonpad)
+    # The batches come from the sources the rule names.
+    got = np.concatenate([b["input_ids"][:, 0].numpy() for b in batches(loader, 50)])
+    assert [decode(x)[0] // 1000 for x in got] == core.sources(0, 400).tolist()
     # Zero weight: that source is never drawn.
     a, c = list(weights)[0], list(weights)[2]
     z = DataLoader({a: 1.0, c: 0.0}, seq_len=16, batch_size=8, seed=11)._core()
@@ -381,6 +384,16 @@ def test_bad_input_at_construction(files, tmp_path):
     write_token_file(tmp_path / "a.mask", [[1] * 13, [1] * 40], dtype="uint8")
     with pytest.raises(ValueError, match="loss mask"):
         DataLoader(good, seq_len=8, batch_size=2)
+
+
+def test_rank_defaults_from_torch_distributed(files, monkeypatch):
+    prefix = files("a", [13, 40, 7])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    loader = DataLoader(prefix, seq_len=8, batch_size=2)
+    assert (loader.rank, loader.world_size, loader.global_batch_size) == (1, 4, 8)
+    assert DataLoader(prefix, seq_len=8, batch_size=2, rank=0, world_size=1).world_size == 1
 
 
 def test_endless_stream_has_no_len(files):

@@ -309,21 +309,23 @@ class DataLoader(IterableDataset):
         stop = threading.Event()
         done = object()
 
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce() -> None:
             try:
                 for s, r in starts:
-                    item = self._render(core, s, r)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not offer(self._render(core, s, r)):
                         return
-                q.put(done)
+                offer(done)
             except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
+                offer(e)
 
         thread = threading.Thread(target=produce, name="tokenmill-prefetch", daemon=True)
         thread.start()

@@ -104,6 +104,14 @@ impl Source {
                 )));
             }
         }
+        // Layouts index documents and samples with u32.
+        let windows = ds.num_tokens().div_ceil(cfg.seq_len as u64);
+        if n >= u32::MAX as usize || windows >= u32::MAX as u64 {
+            return Err(Error::invalid(format!(
+                "{}: {n} documents / {windows} samples per epoch exceed the loader's 2^32 limit (split the dataset)",
+                spec.prefix.display()
+            )));
+        }
         let seed = derive(&[cfg.seed, 0x50_u64, index as u64]);
         let first = Layout::build(&lengths, cfg.packing, cfg.seq_len, seed, 0);
         Ok(Source {
