@@ -360,6 +360,12 @@ def test_bad_input_at_construction(files, tmp_path):
         DataLoader(str(tmp_path / "missing"), seq_len=8, batch_size=2)
     with pytest.raises(ValueError, match="different tokenizers.*tok-A.*tok-B"):
         DataLoader([good, other], seq_len=8, batch_size=2)
+    # prepare's manifest layout: {"tokenizer": {"fingerprint": ...}}
+    nested = files("n", [5, 5], manifest={"tokenizer": {"fingerprint": "tok-C", "n_vocab": 300}})
+    with pytest.raises(ValueError, match="different tokenizers.*tok-A.*tok-C"):
+        DataLoader([good, nested], seq_len=8, batch_size=2)
+    same = files("s", [5, 5], manifest={"tokenizer": {"fingerprint": "tok-A", "n_vocab": 300}})
+    assert DataLoader([good, same], seq_len=8, batch_size=2).tokenizer_fingerprint == "tok-A"
     with pytest.raises(ValueError, match="sum to a positive"):
         DataLoader({good: 0.0}, seq_len=8, batch_size=2)
     with pytest.raises(ValueError, match="finite"):

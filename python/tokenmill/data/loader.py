@@ -48,7 +48,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenmill import _core
-from tokenmill.data.dataset import PathLike, mask_prefix, normalize_prefix, read_manifest
+from tokenmill.data.dataset import (
+    PathLike,
+    manifest_fingerprint,
+    mask_prefix,
+    normalize_prefix,
+    read_manifest,
+)
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -85,9 +91,9 @@ def _normalize_sources(sources: Sources) -> tuple[list[str], list[float]]:
 def _check_fingerprints(prefixes: list[str]) -> Optional[str]:
     seen: dict[str, str] = {}
     for p in prefixes:
-        fp = (read_manifest(p) or {}).get("tokenizer_fingerprint")
+        fp = manifest_fingerprint(read_manifest(p))
         if fp is not None:
-            seen[p] = str(fp)
+            seen[p] = fp
     if len(set(seen.values())) > 1:
         listing = ", ".join(f"{p}: {fp}" for p, fp in seen.items())
         raise ValueError(f"sources were tokenized with different tokenizers ({listing})")
