@@ -409,3 +409,23 @@ def test_endless_stream_has_no_len(files):
     got = batches(loader, 5)  # a 3-token source repeats, reshuffled each pass
     assert len(got) == 5 and loader.num_samples is None
     assert isinstance(_core.Loader, type)
+
+
+def test_prefetch_buffers_are_recycled_only_when_free(files):
+    """Batches from the Rust prefetcher borrow pooled buffers: ones the caller still holds are never
+    rewritten, and freed ones come back with the right contents."""
+    prefix = files("a", [13, 40, 7, 22, 5, 31, 18, 9] * 5)
+    kw = dict(seq_len=8, batch_size=3, seed=6)
+    want = batches(DataLoader(prefix, prefetch=0, **kw), 60)
+    loader = DataLoader(prefix, prefetch=3, **kw)
+    held = []
+    for i, b in enumerate(itertools.islice(loader, 60)):
+        if i % 2:  # keep every other batch without copying; drop the rest at once
+            held.append((i, b))
+        else:
+            assert torch.equal(b["input_ids"], want[i]["input_ids"])
+            assert torch.equal(b["cu_seqlens"], want[i]["cu_seqlens"])
+            del b
+    for i, b in held:
+        for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            assert torch.equal(b[key], want[i][key]), (i, key)

@@ -3,13 +3,15 @@
 
 use crate::error::to_py;
 use crate::utils::detach;
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadwriteArray1, PyReadwriteArray2};
+use numpy::ndarray::{ArrayView1, ArrayView2};
+use numpy::{PyArray1, PyArray2, PyReadwriteArray1, PyReadwriteArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokenmill_core::data::loader::{self, Batch, Config, Prefetcher, Schedule, SourceSpec};
+use tokenmill_core::data::loader::{
+    self, Batch, BufferPool, Config, Prefetcher, Schedule, SourceSpec,
+};
 use tokenmill_core::data::mmidx::{DType, IndexedDataset};
 use tokenmill_core::data::packing::Packing;
 
@@ -144,6 +146,7 @@ impl PyLoader {
         };
         let p = Prefetcher::start(self.inner.clone(), schedule, depth).map_err(to_py)?;
         Ok(PyPrefetcher {
+            pool: p.pool(),
             inner: Mutex::new(Some(p)),
             seq_len: self.inner.seq_len(),
         })
@@ -221,14 +224,71 @@ type BatchArrays<'py> = (
 #[pyclass(module = "tokenmill._core", name = "Prefetcher", frozen)]
 pub struct PyPrefetcher {
     inner: Mutex<Option<Prefetcher>>,
+    pool: Arc<BufferPool>,
     seq_len: usize,
 }
 
-fn matrix(py: Python<'_>, v: Vec<i64>, rows: usize, cols: usize) -> Bound<'_, PyArray2<i64>> {
-    // The Vec moves into the numpy array: no copy.
-    Array2::from_shape_vec((rows, cols), v)
-        .expect("a rendered batch is rows x seq_len")
-        .into_pyarray(py)
+/// Owns one rendered buffer while numpy arrays borrow it; on release (the last array/tensor gone)
+/// the buffer goes back to the prefetcher's pool for the next batch.
+#[pyclass(module = "tokenmill._core", name = "_BatchBuffer", frozen)]
+struct BatchBuffer {
+    wide: Option<Vec<i64>>,
+    narrow: Option<Vec<i32>>,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for BatchBuffer {
+    fn drop(&mut self) {
+        if let Some(v) = self.wide.take() {
+            self.pool.give_wide(v);
+        }
+        if let Some(v) = self.narrow.take() {
+            self.pool.give_narrow(v);
+        }
+    }
+}
+
+fn matrix<'py>(
+    py: Python<'py>,
+    v: Vec<i64>,
+    rows: usize,
+    cols: usize,
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            wide: Some(v),
+            narrow: None,
+            pool: pool.clone(),
+        },
+    )?;
+    let data = owner.get().wide.as_deref().unwrap_or_default();
+    let view = ArrayView2::from_shape((rows, cols), data)
+        .map_err(|e| PyValueError::new_err(format!("batch shape: {e}")))?;
+    // SAFETY: `owner` keeps the Vec alive and unmoved for as long as the array exists (it is the
+    // array's base object), and nothing writes to it until the owner is dropped.
+    Ok(unsafe { PyArray2::borrow_from_array(&view, owner.clone().into_any()) })
+}
+
+fn vector<'py>(
+    py: Python<'py>,
+    v: Vec<i32>,
+    len: usize,
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            wide: None,
+            narrow: Some(v),
+            pool: pool.clone(),
+        },
+    )?;
+    let data = owner.get().narrow.as_deref().unwrap_or_default();
+    let view = ArrayView1::from(&data[..len]);
+    // SAFETY: as in `matrix`.
+    Ok(unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) })
 }
 
 #[pymethods]
@@ -243,16 +303,15 @@ impl PyPrefetcher {
                 Some(r) => r.map(Some),
             }
         })?;
-        Ok(got.map(|b| {
-            let t = self.seq_len;
-            (
-                matrix(py, b.input_ids, b.rows, t),
-                matrix(py, b.labels, b.rows, t),
-                matrix(py, b.position_ids, b.rows, t),
-                b.cu_seqlens.into_pyarray(py),
-                b.max_seqlen,
-            )
-        }))
+        let Some(b) = got else { return Ok(None) };
+        let (t, pool) = (self.seq_len, &self.pool);
+        Ok(Some((
+            matrix(py, b.input_ids, b.rows, t, pool)?,
+            matrix(py, b.labels, b.rows, t, pool)?,
+            matrix(py, b.position_ids, b.rows, t, pool)?,
+            vector(py, b.cu_seqlens, b.cu_len, pool)?,
+            b.max_seqlen,
+        )))
     }
 
     /// Stop the thread now (also happens when the object is dropped).
@@ -266,5 +325,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_token_file, m)?)?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyPrefetcher>()?;
+    m.add_class::<BatchBuffer>()?;
     Ok(())
 }
