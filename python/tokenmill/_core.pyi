@@ -23,6 +23,63 @@ def align(
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Unit-cost edit distance between two id sequences."""
 
+# -- token files and the loader (tokenmill.data) --
+
+_DType = Literal["uint8", "uint16", "int32", "int64"]
+
+def write_token_file(prefix: str, docs: Sequence[Sequence[int]], dtype_name: _DType) -> None:
+    """Write documents to PREFIX.bin/.idx (Megatron MMIDIDX) atomically."""
+
+def open_token_file(prefix: str) -> tuple[str, numpy.ndarray, numpy.ndarray]:
+    """Validate PREFIX.bin/.idx; (dtype name, int64 lengths, int64 token offsets) per document."""
+
+class Loader:
+    """The loader core: mixture, per-epoch packing layouts, batch rendering (see tokenmill.data.loader)."""
+
+    def __init__(
+        self,
+        prefixes: Sequence[str],
+        masks: Sequence[Optional[str]],
+        weights: Sequence[float],
+        seq_len: int,
+        packing: Literal["concat", "best_fit", "none"],
+        seed: int,
+        document_mask: bool,
+        epochs: Optional[int],
+        pad_id: int,
+        num_threads: int,
+    ) -> None: ...
+    def num_samples(self) -> Optional[int]:
+        """Samples in the global stream; None when endless."""
+    def samples_per_epoch(self) -> list[int]: ...
+    def mixture_counts(self) -> list[int]:
+        """Samples of each source per mixing block of 65,536."""
+    def sources(self, start: int, n: int) -> numpy.ndarray:
+        """Source index (int64) of global samples start..start+n."""
+    def sample(self, g: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """(source, epoch, [(document, start, length), ...]) of global sample g."""
+    def fill(
+        self,
+        start: int,
+        input_ids: numpy.ndarray,
+        labels: numpy.ndarray,
+        position_ids: numpy.ndarray,
+        cu_seqlens: numpy.ndarray,
+    ) -> tuple[int, int]:
+        """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+    def prefetch(self, first: int, stride: int, rows: int, count: Optional[int], depth: int) -> Prefetcher:
+        """Render batches first + j * stride (j < count; endless when None) on a Rust thread, depth ahead."""
+
+class Prefetcher:
+    """A Rust thread rendering batches ahead into Rust-owned arrays."""
+
+    def next(
+        self,
+    ) -> Optional[tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray, int]]:
+        """(input_ids, labels, position_ids, cu_seqlens, max_seqlen) or None when done; waits without the GIL."""
+    def close(self) -> None:
+        """Stop the thread now."""
+
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 
 class CoreTokenizer:

@@ -3,6 +3,7 @@
 
 mod error;
 mod eval;
+mod loader;
 mod prepare;
 mod tokenizer;
 mod utils;
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     eval::register(m)?;
+    loader::register(m)?;
     tokenizer::register(m)?;
     prepare::register(m)?;
     Ok(())
