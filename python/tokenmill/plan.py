@@ -34,17 +34,19 @@ Memory per GPU (bytes), the strategy of FSDP / ZeRO-3 (Rajbhandari et al. 2020) 
     the head).
   activations (Korthikanti et al. 2022 style bookkeeping, written out for LLaMA's block with flash
     attention, fused RMSNorm and no dropout; per token per layer, in activation elements):
-      attention: norm input d, norm output d, q d, k kv, v kv, attention output d, wo input d
+      attention: norm input d, norm output d, q d, k kv, v kv, attention output d (flash attention
+        writes it in (batch, seq, heads, head_dim) layout, so it is also wo's input, no copy)
       SwiGLU MLP: norm input d, norm output d, gate f, silu(gate) f, up f, w2 input f
-      = 7 d + 2 kv + 4 f elements, plus fp32: 2 norm rstd + n_heads logsumexp.
+      = 6 d + 2 kv + 4 f elements, plus fp32: 2 norm rstd + n_heads logsumexp.
       Without flash attention the softmax probabilities add n_heads * s elements (Korthikanti's
       5 a s^2 b counts dropout too; LLaMA has none).
     head: final-norm input and output (2 d) + the fp32 log-probabilities the cross-entropy saves (4 V
       bytes; 0 with the fused linear-cross-entropy kernel).
-    Full (per-block) checkpointing keeps only each block's input (d elements) and recomputes one
-    block at a time during backward: L d + one block.
-    backward workspace: the gradient flowing between blocks plus the largest intermediate gradient
-      (2 d + 2 f elements per token) -- measured, see benches/RESULTS.md.
+    Full (per-block) checkpointing keeps only each block's input (d elements per layer).
+  backward workspace, on top of the activations, at the larger of two moments: the loss backward
+    (incoming and outgoing fp32 logit gradients, 8 V bytes per token) or a block's backward (the
+    gradient between blocks and the largest intermediate ones, 2 d + 2 f elements per token, plus the
+    recomputed block when checkpointing, minus the head's tensors already freed).
   peak = weights + grads + master + optimizer state + FSDP buffers
          + max(activations + backward workspace, optimizer transient)
   (gradients counted throughout: they persist across micro-batches under gradient accumulation).
@@ -302,8 +304,9 @@ class Memory:
 
 def _activation_bytes(cfg: LlamaConfig, seq_len: int, act: int, flash: bool, lora_rank: Optional[int]):
     d, kv, f, a = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
-    per_token_layer = (7 * d + 2 * kv + 4 * f) * act + 2 * 4  # + fp32 rstd of both norms
-    per_token_layer += a * 4 if flash else a * seq_len * act  # logsumexp, or softmax probabilities
+    per_token_layer = (6 * d + 2 * kv + 4 * f) * act + 2 * 4  # + fp32 rstd of both norms
+    # flash: fp32 logsumexp; math attention: the softmax probabilities and the copy of the output for wo
+    per_token_layer += a * 4 if flash else (a * seq_len + d) * act
     if lora_rank:
         per_token_layer += LORA_TARGETS * lora_rank * act  # x @ A, the input of B
     return per_token_layer
@@ -365,12 +368,14 @@ def memory(
     act = 4 if precision == "fp32" else 2
     layer = _activation_bytes(cfg, seq_len, act, flash_attention, lora_rank if lora else None) * tokens
     head = tokens * (2 * cfg.dim * act + 4 + (0 if fused_loss else 4 * cfg.vocab_size))
-    if checkpointing:
-        activations = cfg.n_layers * tokens * cfg.dim * act + layer + head
-    else:
-        activations = cfg.n_layers * layer + head
-    workspace = tokens * (2 * cfg.dim + 2 * cfg.hidden_dim) * act
-
+    stored = cfg.n_layers * (tokens * cfg.dim * act if checkpointing else layer)
+    activations = stored + head
+    # Backward peaks either at the loss (incoming and outgoing fp32 logit gradients) or inside a block
+    # (the gradient between blocks and the largest intermediate ones, plus the recomputed block when
+    # checkpointing; the head's tensors are freed by then).
+    loss_phase = activations + (0 if fused_loss else 8 * cfg.vocab_size * tokens)
+    block_phase = stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 2 * cfg.hidden_dim) * act
+    workspace = max(loss_phase, block_phase) - activations
     offloaded = 0.0
     if offload:
         offloaded = weights + grads + master + state
