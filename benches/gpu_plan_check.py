@@ -34,7 +34,7 @@ CASES = [
 ]
 
 
-def check(cases=CASES, cfg: LlamaConfig = SHAPE, device: str = "cuda") -> list[dict]:
+def check(cases=CASES, cfg: LlamaConfig = SHAPE, device: str = "cuda", name: str = "1B-8L") -> list[dict]:
     rows = []
     for case in cases:
         kw = {k: case[k] for k in ("seq_len", "micro_batch", "optimizer", "checkpointing")}
@@ -47,7 +47,7 @@ def check(cases=CASES, cfg: LlamaConfig = SHAPE, device: str = "cuda") -> list[d
             torch.cuda.empty_cache()
         pred = predicted(cfg, precision=case["precision"], **kw)
         r = dict(
-            case=dict(case, model="1B-8L"),
+            case=dict(case, model=name),
             precision=case["precision"],
             n_params_planner=cfg.num_params(),
             n_params_model=meas.n_params,

@@ -404,6 +404,7 @@ def memory(
 @dataclass(frozen=True)
 class Estimate:
     model: str
+    shape: dict[str, int]  # dim, n_layers, n_heads, kv_heads, ffn_hidden, vocab_size
     n_params: int
     n_trainable: int
     tokens: float
@@ -528,8 +529,17 @@ def estimate(
         found = smallest_fix(cfg if name == "custom" else model, gpu=g, gpus=gpus, **mem_kw)
         if found:
             fix, fix_settings, fix_peak = found
+    shape = dict(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        kv_heads=cfg.kv_heads,
+        ffn_hidden=cfg.hidden_dim,
+        vocab_size=cfg.vocab_size,
+    )
     return Estimate(
         model=name,
+        shape=shape,
         n_params=n_params,
         n_trainable=trainable,
         tokens=n_tokens,
@@ -707,7 +717,9 @@ def format_estimate(e: Estimate) -> str:
     if s["finetune"]:
         strategy.append(f"finetune={s['finetune']}" + (f" r={s['lora_rank']}" if s["finetune"] == "lora" else ""))
     lines = [
-        f"model      {e.model}: {e.n_params / 1e9:.2f}B parameters"
+        f"model      {e.model}: {e.n_params / 1e9:.2f}B parameters, {e.shape['n_layers']} layers x dim "
+        f"{e.shape['dim']} ({e.shape['n_heads']} heads, {e.shape['kv_heads']} KV), FFN {e.shape['ffn_hidden']}, "
+        f"vocab {e.shape['vocab_size']}"
         + (f" ({e.n_trainable / 1e6:.1f}M trainable)" if e.n_trainable != e.n_params else ""),
         f"tokens     {e.tokens:.4g} at seq_len {e.seq_len}, micro-batch {s['micro_batch']}",
         f"compute    {e.flops:.3e} FLOPs ({e.flops_per_token / 1e9:.2f} GFLOPs/token = 6N + 6*L*s*d)",
