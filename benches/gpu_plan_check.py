@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plan_calibration import HEADER, format_row, measure, predicted  # noqa: E402
-
 from tokenmill.model import LlamaConfig  # noqa: E402
 
 TOLERANCE = 0.10

@@ -264,7 +264,9 @@ def measure(
     )
 
 
-def predicted(cfg: LlamaConfig, *, seq_len, micro_batch, precision="fp32", optimizer="adamw", checkpointing=False):
+def predicted(
+    cfg: LlamaConfig, *, seq_len, micro_batch, precision="fp32", optimizer="adamw", checkpointing=False
+):
     return plan.memory(
         cfg,
         gpus=1,

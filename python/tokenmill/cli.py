@@ -115,19 +115,27 @@ def _add_plan_parser(sub) -> None:
         "fit verdict and the smallest change that makes it fit). Formulas: tokenmill.plan's docstring.",
     )
     what = pl.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="preset: llama-7b, llama-13b, llama-30b, llama-65b, llama3-8b, llama-1b, ...")
+    what.add_argument(
+        "--model", help="preset: llama-7b, llama-13b, llama-30b, llama-65b, llama3-8b, llama-1b, ..."
+    )
     what.add_argument("--params", help="parameter count (13e9, 13B); a LLaMA shape is inferred")
-    pl.add_argument("--tokens", required=True, help="training tokens (1e12, 1T, 1.4T) or 'chinchilla' (20/param)")
+    pl.add_argument(
+        "--tokens", required=True, help="training tokens (1e12, 1T, 1.4T) or 'chinchilla' (20/param)"
+    )
     pl.add_argument("--gpu", help="GPU type (A100-80GB, H100, H200, L40S, RTX-4090, ...)")
     pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     rate = pl.add_mutually_exclusive_group()
     rate.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default 0.40)")
     rate.add_argument("--tokens-per-gpu-s", type=float, help="measured throughput, tokens/s per GPU")
     rate.add_argument("--from-log", metavar="TRAIN.jsonl", help="a tokenmill train log: measured throughput")
-    pl.add_argument("--usd-per-gpu-hour", type=float, help="price (default: the GPU table's indicative price)")
+    pl.add_argument(
+        "--usd-per-gpu-hour", type=float, help="price (default: the GPU table's indicative price)"
+    )
     pl.add_argument("--seq-len", type=int, help="sequence length (default: the model's max_seq_len)")
     pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
-    pl.add_argument("--compare", metavar="GPU[:K],...", help="several setups side by side, e.g. A100:64,H100:32")
+    pl.add_argument(
+        "--compare", metavar="GPU[:K],...", help="several setups side by side, e.g. A100:64,H100:32"
+    )
     pl.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw8bit"], default="adamw")
     pl.add_argument("--precision", choices=["bf16-mixed", "bf16", "fp32"], default="bf16-mixed")
     pl.add_argument("--fp8", action="store_true", help="time against the GPU's fp8 peak")
