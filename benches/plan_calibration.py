@@ -285,6 +285,8 @@ CPU_CASES = [
     dict(model="small", seq_len=256, micro_batch=8, optimizer="adamw-fused", checkpointing=True),
     dict(model="wide", seq_len=128, micro_batch=4, optimizer="adamw-fused", checkpointing=False),
     dict(model="wide", seq_len=128, micro_batch=4, optimizer="adamw", checkpointing=True),
+    dict(model="small", seq_len=128, micro_batch=4, optimizer="adamw-fused", checkpointing=False, precision="bf16"),
+    dict(model="small", seq_len=128, micro_batch=4, optimizer="adamw", checkpointing=True, precision="bf16"),
 ]
 EXTRA_SHAPES = {
     # MHA (no GQA), larger dim than vocab share: the weights dominate
@@ -298,6 +300,7 @@ def config(name: str) -> LlamaConfig:
 
 def run_case(case: dict, device: str = "cpu", precision: str = "fp32") -> dict:
     cfg = config(case["model"])
+    precision = case.get("precision", precision)
     kw = {k: case[k] for k in ("seq_len", "micro_batch", "optimizer", "checkpointing")}
     meas = measure(cfg, precision=precision, device=device, **kw)
     pred = predicted(cfg, precision=precision, **kw)
@@ -322,7 +325,7 @@ def format_row(r: dict) -> str:
     return (
         f"| {c['model']} | {r['precision']} | {c['micro_batch']}x{c['seq_len']} | {c['optimizer']} | "
         f"{'yes' if c['checkpointing'] else 'no'} | {r['n_params_planner']:,} = {r['n_params_model']:,} | "
-        f"{act} | {pp / 2**20:.1f} / {mp / 2**20:.1f} | {pp / mp - 1:+.1%} |"
+        f"{act} | {pp / 2**20:.1f} / {mp / 2**20:.1f} | {pp / mp - 1:+.2%} |"
     )
 
 

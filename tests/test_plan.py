@@ -179,16 +179,17 @@ def test_activation_formula_hand_checked():
 
 
 CALIBRATION_CASES = [
-    ("tiny", 128, 4, "adamw", False),
-    ("tiny", 128, 4, "adamw-fused", True),
-    ("small", 64, 2, "adamw", False),
-    ("small", 64, 2, "adamw", True),
+    ("tiny", 128, 4, "adamw", False, "fp32"),
+    ("tiny", 128, 4, "adamw-fused", True, "fp32"),
+    ("small", 64, 2, "adamw", False, "fp32"),
+    ("small", 64, 2, "adamw", True, "fp32"),
+    ("small", 64, 2, "adamw-fused", False, "bf16"),
 ]
 
 
-@pytest.mark.parametrize("model, seq_len, micro_batch, optimizer, checkpointing", CALIBRATION_CASES)
-def test_memory_against_measured_training_step(model, seq_len, micro_batch, optimizer, checkpointing):
-    """A real fp32 training step on CPU: weights, gradients and optimizer state bytes exactly; the
+@pytest.mark.parametrize("model, seq_len, micro_batch, optimizer, checkpointing, precision", CALIBRATION_CASES)
+def test_memory_against_measured_training_step(model, seq_len, micro_batch, optimizer, checkpointing, precision):
+    """A real training step on CPU: weights, gradients and optimizer state bytes exactly; the
     activations autograd saves within 2%; the peak of allocated memory (torch.profiler) within 5%."""
     case = dict(
         model=model,
@@ -196,6 +197,7 @@ def test_memory_against_measured_training_step(model, seq_len, micro_batch, opti
         micro_batch=micro_batch,
         optimizer=optimizer,
         checkpointing=checkpointing,
+        precision=precision,
     )
     r = plan_calibration.run_case(case)
     assert r["n_params_planner"] == r["n_params_model"]
