@@ -144,7 +144,8 @@ class _TorchKernels:
 
     @staticmethod
     def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-        logits = F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
 
