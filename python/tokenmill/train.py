@@ -433,10 +433,10 @@ def _vocab_checks(cfg: TrainConfig, model_cfg_vocab: Optional[int]) -> Optional[
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world: int, vocab_size: int) -> tuple[Iterable, Iterable]:
-    from tokenmill.data import DataLoader, TokenDataset
-
     if not cfg.data.train:
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
+    from tokenmill.data import DataLoader, TokenDataset
+
     for prefix in [*cfg.data.train, *cfg.data.val]:
         n_vocab = TokenDataset(prefix).vocab_size
         if n_vocab is not None and n_vocab > vocab_size:
