@@ -129,12 +129,12 @@ class _TorchKernels:
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
     @staticmethod
-    def rope(x, positions, theta):  # x [B, T, H, D], positions [B, T]; "rotate half" (Hugging Face) pairs
+    def rope(x, positions, theta):  # x [B, T, H, D], positions [T] or [B, T]; "rotate half" (HF) pairs
         d = x.shape[-1]
         inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-        ang = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[:, :, None, :]
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[:, :, None, :]
+        ang = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, D/2]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)[..., None, :]
+        sin = torch.cat([ang.sin(), ang.sin()], -1)[..., None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
@@ -163,7 +163,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.rms_norm(x, self.weight, self.eps)
+        return K.rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -266,9 +266,10 @@ class Llama(nn.Module):
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.config.max_seq_len}")
         if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            position_ids = torch.arange(t, device=input_ids.device)  # [T] broadcasts over the batch
             mask = None
         else:
+            position_ids = position_ids.contiguous()
             mask = document_mask(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
@@ -279,9 +280,13 @@ class Llama(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)
-        return K.linear_cross_entropy(
-            h.reshape(b * t, -1), self.output.weight, labels.reshape(b * t), reduction=reduction
-        )
+        w = self.output.weight
+        if torch.is_autocast_enabled(h.device.type):  # our kernel is not autocast-aware: cast as a matmul would
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        elif w.dtype != h.dtype:
+            w = w.to(h.dtype)
+        return K.linear_cross_entropy(h.reshape(b * t, -1), w, labels.reshape(b * t), reduction=reduction)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Llama:
