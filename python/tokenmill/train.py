@@ -60,6 +60,7 @@ class DataSection:
     seq_len: int = 256
     batch_size: int = 8  # sequences per device per micro-step
     packing: str = "concat"  # "concat" or "best_fit"
+    document_mask: bool = True  # attention stays within documents (positions restart at boundaries)
     sft: bool = False  # instruction data (loss only on responses); see tm.data.prepare_sft
 
 
@@ -420,29 +421,46 @@ def _init_distributed(device: str) -> tuple[int, int, torch.device]:
 # the iterable's position is checkpointed. Without explicit iterables, tm.data.DataLoader reads cfg.data.
 
 
-def _vocab_checks(cfg: TrainConfig, model_cfg_vocab: Optional[int]) -> Optional[int]:
-    """The tokenizer's vocabulary size (None without a tokenizer), checked against the model's."""
+def _load_tokenizer(cfg: TrainConfig, model_vocab: Optional[int]):
+    """The run's tokenizer (None without one), its vocabulary checked against model.vocab_size."""
     if not cfg.data.tokenizer:
         return None
     tok = tokenmill.Tokenizer.load(cfg.data.tokenizer)
-    if model_cfg_vocab is not None and tok.n_vocab > model_cfg_vocab:
+    if model_vocab is not None and tok.n_vocab > model_vocab:
         raise ValueError(
-            f"tokenizer {cfg.data.tokenizer} has {tok.n_vocab} tokens but model.vocab_size is {model_cfg_vocab}"
+            f"tokenizer {cfg.data.tokenizer} has {tok.n_vocab} tokens but model.vocab_size is {model_vocab}"
         )
-    return tok.n_vocab
+    return tok
 
 
-def build_loaders(cfg: TrainConfig, rank: int, world: int, vocab_size: int) -> tuple[Iterable, Iterable]:
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
-    from tokenmill.data import DataLoader, TokenDataset
-
+def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
+    """Each token file's manifest (PREFIX.json, written by `tokenmill prepare`) against the tokenizer
+    and the model: a different tokenizer or a larger vocabulary is an error before any step."""
     for prefix in [*cfg.data.train, *cfg.data.val]:
-        n_vocab = TokenDataset(prefix).vocab_size
+        path = Path(str(prefix) + ".json")
+        if not path.exists():
+            continue
+        info = json.loads(path.read_text()).get("tokenizer") or {}
+        n_vocab, fp = info.get("n_vocab"), info.get("fingerprint")
         if n_vocab is not None and n_vocab > vocab_size:
             raise ValueError(
-                f"{prefix}: data was tokenized with a {n_vocab}-token vocabulary but model.vocab_size is {vocab_size}"
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary but model.vocab_size is {vocab_size}"
             )
+        if tok is None:
+            continue
+        mine = getattr(tok, "fingerprint", None)
+        mine = mine() if callable(mine) else mine
+        if (n_vocab is not None and n_vocab != tok.n_vocab) or (fp and mine and fp != mine):
+            raise ValueError(
+                f"{prefix}: tokenized with another tokenizer (n_vocab {n_vocab}, fingerprint {fp}) than "
+                f"data.tokenizer {cfg.data.tokenizer} (n_vocab {tok.n_vocab}, fingerprint {mine})"
+            )
+
+
+def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Iterable]:
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
+    from tokenmill.data import DataLoader
 
     def make(sources, seed):
         return DataLoader(
@@ -453,6 +471,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int, vocab_size: int) -> t
             seed=seed,
             rank=rank,
             world_size=world,
+            document_mask=cfg.data.document_mask,
         )
 
     return make(cfg.data.train, cfg.run.seed), (make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else [])
@@ -524,8 +543,8 @@ def train(
     param_dtype = _dtype(cfg.run.param_dtype)
 
     # -- everything that can be wrong with the inputs is checked before the first step
-    tok_vocab = _vocab_checks(cfg, cfg.model.get("vocab_size"))
-    model_cfg = cfg.model_config(vocab_size=tok_vocab)
+    tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
+    model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
     resume = None
@@ -539,7 +558,8 @@ def train(
     for ck in filter(None, (resume, init_from)):
         check_same_shape(ck, model_cfg)
     if train_data is None:
-        train_data, default_val = build_loaders(cfg, rank, world, model_cfg.vocab_size)
+        _check_data(cfg, tok, model_cfg.vocab_size)
+        train_data, default_val = build_loaders(cfg, rank, world)
         val_data = default_val if val_data is None else val_data
 
     # -- model: seeded init (identical on every rank), FSDP2 sharding across processes
