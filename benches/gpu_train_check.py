@@ -69,9 +69,8 @@ class TorchOps:
 
 
 def run_section(name: str) -> dict:
-    import torch
-
     import tokenmill.model
+    import torch
     from tokenmill import train as T
 
     preset, batch, steps, log_every, ours, optim, pdtype, ckpt, _ = SECTIONS[name]
@@ -80,7 +79,9 @@ def run_section(name: str) -> dict:
     cfg_model = tokenmill.model.LlamaConfig.preset(preset)
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     if preset == "llama-13b" and total_gb < 120:
-        return {"skipped": f"needs ~100 GB of GPU memory (an H200); this {torch.cuda.get_device_name()} has {total_gb:.0f} GiB"}
+        return {
+            "skipped": f"needs ~100 GB of GPU memory (an H200); this {torch.cuda.get_device_name()} has {total_gb:.0f} GiB"
+        }
     if not ours:
         tokenmill.model.K = TorchOps
     g = torch.Generator().manual_seed(0)
@@ -175,7 +176,9 @@ def main() -> int:
             print(f"| {name} | {r.get('skipped') or r.get('error')} | | | | | |")
     a_, b_ = rows.get("1b-tokenmill", {}), rows.get("1b-torch", {})
     if "tokens_per_s" in a_ and "tokens_per_s" in b_:
-        print(f"\nllama-1b: tokenmill kernels / plain torch = {a_['tokens_per_s'] / b_['tokens_per_s']:.2f}x tokens/s")
+        print(
+            f"\nllama-1b: tokenmill kernels / plain torch = {a_['tokens_per_s'] / b_['tokens_per_s']:.2f}x tokens/s"
+        )
         if a_["mfu"] is not None:
             print(f"MFU goal >= 45%: {'met' if a_['mfu'] >= 0.45 else 'NOT met'} ({a_['mfu']:.1%})")
     return 0

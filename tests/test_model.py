@@ -26,7 +26,12 @@ def test_num_params_matches_presets(name):
 
 def test_llama1_sizes():
     # The LLaMA paper's headline sizes (6.7B, 13.0B, 32.5B, 65.2B).
-    for name, billions in (("llama-7b", 6.74), ("llama-13b", 13.02), ("llama-30b", 32.53), ("llama-65b", 65.29)):
+    for name, billions in (
+        ("llama-7b", 6.74),
+        ("llama-13b", 13.02),
+        ("llama-30b", 32.53),
+        ("llama-65b", 65.29),
+    ):
         assert round(LlamaConfig.preset(name).num_params() / 1e9, 2) == billions
 
 
@@ -41,7 +46,13 @@ def test_llama1_sizes():
 def test_num_params_property(heads, head_dim, layers, vocab, tie, ffn):
     h, kv = heads
     cfg = LlamaConfig(
-        vocab_size=vocab, dim=h * head_dim, n_layers=layers, n_heads=h, n_kv_heads=kv, ffn_hidden=ffn, tie_embeddings=tie
+        vocab_size=vocab,
+        dim=h * head_dim,
+        n_layers=layers,
+        n_heads=h,
+        n_kv_heads=kv,
+        ffn_hidden=ffn,
+        tie_embeddings=tie,
     )
     assert cfg.num_params() == sum(p.numel() for p in meta_model(cfg).parameters())
 

@@ -113,7 +113,9 @@ def test_config_errors(tmp_path):
 def test_overrides(tmp_path):
     good = tmp_path / "run.toml"
     good.write_text('[optim]\nlr = 1e-3\n[model]\npreset = "tiny"\n[data]\ntrain = "a"\n')
-    cfg = T.load_config(str(good), ["--optim.lr=2e-3", "--train.steps", "7", "--resume", "auto", "--model.dim=128"])
+    cfg = T.load_config(
+        str(good), ["--optim.lr=2e-3", "--train.steps", "7", "--resume", "auto", "--model.dim=128"]
+    )
     assert cfg.optim.lr == 2e-3 and cfg.train.steps == 7 and cfg.checkpoint.resume == "auto"
     assert cfg.data.train == ["a"] and cfg.model_config().dim == 128
     assert T.load_config(None, ["--optim.weight_decay=0"]).optim.weight_decay == 0.0  # int accepted as float
@@ -154,7 +156,10 @@ def test_tiny_model_overfits_a_batch(tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 61))
     assert set(lines[-1]) >= {"world_size", "n_params", "seq_len", "gpu"} and lines[-1]["gpu"] == "cpu"
-    assert lines[-1]["tokens"] == 60 * 4 * SEQ and lines[-1]["n_params"] == LlamaConfig.preset("tiny").num_params()
+    assert (
+        lines[-1]["tokens"] == 60 * 4 * SEQ
+        and lines[-1]["n_params"] == LlamaConfig.preset("tiny").num_params()
+    )
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
@@ -191,7 +196,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     cfg.checkpoint.resume = "auto"
     resumed = T.train(cfg, Batches(data))  # a fresh loader: its position comes from the checkpoint
     assert losses(resumed) == full  # bit for bit on CPU
-    logged = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(ln)["step"] for ln in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()
+    ]
     assert logged == list(range(1, 11))
 
 
@@ -359,7 +366,10 @@ def test_checkpoint_from_another_shape(tmp_path):
     with pytest.raises(ValueError, match=r"another model shape.*'dim': \(64, 128\)"):
         T.train(config(tmp_path, "--model.dim=128", "--resume=auto"), Batches(make_batches(1)))
     with pytest.raises(ValueError, match="another model shape"):
-        T.train(config(tmp_path / "x", "--model.n_layers=3", f"--train.init_from={ckpt}"), Batches(make_batches(1)))
+        T.train(
+            config(tmp_path / "x", "--model.n_layers=3", f"--train.init_from={ckpt}"),
+            Batches(make_batches(1)),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="pre-train or fine-tune a LLaMA model")
     tr.add_argument("config", help="the run's TOML file (see configs/example.toml)")
     tr.add_argument(
-        "overrides", nargs=argparse.REMAINDER, help="--section.key=value overrides, e.g. --optim.lr=1e-3 --resume auto"
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="--section.key=value overrides, e.g. --optim.lr=1e-3 --resume auto",
     )
     tr.set_defaults(func=_cmd_train)
 
@@ -118,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
     demo.add_argument("--steps", type=int, help="training steps (default: 250 on CPU, 600 on GPU)")
-    demo.add_argument("--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint")
+    demo.add_argument(
+        "--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint"
+    )
     demo.set_defaults(func=_cmd_demo)
     return p
 

@@ -82,7 +82,10 @@ def main(args: argparse.Namespace | None = None) -> int:
         m = tm.data.prepare(files, str(work / split), str(tok_path))
         prefixes[split] = str(work / split)
         n_tok = m.get("tokens", m.get("num_tokens", "?"))
-        print(f"[2/5] prepared {split}: {m.get('documents', m.get('num_documents', '?'))} documents, {n_tok} tokens", flush=True)
+        print(
+            f"[2/5] prepared {split}: {m.get('documents', m.get('num_documents', '?'))} documents, {n_tok} tokens",
+            flush=True,
+        )
     print(f"      ({time.perf_counter() - t:.1f}s)", flush=True)
 
     # 3. training -------------------------------------------------------------------------------------------
@@ -148,7 +151,13 @@ def main(args: argparse.Namespace | None = None) -> int:
         from tokenmill import plan
 
         e = plan.estimate(
-            "llama-13b", tokens="chinchilla", gpu="h100", gpus=64, seq_len=2048, checkpointing=True, fused_loss=True
+            "llama-13b",
+            tokens="chinchilla",
+            gpu="h100",
+            gpus=64,
+            seq_len=2048,
+            checkpointing=True,
+            fused_loss=True,
         )
         print(
             f"[5/5] the same recipe for LLaMA-13B ({e.n_params / 1e9:.1f}B params) on {e.tokens / 1e9:.0f}B tokens "

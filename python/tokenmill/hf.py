@@ -69,7 +69,10 @@ def hf_config(c: LlamaConfig, dtype: str, bos_id: Optional[int], eos_id: Optiona
 
 
 def export(
-    checkpoint: Union[str, Path], out: Union[str, Path], tokenizer: Optional[str] = None, dtype: str = "float32"
+    checkpoint: Union[str, Path],
+    out: Union[str, Path],
+    tokenizer: Optional[str] = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
     given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
@@ -94,17 +97,23 @@ def export(
 
         tok = tokenmill.Tokenizer.load(tok_path)
         if tok.n_vocab > cfg.vocab_size:
-            raise ValueError(f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
+            raise ValueError(
+                f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
+            )
     specials = dict(getattr(tok, "special_tokens", {}) or {})
     bos = next((specials[s] for s in ("<|bos|>", "<s>", "<|begin_of_text|>") if s in specials), None)
-    eos = next((specials[s] for s in ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>") if s in specials), None)
+    eos = next(
+        (specials[s] for s in ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>") if s in specials), None
+    )
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, bos, eos), indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2)
+    )
     if tok is not None:
         tok.save_huggingface(str(tmp / "tokenizer.json"))
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}

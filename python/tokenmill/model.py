@@ -169,7 +169,12 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim, self.theta = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta
+        self.n_heads, self.n_kv, self.head_dim, self.theta = (
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.rope_theta,
+        )
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -281,7 +286,9 @@ class Llama(nn.Module):
         if labels is None:
             return self.output(h)
         w = self.output.weight
-        if torch.is_autocast_enabled(h.device.type):  # our kernel is not autocast-aware: cast as a matmul would
+        if torch.is_autocast_enabled(
+            h.device.type
+        ):  # our kernel is not autocast-aware: cast as a matmul would
             dt = torch.get_autocast_dtype(h.device.type)
             h, w = h.to(dt), w.to(dt)
         elif w.dtype != h.dtype:

@@ -338,7 +338,9 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: di
     _fsync(tmp / f"rank_{rank}.pt")
     if rank == 0:
         # Tied weights share storage, which safetensors refuses: store each tensor on its own.
-        save_file({k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
+        )
         torch.save(osd, tmp / "optimizer.pt")
         for name in ("model.safetensors", "optimizer.pt"):
             _fsync(tmp / name)
@@ -363,7 +365,9 @@ def read_meta(ckpt_dir: Path) -> dict:
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
     if theirs != model_cfg:
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v}
+        diff = {
+            k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v
+        }
         raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
 
 
@@ -646,7 +650,7 @@ def train(
     if rank == 0 and resume is None and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     if rank == 0:
-        kind = "resumed at step %d from %s" % (step, resume) if resume else "fresh"
+        kind = f"resumed at step {step} from {resume}" if resume else "fresh"
         print(
             f"tokenmill train: {n_params / 1e6:.2f}M parameters, {world} x {gpu}, "
             f"{cfg.train.steps} steps of {cfg.data.batch_size * cfg.train.grad_accum * world} x "
@@ -665,10 +669,16 @@ def train(
             return next(data_iter)
 
     def to_dev(b: dict) -> dict:
-        return {k: b[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids") if k in b}
+        return {
+            k: b[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids") if k in b
+        }
 
     def amp():
-        return torch.autocast("cuda", dtype=autocast) if cuda and autocast != torch.float32 else contextlib.nullcontext()
+        return (
+            torch.autocast("cuda", dtype=autocast)
+            if cuda and autocast != torch.float32
+            else contextlib.nullcontext()
+        )
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -697,7 +707,9 @@ def train(
             "tokenmill": tokenmill.__version__,
             "history": [h for h in history if "tokens" in h or "val_loss" in h],
         }
-        save_checkpoint(path, model, optimizer, meta, {"loader": loader_state, "rng": _rng_state()}, rank, world)
+        save_checkpoint(
+            path, model, optimizer, meta, {"loader": loader_state, "rng": _rng_state()}, rank, world
+        )
         if rank == 0:
             done = sorted(p for p in path.parent.glob("step_*") if _CKPT.match(p.name))
             for old in done[: max(0, len(done) - cfg.checkpoint.keep)]:
@@ -715,7 +727,7 @@ def train(
         # Fetch the step's micro-batches first: the loss is the mean over every labelled token of the
         # global batch, whatever the split across micro-steps and ranks (exact for masked SFT data).
         micro = [next_batch() for _ in range(cfg.train.grad_accum)]
-        for i, b in enumerate(micro):
+        for b in micro:
             _check_batch(b, vocab, f"batch of step {step + 1}")
         n_labelled = sum(int((b["labels"] != -100).sum()) for b in micro)
         n_tok = float(_all_sum(torch.tensor(float(n_labelled), dtype=torch.float64), world))
@@ -741,7 +753,9 @@ def train(
         else:
             bad_steps += 1
             if rank == 0:
-                tqdm.write(f"step {step}: loss {loss}, grad norm {grad_norm}: step skipped ({bad_steps} so far)")
+                tqdm.write(
+                    f"step {step}: loss {loss}, grad norm {grad_norm}: step skipped ({bad_steps} so far)"
+                )
             if bad_steps > cfg.train.max_bad_steps:
                 raise BadLossError(
                     f"{bad_steps} steps with a non-finite loss or gradient (train.max_bad_steps = "
@@ -767,8 +781,17 @@ def train(
                 seq_len=cfg.data.seq_len,
                 gpu=gpu,
             )
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-        if val_batches and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tps:,.0f}",
+                **({"mfu": f"{mfu:.1%}"} if mfu else {}),
+            )
+        if (
+            val_batches
+            and cfg.train.eval_every
+            and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+        ):
             record["val_loss"] = evaluate()
             if rank == 0:
                 tqdm.write(f"step {step}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
