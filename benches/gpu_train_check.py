@@ -11,6 +11,7 @@ parent prints one table. Only torch, cupy and the installed tokenmill are needed
 
     python benches/gpu_train_check.py            # everything (~3-4 minutes on an H100/H200)
     python benches/gpu_train_check.py --only 1b
+    python benches/gpu_train_check.py --dry-run  # the same code on CPU with tiny shapes
 """
 
 from __future__ import annotations
@@ -68,17 +69,22 @@ class TorchOps:
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
 
-def run_section(name: str) -> dict:
+def run_section(name: str, dry_run: bool = False) -> dict:
+    """One section in this process. ``dry_run``: the same code on CPU with the "tiny" preset (checks the
+    script itself on a machine without a GPU)."""
     import tokenmill.model
     import torch
     from tokenmill import train as T
 
     preset, batch, steps, log_every, ours, optim, pdtype, ckpt, _ = SECTIONS[name]
-    if not torch.cuda.is_available():
+    seq = SEQ
+    if dry_run:
+        preset, seq, steps, log_every = "tiny", 64, 4, 2
+    elif not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     cfg_model = tokenmill.model.LlamaConfig.preset(preset)
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if preset == "llama-13b" and total_gb < 120:
+    total_gb = 0 if dry_run else torch.cuda.get_device_properties(0).total_memory / 2**30
+    if preset == "llama-13b" and total_gb < 120 and not dry_run:
         return {
             "skipped": f"needs ~100 GB of GPU memory (an H200); this {torch.cuda.get_device_name()} has {total_gb:.0f} GiB"
         }
@@ -87,7 +93,7 @@ def run_section(name: str) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
-        x = torch.randint(0, cfg_model.vocab_size, (batch, SEQ + 1), generator=g)
+        x = torch.randint(0, cfg_model.vocab_size, (batch, seq + 1), generator=g)
         batches.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
 
     class Cycle:
@@ -100,11 +106,11 @@ def run_section(name: str) -> dict:
         None,
         [
             f"--run.out_dir={out}",
-            "--run.device=cuda",
+            f"--run.device={'cpu' if dry_run else 'cuda'}",
             f"--run.param_dtype={pdtype}",
             f"--run.activation_checkpointing={str(ckpt).lower()}",
             f"--model.preset={preset}",
-            f"--data.seq_len={SEQ}",
+            f"--data.seq_len={seq}",
             f"--data.batch_size={batch}",
             f"--optim.name={optim}",
             "--optim.warmup_steps=2",
@@ -117,7 +123,8 @@ def run_section(name: str) -> dict:
     )
     # No checkpoint at the end: a 13B full state dict would take longer to write than the steps.
     T.save_checkpoint = lambda *a, **k: None
-    torch.cuda.reset_peak_memory_stats()
+    if not dry_run:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     hist = T.train(cfg, Cycle())
     last = hist[-1]  # tokens/s and MFU over the last log_every steps (after warm-up and kernel compilation)
@@ -126,7 +133,7 @@ def run_section(name: str) -> dict:
         "mfu": last["mfu"],
         "loss_first": hist[0]["loss"],
         "loss_last": last["loss"],
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": 0.0 if dry_run else torch.cuda.max_memory_allocated() / 2**30,
         "gpu": last["gpu"],
         "wall_s": time.perf_counter() - t,
         "n_params": last["n_params"],
@@ -136,11 +143,12 @@ def run_section(name: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--only", help="run the sections whose name contains this")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: check the script, not the GPU")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section, print JSON
     a = p.parse_args()
     if a.section:
         try:
-            res = run_section(a.section)
+            res = run_section(a.section, a.dry_run)
         except Exception as e:  # report, do not crash the table
             res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print("RESULT " + json.dumps(res), flush=True)
@@ -152,7 +160,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         try:
             r = subprocess.run(
-                [sys.executable, __file__, "--section", name],
+                [sys.executable, __file__, "--section", name, *(["--dry-run"] if a.dry_run else [])],
                 capture_output=True,
                 text=True,
                 timeout=spec[-1],

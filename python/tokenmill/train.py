@@ -563,7 +563,9 @@ def train(
         check_same_shape(ck, model_cfg)
     if cfg.optim.name == "adamw8bit" and world > 1:
         # AdamW8bit keeps flat per-tensor quantised state; FSDP2 hands it sharded DTensors.
-        raise ValueError("optim.name = adamw8bit runs in one process; with FSDP2 use adamw (+ dist.cpu_offload)")
+        raise ValueError(
+            "optim.name = adamw8bit runs in one process; with FSDP2 use adamw (+ dist.cpu_offload)"
+        )
     if train_data is None:
         _check_data(cfg, tok, model_cfg.vocab_size)
         train_data, default_val = build_loaders(cfg, rank, world)
