@@ -561,6 +561,8 @@ def train(
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
     for ck in filter(None, (resume, init_from)):
         check_same_shape(ck, model_cfg)
+    if cfg.dist.cpu_offload and not cuda:
+        raise ValueError("dist.cpu_offload moves GPU state to the host: it needs CUDA devices")
     if cfg.optim.name == "adamw8bit" and world > 1:
         # AdamW8bit keeps flat per-tensor quantised state; FSDP2 hands it sharded DTensors.
         raise ValueError(
