@@ -737,7 +737,7 @@ def train(
         for b in micro:
             _check_batch(b, vocab, f"batch of step {step + 1}")
         n_labelled = sum(int((b["labels"] != -100).sum()) for b in micro)
-        n_tok = float(_all_sum(torch.tensor(float(n_labelled), dtype=torch.float64), world))
+        n_tok = float(_all_sum(torch.tensor(float(n_labelled), dtype=torch.float64, device=device), world))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
             b = to_dev(b)
