@@ -187,10 +187,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, head_dim]
         gqa = self.n_kv != self.n_heads
-        if mask is None:
+        if mask is None:  # flash attention takes GQA as is
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # Document masks go to the memory-efficient kernel, which has no GQA: repeating K/V (small)
+            # avoids the math fallback that would materialise [B, heads, T, T] scores.
+            if gqa:
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
