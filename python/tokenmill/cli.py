@@ -101,6 +101,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tokenmill import train
+
+    return train.main(args.config, args.overrides)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from tokenmill import hf
+
+    hf.export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out} (load with transformers.LlamaForCausalLM.from_pretrained)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tokenmill import demo
 
@@ -167,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "tokenize corpora into Megatron-compatible .bin/.idx token files"),
         ("inspect", "statistics and integrity check of prepared token files"),
         ("merge", "concatenate prepared shards into one dataset"),
-        ("train", "pre-train or fine-tune a LLaMA model"),
-        ("export-hf", "export a checkpoint as a Hugging Face model folder"),
     ):
         s = sub.add_parser(name, help=help_text)
         s.set_defaults(func=_not_built(name))
@@ -184,7 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--collapse-whitespace", action="store_true", help="split words on any whitespace")
     ev.set_defaults(func=_cmd_eval)
 
+    tr = sub.add_parser("train", help="pre-train or fine-tune a LLaMA model")
+    tr.add_argument("config", help="the run's TOML file (see configs/example.toml)")
+    tr.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="--section.key=value overrides, e.g. --optim.lr=1e-3 --resume auto",
+    )
+    tr.set_defaults(func=_cmd_train)
+
+    ex = sub.add_parser("export-hf", help="export a checkpoint as a Hugging Face model folder")
+    ex.add_argument("checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N)")
+    ex.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer.json)")
+    ex.add_argument("--tokenizer", help="tokenizer file (default: the one recorded in the checkpoint)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(func=_cmd_export_hf)
+
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
+    demo.add_argument("--steps", type=int, help="training steps (default: 250 on CPU, 600 on GPU)")
+    demo.add_argument(
+        "--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint"
+    )
     demo.set_defaults(func=_cmd_demo)
     return p
 

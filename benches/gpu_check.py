@@ -1,0 +1,844 @@
+"""GPU check of tokenmill.kernels and tokenmill.optim: correctness against the references, then one table.
+
+On the GPU machine, from the repo root (the wrapper installs the wheel without network first):
+
+    bash benches/gpu_check.sh dist/tokenmill-*.whl          # ~4 minutes on an H100
+    python benches/gpu_check.py --no-compile --tokens 4096   # quicker variants
+
+On a CPU-only machine, ``python benches/gpu_check.py --dry-run`` runs the same host logic (inputs, reference
+comparisons, timing, goal evaluation, table) on tiny shapes through the CPU reference paths.
+
+1. Correctness: every kernel (forward and backward) against a float64 evaluation of the pure-torch
+   formulas, on fresh random inputs (the seed is printed), bf16 and fp32, vectorised and scalar code paths.
+   Kernel outputs are pre-filled with NaN (launch.DEBUG_FILL_NAN), so an element a kernel fails to write
+   fails the check; a non-finite result never passes.
+2. Performance at LLaMA-3-8B shapes (bf16, 16k tokens by default): forward+backward time, bytes moved
+   (the minimum traffic of a fused implementation), achieved bandwidth, extra peak memory (peak allocated
+   during the call minus what the call returns), side by side with eager torch and torch.compile, plus the
+   measured device-to-device copy bandwidth; the goals of issue 6 are evaluated in the last column.
+3. Optional trainer section: benches/gpu_train_check.py, if present (``--trainer auto|on|off``).
+
+A section that fails is reported and the run continues; the exit status is 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Config:
+    device: torch.device
+    dry_run: bool
+    tokens: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    compile: bool
+    budget_s: float
+    seed: int
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny tensors: a thread pool only adds noise
+        dev = torch.device("cpu")
+        return Config(dev, True, 64, 32, 48, 4, 2, 8, 1001, args.compile_on_cpu, args.budget, args.seed)
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run to check the host logic on CPU")
+    # LLaMA-3-8B: hidden 4096, ffn 14336, 32 heads / 8 KV heads of 128, vocab 128256
+    return Config(
+        torch.device("cuda"),
+        False,
+        args.tokens,
+        4096,
+        14336,
+        32,
+        8,
+        128,
+        128256,
+        not args.no_compile,
+        args.budget,
+        args.seed,
+    )
+
+
+def sync(cfg: Config) -> None:
+    if cfg.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(cfg: Config, fn: Callable[[], Any], warmup: int, reps: int) -> float:
+    """Median seconds per call (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(cfg)
+    if cfg.device.type == "cuda":
+        events = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(nbytes(v) for v in x)
+    return 0
+
+
+def extra_peak(cfg: Config, fn: Callable[[], Any]) -> float | None:
+    """Bytes allocated at the peak of one call beyond what existed before and what the call returns."""
+    if cfg.device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    kept = nbytes(out)
+    del out
+    return float(max(0, peak - kept))
+
+
+def free(cfg: Config) -> None:
+    gc.collect()
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+def hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm.forward."""
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(x.dtype)
+
+
+def hf_rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_apply_rope(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb for the [batch, seq, heads, dim] layout (unsqueeze_dim=2)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return q * cos + hf_rotate_half(q) * sin, k * cos + hf_rotate_half(k) * sin
+
+
+def eager_swiglu(g, u):
+    return F.silu(g) * u
+
+
+def eager_linear_ce(h, w, t):
+    return F.cross_entropy(h @ w.t(), t)
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+@dataclass
+class Check:
+    name: str
+    dtype: str
+    shape: str
+    err: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Norm-wise relative error; inf when out has a non-finite element (NaN never passes)."""
+    out = out.detach()
+    if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
+        return math.inf
+    o, r = out.double(), ref.detach().double()
+    denom = r.norm().item()
+    diff = (o - r).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def packed_positions(batch: int, seq: int, doc_len: int, device) -> torch.Tensor:
+    """position_ids restarting at document boundaries (documents of varying length around doc_len)."""
+    rows = []
+    g = torch.Generator().manual_seed(batch * 7919 + seq)
+    for _ in range(batch):
+        pos, p = [], 0
+        limit = int(torch.randint(doc_len // 2, doc_len + 1, (1,), generator=g))
+        for _ in range(seq):
+            if p >= limit:
+                p = 0
+                limit = int(torch.randint(doc_len // 2, doc_len + 1, (1,), generator=g))
+            pos.append(p)
+            p += 1
+        rows.append(pos)
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def correctness(cfg: Config) -> list[Check]:
+    from tokenmill import kernels as K
+    from tokenmill.kernels import launch, reference
+    from tokenmill.optim import AdamW8bit
+
+    dev = cfg.device
+    out: list[Check] = []
+    tol_for = {torch.bfloat16: 1.5e-2, torch.float32: 2e-5}
+    small = cfg.dry_run
+
+    def add(name, dtype, shape, pairs, tol, note=""):
+        errs = [rel_err(o, r) for o, r in pairs]
+        err = max(errs)
+        out.append(Check(name, str(dtype).replace("torch.", ""), shape, err, tol, err <= tol, note))
+
+    def leaf(t, dtype):
+        return t.to(dtype).requires_grad_()
+
+    def f64(t):
+        return t.detach().double().requires_grad_()
+
+    def guarded(name, dtype, shape, fn):
+        try:
+            fn()
+        except Exception as e:  # one failing case must not hide the others
+            out.append(
+                Check(
+                    name,
+                    str(dtype).replace("torch.", ""),
+                    shape,
+                    math.inf,
+                    0.0,
+                    False,
+                    f"{type(e).__name__}: {e}"[:200],
+                )
+            )
+
+    launch.DEBUG_FILL_NAN = True
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            tol = tol_for[dtype]
+            # RMSNorm: vectorised (d % 8 == 0) and scalar (d = 1000 -> 4-wide fp32 / scalar bf16; 999 -> scalar)
+            for rows, d in ((8, 32), (7, 30)) if small else ((2048, 4096), (333, 1000), (65, 999)):
+
+                def rms(rows=rows, d=d, dtype=dtype, tol=tol):
+                    x, w, dy = (
+                        torch.randn(rows, d, device=dev),
+                        torch.randn(d, device=dev),
+                        torch.randn(rows, d, device=dev),
+                    )
+                    xl, wl = leaf(x, dtype), leaf(w, dtype)
+                    y = K.rms_norm(xl, wl, 1e-5)
+                    gx, gw = torch.autograd.grad(y, (xl, wl), dy.to(dtype))
+                    xr, wr = f64(xl), f64(wl)
+                    yr = reference.rms_norm(xr, wr, 1e-5)
+                    rx, rw = torch.autograd.grad(yr, (xr, wr), dy.to(dtype).double())
+                    add("rms_norm fwd+bwd", dtype, f"{rows}x{d}", [(y, yr), (gx, rx), (gw, rw)], tol)
+
+                guarded("rms_norm fwd+bwd", dtype, f"{rows}x{d}", rms)
+            # RoPE with packed position_ids: table form (q and k) and positions form
+            for b, s, h, kvh, hd in (
+                ((2, 16, 4, 2, 8),) if small else ((2, 512, 32, 8, 128), (1, 37, 3, 1, 36))
+            ):
+                shape = f"q {b}x{s}x{h}x{hd}, k {kvh} heads"
+
+                def rope_case(b=b, s=s, h=h, kvh=kvh, hd=hd, dtype=dtype, tol=tol, shape=shape):
+                    pos = packed_positions(b, s, max(4, s // 3), dev)
+                    q, k = torch.randn(b, s, h, hd, device=dev), torch.randn(b, s, kvh, hd, device=dev)
+                    dq, dk = torch.randn_like(q).to(dtype), torch.randn_like(k).to(dtype)
+                    cos, sin = K.rope_cos_sin(pos, hd, 500000.0, dtype)
+                    ql, kl = leaf(q, dtype), leaf(k, dtype)
+                    oq, ok = K.apply_rope(ql, kl, cos, sin)
+                    gq, gk = torch.autograd.grad((oq, ok), (ql, kl), (dq, dk))
+                    qr, kr = f64(ql), f64(kl)
+                    rq, rk = reference.apply_rope(qr, kr, cos.double(), sin.double())
+                    rgq, rgk = torch.autograd.grad((rq, rk), (qr, kr), (dq.double(), dk.double()))
+                    add("apply_rope fwd+bwd", dtype, shape, [(oq, rq), (ok, rk), (gq, rgq), (gk, rgk)], tol)
+                    pq = K.rope(ql, pos, 500000.0)
+                    (pgq,) = torch.autograd.grad(pq, (ql,), dq)
+                    pr = reference.rope(qr, pos, 500000.0)
+                    (prg,) = torch.autograd.grad(pr, (qr,), dq.double())
+                    add("rope(positions) fwd+bwd", dtype, shape, [(pq, pr), (pgq, prg)], tol)
+
+                guarded("rope fwd+bwd", dtype, shape, rope_case)
+            # SwiGLU: vectorised and an odd element count (scalar path)
+            for shape2 in ((16, 48), (7, 13)) if small else ((2048, 14336), (777, 1001)):
+
+                def sw(shape2=shape2, dtype=dtype, tol=tol):
+                    g, u, dy = (torch.randn(*shape2, device=dev) * 3 for _ in range(3))
+                    gl, ul = leaf(g, dtype), leaf(u, dtype)
+                    y = K.swiglu(gl, ul)
+                    gg, gu = torch.autograd.grad(y, (gl, ul), dy.to(dtype))
+                    gr, ur = f64(gl), f64(ul)
+                    yr = F.silu(gr) * ur
+                    rg, ru = torch.autograd.grad(yr, (gr, ur), dy.to(dtype).double())
+                    add(
+                        "swiglu fwd+bwd",
+                        dtype,
+                        "x".join(map(str, shape2)),
+                        [(y, yr), (gg, rg), (gu, ru)],
+                        tol,
+                    )
+
+                guarded("swiglu fwd+bwd", dtype, "x".join(map(str, shape2)), sw)
+            # Linear cross-entropy vs the unfused float64 computation, with ignored tokens, both reductions
+            ce_shapes = ((40, 16, 1001, 16),) if small else ((1024, 4096, 32000, 384), (300, 64, 1001, 128))
+            for tok, hid, voc, chunk in ce_shapes:
+                for red in ("mean", "sum"):
+                    shape = f"T{tok} H{hid} V{voc} chunk{chunk} {red}"
+
+                    def ce(tok=tok, hid=hid, voc=voc, chunk=chunk, red=red, dtype=dtype, shape=shape):
+                        h = torch.randn(tok, hid, device=dev)
+                        w = torch.randn(voc, hid, device=dev) / math.sqrt(hid) * 4
+                        t = torch.randint(0, voc, (tok,), device=dev)
+                        t[torch.rand(tok, device=dev) < 0.1] = -100
+                        hl, wl = leaf(h, dtype), leaf(w, dtype)
+                        loss = K.linear_cross_entropy(hl, wl, t, reduction=red, chunk_rows=chunk)
+                        gh, gw = torch.autograd.grad(loss, (hl, wl))
+                        hr, wr = f64(hl), f64(wl)
+                        lr_ = reference.linear_cross_entropy(hr, wr, t, reduction=red)
+                        rh, rw = torch.autograd.grad(lr_, (hr, wr))
+                        ce_tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                        add("linear_cross_entropy", dtype, shape, [(loss, lr_), (gh, rh), (gw, rw)], ce_tol)
+
+                    guarded("linear_cross_entropy", dtype, shape, ce)
+            # AdamW8bit: fused step against the torch reference of the same algorithm (CPU), 5 steps
+            n = 5000 if small else 1_000_003
+
+            def adam(n=n, dtype=dtype):
+                p = torch.nn.Parameter(torch.randn(n, device=dev).to(dtype))
+                pc = torch.nn.Parameter(p.detach().cpu().clone())
+                o, oc = AdamW8bit([p], lr=1e-3), AdamW8bit([pc], lr=1e-3)
+                for _ in range(5):
+                    g = torch.randn(n).to(dtype)
+                    p.grad, pc.grad = g.to(dev), g.clone()
+                    o.step()
+                    oc.step()
+                a, b = p.detach().cpu().double(), pc.detach().double()
+                upd = ((a - b).abs() / (b.abs() + 1)).max().item()
+                # FMA contraction on the GPU can move a moment to the neighbouring code now and then (a ~1%
+                # change of one step, lr 1e-3); in bf16 the parameter may round one ulp (2^-8) the other way.
+                a_tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+                ok = math.isfinite(upd) and upd <= a_tol
+                out.append(
+                    Check(
+                        "adamw8bit step x5",
+                        str(dtype).replace("torch.", ""),
+                        f"n={n}",
+                        upd,
+                        a_tol,
+                        ok,
+                        "max |diff| / (|p| + 1) vs CPU reference",
+                    )
+                )
+
+            guarded("adamw8bit step x5", dtype, f"n={n}", adam)
+    finally:
+        launch.DEBUG_FILL_NAN = False
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- performance
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    time_ms: float | None = None
+    gbytes: float | None = None
+    gbps: float | None = None
+    pct_copy: float | None = None
+    extra_mb: float | None = None
+    speedup: float | None = None  # eager time / this time
+    goal: str = ""
+    note: str = ""
+
+
+def copy_bandwidth(cfg: Config) -> float:
+    n = (1 << 30) if not cfg.dry_run else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=cfg.device)
+    dst = torch.empty_like(src)
+    t = time_fn(cfg, lambda: dst.copy_(src), 3, 20 if not cfg.dry_run else 3)
+    return 2 * n / t / 1e9
+
+
+def bench_variants(
+    cfg: Config,
+    op: str,
+    variants: dict[str, Callable[[], Any]],
+    gbytes: float,
+    rows: list[Row],
+    warmup: int,
+    reps: int,
+    note: str = "",
+) -> dict[str, Row]:
+    """Time and measure each variant; a failing variant gets a row with the error and the rest go on."""
+    out: dict[str, Row] = {}
+    for impl, fn in variants.items():
+        row = Row(op, impl, note=note)
+        if impl == "torch.compile" and cfg.elapsed() > cfg.budget_s:
+            row.note = f"skipped: past the {cfg.budget_s:.0f} s budget"
+            rows.append(row)
+            continue
+        try:
+            t = time_fn(cfg, fn, warmup, reps)
+            row.time_ms = t * 1e3
+            row.gbytes = gbytes
+            row.gbps = gbytes / t
+            ex = extra_peak(cfg, fn)
+            row.extra_mb = None if ex is None else ex / 2**20
+        except Exception as e:
+            row.note = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            traceback.print_exc()
+        rows.append(row)
+        out[impl] = row
+        free(cfg)
+    eager = out.get("eager")
+    for r in out.values():
+        if eager and eager.time_ms and r.time_ms:
+            r.speedup = eager.time_ms / r.time_ms
+    return out
+
+
+def maybe_compile(cfg: Config, fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def perf(cfg: Config, copy_gbps: float) -> list[Row]:
+    from tokenmill import kernels as K
+    from tokenmill.kernels import reference
+    from tokenmill.optim import AdamW8bit
+
+    dev, dt = cfg.device, torch.bfloat16
+    T, H, FF = cfg.tokens, cfg.hidden, cfg.ffn
+    e = 2  # bytes per bf16 element
+    rows: list[Row] = []
+    light = dict(warmup=3, reps=10) if not cfg.dry_run else dict(warmup=1, reps=2)
+
+    def with_compile(variants: dict[str, Callable], compiled: Callable | None) -> dict[str, Callable]:
+        if cfg.compile and compiled is not None:
+            variants["torch.compile"] = compiled
+        return variants
+
+    def bandwidth_goal(res: dict[str, Row]) -> None:
+        r, eager = res.get("tokenmill"), res.get("eager")
+        if r is None or r.gbps is None:
+            return
+        r.pct_copy = 100 * r.gbps / copy_gbps
+        for x in res.values():
+            if x.gbps is not None:
+                x.pct_copy = 100 * x.gbps / copy_gbps
+        bw_ok = r.pct_copy >= 70
+        sp_ok = eager is not None and r.speedup is not None and r.speedup >= 2
+        r.goal = f"{'MET' if bw_ok and sp_ok else 'MISSED'} (>=70% copy BW: {'yes' if bw_ok else 'no'}, >=2x eager: {'yes' if sp_ok else 'no'})"
+
+    # --- RMSNorm fwd+bwd
+    section = "rms_norm fwd+bwd"
+
+    def run_section() -> None:
+        x = torch.randn(T, H, device=dev, dtype=dt, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(H, device=dev)).to(dt).requires_grad_()
+        dy = torch.randn(T, H, device=dev, dtype=dt)
+        comp = maybe_compile(cfg, hf_rms_norm) if cfg.compile else None
+        variants = {
+            "tokenmill": lambda: torch.autograd.grad(K.rms_norm(x, w, 1e-5), (x, w), dy),
+            "eager": lambda: torch.autograd.grad(hf_rms_norm(x, w, 1e-5), (x, w), dy),
+        }
+        with_compile(variants, (lambda: torch.autograd.grad(comp(x, w, 1e-5), (x, w), dy)) if comp else None)
+        res = bench_variants(cfg, section, variants, 5 * T * H * e / 1e9, rows, **light, note=f"x [{T}, {H}]")
+        bandwidth_goal(res)
+
+    try:
+        run_section()
+    except Exception as ex:
+        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+        traceback.print_exc()
+    free(cfg)
+
+    # --- RoPE fwd+bwd (q and k, packed position_ids)
+    section = "rope fwd+bwd"
+
+    def run_section() -> None:
+        b, s = 1, T
+        hq, hk, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+        q = torch.randn(b, s, hq, hd, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(b, s, hk, hd, device=dev, dtype=dt, requires_grad=True)
+        dq, dk = torch.randn_like(q), torch.randn_like(k)
+        pos = packed_positions(b, s, min(s, 2048), dev)
+        cos, sin = K.rope_cos_sin(pos, hd, 500000.0, dt)
+        comp = maybe_compile(cfg, hf_apply_rope) if cfg.compile else None
+        variants = {
+            "tokenmill": lambda: torch.autograd.grad(K.apply_rope(q, k, cos, sin), (q, k), (dq, dk)),
+            "tokenmill rope(positions)": lambda: torch.autograd.grad(
+                (K.rope(q, pos, 500000.0), K.rope(k, pos, 500000.0)), (q, k), (dq, dk)
+            ),
+            "eager": lambda: torch.autograd.grad(hf_apply_rope(q, k, cos, sin), (q, k), (dq, dk)),
+        }
+        with_compile(
+            variants, (lambda: torch.autograd.grad(comp(q, k, cos, sin), (q, k), (dq, dk))) if comp else None
+        )
+        gb = (4 * (q.numel() + k.numel()) * e + 4 * cos.numel() * e) / 1e9  # q, k in+out twice; cos+sin twice
+        res = bench_variants(
+            cfg, section, variants, gb, rows, **light, note=f"q [{b}, {s}, {hq}, {hd}], k {hk} heads"
+        )
+        bandwidth_goal(res)
+
+    try:
+        run_section()
+    except Exception as ex:
+        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+        traceback.print_exc()
+    free(cfg)
+
+    # --- SwiGLU fwd+bwd
+    section = "swiglu fwd+bwd"
+
+    def run_section() -> None:
+        g = torch.randn(T, FF, device=dev, dtype=dt, requires_grad=True)
+        u = torch.randn(T, FF, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(T, FF, device=dev, dtype=dt)
+        comp = maybe_compile(cfg, eager_swiglu) if cfg.compile else None
+        variants = {
+            "tokenmill": lambda: torch.autograd.grad(K.swiglu(g, u), (g, u), dy),
+            "eager": lambda: torch.autograd.grad(eager_swiglu(g, u), (g, u), dy),
+        }
+        with_compile(variants, (lambda: torch.autograd.grad(comp(g, u), (g, u), dy)) if comp else None)
+        res = bench_variants(
+            cfg, section, variants, 8 * T * FF * e / 1e9, rows, **light, note=f"gate, up [{T}, {FF}]"
+        )
+        bandwidth_goal(res)
+
+    try:
+        run_section()
+    except Exception as ex:
+        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+        traceback.print_exc()
+    free(cfg)
+
+    # --- Linear cross-entropy fwd+bwd (memory is the point)
+    section = "linear_cross_entropy fwd+bwd"
+
+    def run_section() -> None:
+        V = cfg.vocab
+        chunk = reference.default_chunk_rows(T, V)
+        h = torch.randn(T, H, device=dev, dtype=dt, requires_grad=True)
+        w = (torch.randn(V, H, device=dev) / math.sqrt(H)).to(dt).requires_grad_()
+        t = torch.randint(0, V, (T,), device=dev)
+        t[::17] = -100
+        comp = maybe_compile(cfg, eager_linear_ce) if cfg.compile else None
+        variants = {
+            "tokenmill": lambda: torch.autograd.grad(K.linear_cross_entropy(h, w, t), (h, w)),
+            # a bigger chunk: fewer read-modify-write passes over grad_weight, twice the logits buffer
+            "tokenmill chunk 2x": lambda: torch.autograd.grad(
+                K.linear_cross_entropy(h, w, t, chunk_rows=2 * chunk), (h, w)
+            ),
+            "eager": lambda: torch.autograd.grad(eager_linear_ce(h, w, t), (h, w)),
+        }
+        with_compile(variants, (lambda: torch.autograd.grad(comp(h, w, t), (h, w))) if comp else None)
+        flops = 6 * T * H * V
+        heavy = dict(warmup=1, reps=3) if not cfg.dry_run else dict(warmup=1, reps=2)
+        gb = 2 * (T * H + V * H) * e / 1e9  # read inputs, write their gradients
+        res = bench_variants(
+            cfg, section, variants, gb, rows, **heavy, note=f"T {T}, H {H}, V {V}, chunk {chunk}"
+        )
+        for r in res.values():
+            if r.time_ms:
+                r.note += f"; {flops / (r.time_ms / 1e3) / 1e12:.0f} TFLOP/s"
+        r, eager = res.get("tokenmill"), res.get("eager")
+        if r and eager and r.time_ms and eager.time_ms:
+            mem_ok = (
+                r.extra_mb is not None and eager.extra_mb is not None and r.extra_mb <= eager.extra_mb / 10
+            )
+            t_ok = r.time_ms <= eager.time_ms
+            mem_ratio = (
+                f"{eager.extra_mb / max(r.extra_mb, 1e-9):.1f}x less"
+                if (r.extra_mb and eager.extra_mb)
+                else "n/a on CPU"
+            )
+            r.goal = f"{'MET' if mem_ok and t_ok else 'MISSED'} (extra mem <= 1/10 eager: {'yes' if mem_ok else 'no'} [{mem_ratio}], time <= 1.0x eager: {'yes' if t_ok else 'no'})"
+
+    try:
+        run_section()
+    except Exception as ex:
+        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+        traceback.print_exc()
+    free(cfg)
+
+    # --- AdamW8bit step vs torch's fused AdamW (fp32 params of one LLaMA-3-8B layer + a norm)
+    section = "AdamW step"
+
+    def run_section() -> None:
+        kv = cfg.kv_heads * cfg.head_dim
+        shapes = [(H, H), (kv, H), (kv, H), (H, H), (FF, H), (FF, H), (H, FF), (H,), (H,)]
+        p8 = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.02) for s in shapes]
+        pt = [torch.nn.Parameter(p.detach().clone()) for p in p8]
+        for a, b_ in zip(p8, pt):
+            a.grad = torch.randn_like(a) * 1e-3
+            b_.grad = a.grad.clone()
+        n_params = sum(p.numel() for p in p8)
+        o8 = AdamW8bit(p8, lr=1e-4, min_8bit_size=0 if cfg.dry_run else 4096)
+        fused_ok = dev.type == "cuda"
+        ot = torch.optim.AdamW(pt, lr=1e-4, fused=fused_ok)
+        variants = {"tokenmill": o8.step, "eager": ot.step}
+        light_adam = dict(warmup=2, reps=10) if not cfg.dry_run else dict(warmup=1, reps=2)
+        gb8 = n_params * (3 * 4 + 4) / 1e9  # p r/w, g r (fp32) + two uint8 moments r/w
+        res = bench_variants(
+            cfg, section, variants, gb8, rows, **light_adam, note=f"{n_params / 1e6:.0f}M fp32 params"
+        )
+        if "eager" in res:
+            res["eager"].impl = "torch AdamW" + (" fused" if fused_ok else " (CPU)")
+            res["eager"].gbytes = n_params * (3 * 4 + 4 * 4) / 1e9
+            if res["eager"].time_ms:
+                res["eager"].gbps = res["eager"].gbytes / (res["eager"].time_ms / 1e3)
+        bytes8 = o8.state_bytes() / n_params
+        bytes_t = (
+            sum(
+                nbytes(list(v for v in st.values() if isinstance(v, torch.Tensor) and v.numel() > 1))
+                for st in ot.state.values()
+            )
+            / n_params
+        )
+        r, eager = res.get("tokenmill"), res.get("eager")
+        for x in res.values():
+            if x.gbps is not None:
+                x.pct_copy = 100 * x.gbps / copy_gbps
+        if r and eager and r.time_ms and eager.time_ms:
+            ratio = r.time_ms / eager.time_ms
+            ok = bytes8 <= 2.1 and ratio <= 1.2
+            r.goal = f"{'MET' if ok else 'MISSED'} ({bytes8:.3f} B state/param <= 2.1: {'yes' if bytes8 <= 2.1 else 'no'}; {ratio:.2f}x fused AdamW time <= 1.2: {'yes' if ratio <= 1.2 else 'no'})"
+            eager.note += f"; {bytes_t:.1f} B state/param"
+
+    try:
+        run_section()
+    except Exception as ex:
+        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+        traceback.print_exc()
+    free(cfg)
+    return rows
+
+
+def launch_overhead(cfg: Config) -> str:
+    """Host time per kernel launch with DLPack arguments vs raw pointers (swiglu on a tiny tensor)."""
+    if cfg.device.type != "cuda":
+        return "n/a on CPU"
+    from tokenmill import kernels as K
+    from tokenmill.kernels import launch
+
+    g = torch.randn(1024, device=cfg.device, dtype=torch.bfloat16)
+    res = {}
+    saved = launch.ARGS_VIA_POINTERS
+    try:
+        for mode in (False, True):
+            launch.ARGS_VIA_POINTERS = mode
+            K.swiglu(g, g)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(200):
+                K.swiglu(g, g)
+            torch.cuda.synchronize()
+            res["pointer" if mode else "dlpack"] = (time.perf_counter() - t) / 200 * 1e6
+    finally:
+        launch.ARGS_VIA_POINTERS = saved
+    return ", ".join(f"{k} {v:.1f} us/call" for k, v in res.items())
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[Row], copy_gbps: float, device_name: str) -> None:
+    print(f"\n## tokenmill kernels on {device_name}: device-to-device copy bandwidth {copy_gbps:.0f} GB/s\n")
+    head = [
+        "op",
+        "impl",
+        "time ms",
+        "GB moved",
+        "GB/s",
+        "% copy BW",
+        "extra peak MiB",
+        "speedup vs eager",
+        "goal",
+        "note",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        cells = [
+            r.op,
+            r.impl,
+            fmt(r.time_ms, ".3f"),
+            fmt(r.gbytes, ".3f"),
+            fmt(r.gbps, ".0f"),
+            fmt(r.pct_copy, ".0f"),
+            fmt(r.extra_mb, ".0f"),
+            fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
+            r.goal,
+            r.note,
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def run_trainer_hook(mode: str) -> tuple[str, bool]:
+    hook = HERE / "gpu_train_check.py"
+    if mode == "off":
+        return "trainer section: off", True
+    if not hook.exists():
+        return f"trainer section: {hook.name} not present" + (
+            " (requested with --trainer on)" if mode == "on" else ""
+        ), mode != "on"
+    print(f"\n== trainer section: {hook}", flush=True)
+    try:
+        r = subprocess.run([sys.executable, str(hook)], timeout=600)
+        return f"trainer section: exit status {r.returncode}", r.returncode == 0
+    except subprocess.TimeoutExpired:
+        return "trainer section: timed out after 600 s", False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes through the reference paths")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step for the performance shapes")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--compile-on-cpu", action="store_true", help="with --dry-run: include torch.compile")
+    ap.add_argument(
+        "--budget", type=float, default=170.0, help="seconds after which torch.compile variants are skipped"
+    )
+    ap.add_argument("--seed", type=int, default=None, help="seed for the random inputs (default: fresh)")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--skip-perf", action="store_true")
+    ap.add_argument(
+        "--trainer",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run benches/gpu_train_check.py (auto: if present)",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
+    args = ap.parse_args(argv)
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(args.seed)
+    cfg = make_config(args)
+    import tokenmill
+
+    device_name = torch.cuda.get_device_name() if cfg.device.type == "cuda" else "CPU (dry run)"
+    print(
+        f"tokenmill {tokenmill.__version__} from {Path(tokenmill.__file__).parent}; torch {torch.__version__}; device {device_name}; seed {args.seed}",
+        flush=True,
+    )
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}", flush=True)
+    except Exception as e:
+        print(f"cupy unavailable: {e}", flush=True)
+    all_ok = True
+    checks: list[Check] = []
+    if not args.skip_correctness:
+        print("\n== correctness (kernels vs float64 references; outputs pre-filled with NaN)", flush=True)
+        try:
+            checks = correctness(cfg)
+        except Exception as e:
+            traceback.print_exc()
+            checks = [
+                Check("correctness section", "-", "-", math.inf, 0.0, False, f"{type(e).__name__}: {e}"[:200])
+            ]
+        for c in checks:
+            status = "PASS" if c.ok else "FAIL"
+            print(
+                f"{status}  {c.name:26s} {c.dtype:9s} {c.shape:38s} rel.err {c.err:.2e} (tol {c.tol:.0e}) {c.note}",
+                flush=True,
+            )
+        all_ok &= all(c.ok for c in checks)
+        print(
+            f"correctness: {sum(c.ok for c in checks)}/{len(checks)} passed  [{cfg.elapsed():.0f} s]",
+            flush=True,
+        )
+    rows: list[Row] = []
+    copy_gbps = float("nan")
+    overhead = ""
+    if not args.skip_perf:
+        print("\n== performance", flush=True)
+        try:
+            copy_gbps = copy_bandwidth(cfg)
+        except Exception as e:
+            traceback.print_exc()
+            print(f"copy bandwidth failed: {e}")
+        try:
+            overhead = launch_overhead(cfg)
+        except Exception as e:
+            overhead = f"failed: {e}"
+        rows = perf(cfg, copy_gbps)
+        print_table(rows, copy_gbps, device_name)
+        print(f"\nhost overhead per kernel launch: {overhead}")
+        all_ok &= not any(r.note.startswith("FAILED") for r in rows)
+    msg, ok = run_trainer_hook(args.trainer)
+    print(msg)
+    all_ok &= ok
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "seed": args.seed,
+                    "copy_gbps": copy_gbps,
+                    "launch_overhead": overhead,
+                    "checks": [asdict(c) for c in checks],
+                    "rows": [asdict(r) for r in rows],
+                },
+                indent=1,
+                default=str,
+            )
+        )
+    print(f"\ntotal {cfg.elapsed():.0f} s; {'all checks passed' if all_ok else 'SOME CHECKS FAILED'}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

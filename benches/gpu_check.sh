@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, in one call from the repo root on a machine with a CUDA GPU and no network:
+#   bash benches/gpu_check.sh dist/tokenmill-*.whl [gpu_check.py options, e.g. --no-compile --json out.json]
+# Installs the wheel (no dependencies, no index), then runs benches/gpu_check.py: correctness of every
+# kernel against its reference, then one table of time / bytes / bandwidth / peak memory next to eager torch
+# and torch.compile, plus copy bandwidth. About 4 minutes on an H100. Exit status 1 if any check failed.
+set -uo pipefail
+if [ $# -lt 1 ] || [ ! -f "$1" ]; then
+    echo "usage: bash benches/gpu_check.sh path/to/tokenmill-*.whl [gpu_check.py options]" >&2
+    exit 2
+fi
+WHEEL="$1"
+shift
+PY="${PYTHON:-python3}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
+"$PY" -m pip install --quiet --no-deps --no-index --force-reinstall "$WHEEL" || {
+    echo "pip install of $WHEEL failed" >&2
+    exit 1
+}
+# `python benches/gpu_check.py` puts benches/ (not the repo root) on sys.path: tokenmill comes from the wheel.
+exec timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-420}" "$PY" "$HERE/gpu_check.py" "$@"

@@ -1,0 +1,245 @@
+"""AdamW with 8-bit block-wise quantised moments (Dettmers et al., 2022; bitsandbytes' AdamW8bit).
+
+Each moment tensor is stored as uint8 indices into a 256-entry dynamic code (``dynamic_code``: signed for
+the first moment, unsigned for the second) plus one fp32 absmax per block of 256 elements: 2 + 8/256 bytes
+of state per parameter instead of torch AdamW's 8. Tensors smaller than ``min_8bit_size`` keep fp32 moments,
+as bitsandbytes does (norm weights and biases are few and sensitive).
+
+CUDA parameters run one fused kernel per tensor (kernels/adamw8bit.cu); CPU parameters run
+``reference_step``, the same algorithm in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+BLOCK = 256
+_CODES: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def dynamic_code(signed: bool) -> torch.Tensor:
+    """bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: 256 sorted fp32 values
+    in [-1, 1] (or [0, 1]); the exponent picks a decade 1e-6..1, the remaining bits a linear fraction."""
+    data: list[float] = []
+    for i in range(7):
+        items = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
+        data += [10 ** (-6 + i) * m for m in means]
+        if signed:
+            data += [-(10 ** (-6 + i)) * m for m in means]
+    data += [0.0, 1.0]
+    assert len(data) == 256
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _code(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, device)
+    if key not in _CODES:
+        _CODES[key] = dynamic_code(signed).to(device)
+    return _CODES[key]
+
+
+def quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise quantisation of a flat fp32 tensor: (uint8 indices of the nearest code, absmax per block).
+    Ties go to the lower code, as in the kernel."""
+    n = x.numel()
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    blocks = torch.zeros(n_blocks * BLOCK, dtype=torch.float32, device=x.device)
+    blocks[:n] = x
+    blocks = blocks.view(n_blocks, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    xn = (blocks * inv[:, None]).view(-1)[:n]
+    lo = (torch.searchsorted(code, xn, right=True) - 1).clamp_(0, 255)
+    hi = (lo + 1).clamp_(max=255)
+    up = (lo < 255) & ((code[hi] - xn) < (xn - code[lo]))
+    return (lo + up.long()).to(torch.uint8), absmax
+
+
+def dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    n = q.numel()
+    scale = absmax.repeat_interleave(BLOCK)[:n]
+    return code[q.long()] * scale
+
+
+def reference_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: dict[str, Any],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW8bit step in torch on a flat view (the algorithm of kernels/adamw8bit.cu); updates p and state."""
+    step = state["step"]
+    bc1 = 1 - beta1**step
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    pf = p.detach().view(-1).float()
+    gf = g.view(-1).float()
+    c1, c2 = _code(True, p.device), _code(False, p.device)
+    m = beta1 * dequantize(state["state1"], state["absmax1"], c1) + (1 - beta1) * gf
+    v = beta2 * dequantize(state["state2"], state["absmax2"], c2) + (1 - beta2) * gf * gf
+    pf = pf * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    p.detach().view(-1).copy_(pf)
+    state["state1"], state["absmax1"] = quantize(m, c1)
+    state["state2"], state["absmax2"] = quantize(v, c2)
+
+
+def _fp32_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
+    """torch.optim.AdamW's update with fp32 moments (tensors below min_8bit_size)."""
+    step = state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    gf = g.float()
+    m.lerp_(gf, 1 - beta1)
+    v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
+    bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+    pf = p.detach().float() * (1 - lr * weight_decay)
+    pf.addcdiv_(m, v.sqrt() / bc2_sqrt + eps, value=-lr / bc1)
+    p.detach().copy_(pf)
+
+
+def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
+    from tokenmill.kernels import launch
+
+    n = p.numel()
+    if n == 0:
+        return
+    step = state["step"]
+    dev = p.device.index
+    name = {torch.float32: "f32", torch.bfloat16: "bf16"}[p.dtype]
+    n_groups = (n + BLOCK - 1) // BLOCK
+    grid = max(1, min((n_groups + 3) // 4, launch.sm_count(dev) * 8))
+    args = (
+        p.detach(),
+        g,
+        state["state1"],
+        state["state2"],
+        state["absmax1"],
+        state["absmax2"],
+        _code(True, p.device),
+        _code(False, p.device),
+        np.int64(n),
+        np.float32(beta1),
+        np.float32(beta2),
+        np.float32(eps),
+        np.float32(lr / (1 - beta1**step)),
+        np.float32(math.sqrt(1 - beta2**step)),
+        np.float32(1 - lr * weight_decay),
+    )
+    launch.launch("adamw8bit", f"adamw8bit_{name}", dev, grid, 256, args)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) with 8-bit block-wise quantised moments.
+
+    Same hyper-parameters and defaults as ``torch.optim.AdamW``. Parameters: float32 or bfloat16, dense,
+    contiguous. ``state_dict()``/``load_state_dict()`` round-trip the quantised state exactly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], min_8bit_size: int) -> None:
+        state["step"] = 0
+        if p.numel() >= min_8bit_size:
+            n_blocks = (p.numel() + BLOCK - 1) // BLOCK
+            zero1 = int(torch.searchsorted(dynamic_code(True), torch.tensor(0.0)))
+            zero2 = int(torch.searchsorted(dynamic_code(False), torch.tensor(0.0)))
+            state["state1"] = torch.full((p.numel(),), zero1, dtype=torch.uint8, device=p.device)
+            state["state2"] = torch.full((p.numel(),), zero2, dtype=torch.uint8, device=p.device)
+            state["absmax1"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+            state["absmax2"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ValueError("AdamW8bit does not support sparse gradients")
+                if p.dtype not in (torch.float32, torch.bfloat16):
+                    raise ValueError(
+                        f"param {i} of its group has dtype {p.dtype}; AdamW8bit takes float32 or bfloat16"
+                    )
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise ValueError(
+                        f"param {i}: grad must match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device}), got ({g.dtype}, {tuple(g.shape)}, {g.device})"
+                    )
+                if not p.is_contiguous():
+                    raise ValueError(f"param {i} of its group must be contiguous")
+                g = g.contiguous()
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state, group["min_8bit_size"])
+                state["step"] += 1
+                if "state1" not in state:
+                    _fp32_step(p, g, state, lr, beta1, beta2, eps, wd)
+                elif p.is_cuda:
+                    _cuda_step(p, g, state, lr, beta1, beta2, eps, wd)
+                else:
+                    reference_step(p, g, state, lr, beta1, beta2, eps, wd)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every state tensor to a floating parameter's dtype (uint8 codes included): restore
+        # each saved tensor with its own dtype.
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {
+            pid: {
+                k: v.clone()
+                for k, v in state_dict["state"].get(pid, {}).items()
+                if isinstance(v, torch.Tensor)
+            }
+            for pid in saved_ids
+        }
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params):
+            for k, v in keep[pid].items():
+                self.state[p][k] = v.to(device=p.device)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held on devices (the goal: about 2 per parameter)."""
+        total = 0
+        for st in self.state.values():
+            total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+        return total
