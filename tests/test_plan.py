@@ -407,13 +407,47 @@ def test_params_with_inferred_shape():
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tokenmill", "plan", *args], capture_output=True, text=True, timeout=120
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`tokenmill plan ...` in-process (a subprocess per call would import torch each time)."""
+
+    def run(*args):
+        rc = cli.main(["plan", *args])
+        out = capsys.readouterr()
+        return _Result(rc, out.out, out.err)
+
+    return run
+
+
+def test_cli_subprocess():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "plan",
+            "--model",
+            "llama-7b",
+            "--tokens",
+            "1T",
+            "--gpu",
+            "H100",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["gpu"] == "H100-SXM"
 
 
-def test_cli_json_fields():
+def test_cli_json_fields(run_cli):
     r = run_cli(
         "--model", "llama-13b", "--tokens", "1T", "--gpu", "H100", "--gpus", "64", "--mfu", "0.4", "--json"
     )
@@ -428,7 +462,7 @@ def test_cli_json_fields():
     assert d["fits"] is True and mem["fits"] is True and d["fix"] is None
 
 
-def test_cli_verdict_and_fix_in_json():
+def test_cli_verdict_and_fix_in_json(run_cli):
     r = run_cli(
         "--model",
         "llama-13b",
@@ -446,7 +480,7 @@ def test_cli_verdict_and_fix_in_json():
     assert d["fits"] is False and "8-bit AdamW" in d["fix"] and d["fix_settings"]["checkpointing"] is True
 
 
-def test_cli_text_compare_and_errors(tmp_path):
+def test_cli_text_compare_and_errors(tmp_path, run_cli):
     r = run_cli("--model", "llama-7b", "--tokens", "chinchilla", "--gpu", "a100-40gb", "--gpus", "8")
     assert r.returncode == 0 and "verdict" in r.stdout and "GPU-hours" in r.stdout
     r = run_cli("--params", "13B", "--tokens", "1T", "--compare", "A100-80GB:64,H100:64,H200:32", "--json")
