@@ -1,0 +1,829 @@
+"""The trainer: pre-training and instruction tuning (SFT) of ``tokenmill.model.Llama``.
+
+Read it top to bottom: configuration (one TOML file per run, ``--section.key=value`` overrides), helpers
+(schedule, MFU, checkpoints), then ``train()``: one loop with gradient accumulation, clipping, NaN
+skipping, logging, evaluation and checkpointing. Single process, or one process per device under
+``torchrun`` with FSDP2 (``fully_shard``); the same code runs on CPU with the gloo backend.
+
+    tokenmill train configs/small.toml --optim.lr=1e-3 --resume auto
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import tokenmill
+from tokenmill.model import PRESETS, Llama, LlamaConfig, check_state_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: sections of a TOML file. Every key is documented in configs/example.toml.
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "out"
+    seed: int = 1337
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    autocast: str = "bfloat16"  # compute dtype on GPU ("bfloat16", "float16" or "float32"); CPU runs fp32
+    param_dtype: str = "float32"  # parameter (and gradient) dtype; "bfloat16" halves memory (13B on one GPU)
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    train: list = field(default_factory=list)  # token-file prefixes (.bin/.idx), see `tokenmill prepare`
+    val: list = field(default_factory=list)
+    tokenizer: str = ""  # tokenizer file; its vocabulary size is checked against the model and the data
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per device per micro-step
+    packing: str = "concat"  # "concat" or "best_fit"
+    document_mask: bool = True  # attention stays within documents (positions restart at boundaries)
+    sft: bool = False  # instruction data (loss only on responses); see tm.data.prepare_sft
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # "adamw" (torch, fused on CUDA) or "adamw8bit" (tokenmill.optim.AdamW8bit)
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # wsd: length of the final linear decay to min_lr (0: 20% of steps)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    grad_accum: int = 1
+    init_from: str = ""  # checkpoint folder whose weights start the run (SFT, continued pre-training)
+    log_every: int = 10
+    eval_every: int = 100  # 0: no evaluation
+    eval_batches: int = 20
+    max_bad_steps: int = 10  # abort after this many steps with a NaN/inf loss or gradient
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # newest checkpoints kept
+    resume: str = ""  # "" (fresh run), "auto" (newest in out_dir/checkpoints, if any) or a folder
+
+
+@dataclass
+class DistSection:
+    fsdp: bool = True  # shard with FSDP2 when launched with more than one process
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and optimizer state on the host
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + any LlamaConfig field
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: Optional[int] = None) -> LlamaConfig:
+        m = dict(self.model)
+        preset = m.pop("preset", None)
+        if vocab_size is not None and "vocab_size" not in m:
+            m["vocab_size"] = vocab_size
+        return LlamaConfig.preset(preset, **m) if preset else LlamaConfig.from_dict(m)
+
+
+_MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
+
+
+def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> None:
+    if section == "model":
+        if key not in _MODEL_KEYS:
+            raise ValueError(f"{where}: unknown key model.{key}; known: {', '.join(sorted(_MODEL_KEYS))}")
+        if key == "preset" and value not in PRESETS:
+            raise ValueError(f"{where}: unknown model preset {value!r}; known: {', '.join(sorted(PRESETS))}")
+        cfg.model[key] = value
+        return
+    sec = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(sec) or section.startswith("_"):
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ValueError(f"{where}: unknown section [{section}]; known: {known}")
+    fields = {f.name: f for f in dataclasses.fields(sec)}
+    if key not in fields:
+        raise ValueError(f"{where}: unknown key {section}.{key}; known: {', '.join(fields)}")
+    default = getattr(type(sec)(), key)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}")
+    setattr(sec, key, value)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, quoted strings); otherwise a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a run's TOML file and apply ``--section.key=value`` overrides (``--resume X`` is short for
+    ``--checkpoint.resume=X``). Unknown sections or keys and wrongly typed values raise ValueError."""
+    cfg = TrainConfig()
+    if path is not None:
+        with open(path, "rb") as f:
+            try:
+                doc = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _set(cfg, section, key, value, path)
+    args = list(overrides)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"override {arg!r}: expected --section.key=value")
+        name, eq, text = arg[2:].partition("=")
+        if not eq:
+            if not args:
+                raise ValueError(f"override {arg!r} has no value")
+            text = args.pop(0)
+        name = {"resume": "checkpoint.resume"}.get(name, name)
+        section, dot, key = name.partition(".")
+        if not dot:
+            raise ValueError(f"override {arg!r}: expected --section.key=value (e.g. --optim.lr=1e-3)")
+        _set(cfg, section, key, _parse_value(text), f"override {arg}")
+    o, t = cfg.optim, cfg.train
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        raise ValueError(f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}")
+    if o.name not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optim.name must be adamw or adamw8bit, got {o.name!r}")
+    if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
+        raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
+    cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning rate, FLOPs, devices.
+
+
+def lr_at(step: int, o: OptimSection, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay to min_lr, or
+    warmup-stable-decay (constant, then a linear decay over the last decay_steps), or constant."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "wsd":
+        decay = o.decay_steps or max(1, total_steps // 5)
+        start = max(o.warmup_steps, total_steps - decay)
+        if step < start:
+            return o.lr
+        frac = min(1.0, (step - start + 1) / max(1, total_steps - start))
+        return o.lr + frac * (o.min_lr - o.lr)
+    frac = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    return o.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (o.lr - o.min_lr)
+
+
+def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6 x (matmul parameters) + 12 x layers x dim x seq_len
+    (attention scores and values, forward + backward; recomputation is not counted, as MFU requires)."""
+    matmul_params = c.num_params(include_embeddings=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
+    return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order against the name.
+PEAK_FLOPS = (
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    for key, peak in PEAK_FLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: out_dir/checkpoints/step_00000100/ with meta.json (written last), model.safetensors,
+# optimizer.pt and one rank_<r>.pt per process (loader state, RNG states). The folder is written under a
+# temporary name and renamed when complete, so a kill during a save leaves the previous one as the newest.
+
+_CKPT = re.compile(r"^step_(\d{8})$")
+
+
+def latest_checkpoint(out_dir: str) -> Optional[Path]:
+    root = Path(out_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if _CKPT.match(p.name) and (p / "meta.json").exists()]
+    return max(found, key=lambda p: int(_CKPT.match(p.name).group(1))) if found else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def save_checkpoint(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: dict, rank: int, world: int):
+    """Write one checkpoint atomically (every rank calls this)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    # Full (unsharded) state dicts, gathered to rank 0 on the CPU; a no-op gather without FSDP.
+    msd, osd = get_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
+    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    _fsync(tmp / f"rank_{rank}.pt")
+    if rank == 0:
+        # Tied weights share storage, which safetensors refuses: store each tensor on its own.
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
+        )
+        torch.save(osd, tmp / "optimizer.pt")
+        for name in ("model.safetensors", "optimizer.pt"):
+            _fsync(tmp / name)
+    _barrier(world)
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.replace(tmp, ckpt_dir)
+        _fsync(ckpt_dir.parent)
+    _barrier(world)
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt_dir) / "meta.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ckpt_dir}: not a tokenmill checkpoint (no meta.json)") from None
+
+
+def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
+    theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
+    if theirs != model_cfg:
+        diff = {
+            k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v
+        }
+        raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
+
+
+def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
+    """Load a checkpoint's weights into ``model`` (sharded or not) after checking the shapes match."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    check_same_shape(ckpt_dir, model_cfg)
+    state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
+    set_model_state_dict(model, state, options=_state_dict_options())
+
+
+def _shape_probe(cfg: LlamaConfig) -> torch.nn.Module:
+    with torch.device("meta"):
+        return Llama(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process).
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"run.device must be auto, cpu or cuda, got {device!r}")
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("run.device is cuda but no CUDA device is available")
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return rank, world, dev
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the trainer consumes any iterable of batch dicts (input_ids, labels [B, T] int64 with -100 = no
+# loss, optional position_ids restarting at document boundaries). With ``state_dict``/``load_state_dict``
+# the iterable's position is checkpointed. Without explicit iterables, tm.data.DataLoader reads cfg.data.
+
+
+def _load_tokenizer(cfg: TrainConfig, model_vocab: Optional[int]):
+    """The run's tokenizer (None without one), its vocabulary checked against model.vocab_size."""
+    if not cfg.data.tokenizer:
+        return None
+    tok = tokenmill.Tokenizer.load(cfg.data.tokenizer)
+    if model_vocab is not None and tok.n_vocab > model_vocab:
+        raise ValueError(
+            f"tokenizer {cfg.data.tokenizer} has {tok.n_vocab} tokens but model.vocab_size is {model_vocab}"
+        )
+    return tok
+
+
+def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
+    """Each token file's manifest (PREFIX.json, written by `tokenmill prepare`) against the tokenizer
+    and the model: a different tokenizer or a larger vocabulary is an error before any step."""
+    for prefix in [*cfg.data.train, *cfg.data.val]:
+        path = Path(str(prefix) + ".json")
+        if not path.exists():
+            continue
+        info = json.loads(path.read_text()).get("tokenizer") or {}
+        n_vocab, fp = info.get("n_vocab"), info.get("fingerprint")
+        if n_vocab is not None and n_vocab > vocab_size:
+            raise ValueError(
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary but model.vocab_size is {vocab_size}"
+            )
+        if tok is None:
+            continue
+        mine = getattr(tok, "fingerprint", None)
+        mine = mine() if callable(mine) else mine
+        if (n_vocab is not None and n_vocab != tok.n_vocab) or (fp and mine and fp != mine):
+            raise ValueError(
+                f"{prefix}: tokenized with another tokenizer (n_vocab {n_vocab}, fingerprint {fp}) than "
+                f"data.tokenizer {cfg.data.tokenizer} (n_vocab {tok.n_vocab}, fingerprint {mine})"
+            )
+
+
+def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Iterable]:
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
+    from tokenmill.data import DataLoader
+
+    def make(sources, seed):
+        return DataLoader(
+            sources,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            packing=cfg.data.packing,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+            document_mask=cfg.data.document_mask,
+        )
+
+    return make(cfg.data.train, cfg.run.seed), (make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else [])
+
+
+def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or batch["labels"].shape != ids.shape:
+        raise ValueError(f"{where}: input_ids and labels must both be [batch, seq]; got {tuple(ids.shape)}")
+    hi = int(ids.max())
+    if hi >= vocab_size or int(batch["labels"].max()) >= vocab_size:
+        raise ValueError(
+            f"{where}: token id {max(hi, int(batch['labels'].max()))} >= model.vocab_size {vocab_size} "
+            "(tokenizer/vocabulary mismatch between the data and the model?)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging: console (tqdm), out_dir/log.jsonl (one line per logged step; the planner reads it), loss.png.
+
+
+def plot_losses(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="tokenmill training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class BadLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(
+    cfg: TrainConfig,
+    train_data: Optional[Iterable[dict]] = None,
+    val_data: Optional[Iterable[dict]] = None,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+) -> list[dict]:
+    """Train as ``cfg`` says; returns the logged history (one dict per step, plus evaluations).
+
+    ``train_data``/``val_data`` override the token files of ``cfg.data`` (each process passes its own shard).
+    ``on_step(step, record)`` is called after every optimizer step (tests use it to interrupt a run).
+    """
+    rank, world, device = _init_distributed(cfg.run.device)
+    out = Path(cfg.run.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    autocast = _dtype(cfg.run.autocast) if cuda else torch.float32
+    param_dtype = _dtype(cfg.run.param_dtype)
+
+    # -- everything that can be wrong with the inputs is checked before the first step
+    tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
+    model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
+    resume = None
+    if cfg.checkpoint.resume == "auto":
+        resume = latest_checkpoint(cfg.run.out_dir)
+    elif cfg.checkpoint.resume:
+        resume = Path(cfg.checkpoint.resume)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and resume is None else None
+    if cfg.data.sft and not cfg.train.init_from:
+        raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
+    for ck in filter(None, (resume, init_from)):
+        check_same_shape(ck, model_cfg)
+    if cfg.dist.cpu_offload and not cuda:
+        raise ValueError("dist.cpu_offload moves GPU state to the host: it needs CUDA devices")
+    if cfg.optim.name == "adamw8bit" and world > 1:
+        # AdamW8bit keeps flat per-tensor quantised state; FSDP2 hands it sharded DTensors.
+        raise ValueError(
+            "optim.name = adamw8bit runs in one process; with FSDP2 use adamw (+ dist.cpu_offload)"
+        )
+    if train_data is None:
+        _check_data(cfg, tok, model_cfg.vocab_size)
+        train_data, default_val = build_loaders(cfg, rank, world)
+        val_data = default_val if val_data is None else val_data
+
+    # -- model: seeded init (identical on every rank), FSDP2 sharding across processes
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    fsdp = world > 1 and cfg.dist.fsdp
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(param_dtype)  # build in the final dtype: no fp32 copy of a 13B model
+    try:
+        with torch.device("meta" if fsdp else device):
+            model = Llama(model_cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.activation_checkpointing = cfg.run.activation_checkpointing
+    if cfg.run.compile:
+        for layer in model.layers:
+            layer.compile()
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        kw: dict[str, Any] = {"mesh": mesh}
+        if cuda and autocast != torch.float32:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
+        if cfg.dist.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for layer in model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        model.to_empty(device="cpu" if cfg.dist.cpu_offload else device)
+        torch.manual_seed(cfg.run.seed)
+        model.reset_parameters()
+    elif world > 1:
+        raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
+    if init_from is not None:
+        load_weights(init_from, model, model_cfg)
+
+    # -- optimizer: weight decay on matrices only (not norms)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    o = cfg.optim
+    if o.name == "adamw8bit":
+        from tokenmill.optim import AdamW8bit
+
+        optimizer = AdamW8bit(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    else:
+        fused = cuda and not cfg.dist.cpu_offload
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+
+    # -- resume: weights, optimizer, loader position, RNG states, counters
+    log_path = out / "log.jsonl"
+    step, bad_steps, tokens_seen = 0, 0, 0
+    history: list[dict] = []
+    if resume is not None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        meta = read_meta(resume)
+        if meta["world_size"] != world:
+            raise ValueError(f"{resume}: saved by {meta['world_size']} processes, resumed with {world}")
+        load_weights(resume, model, model_cfg)
+        osd = torch.load(resume / "optimizer.pt", weights_only=True, map_location="cpu")
+        set_optimizer_state_dict(model, optimizer, osd, options=_state_dict_options())
+        rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
+        if rs.get("loader") is not None:
+            train_data.load_state_dict(rs["loader"])
+        _set_rng_state(rs["rng"])
+        step, bad_steps, tokens_seen = meta["step"], meta["bad_steps"], meta["tokens"]
+        history = [h for h in meta.get("history", []) if h["step"] <= step]
+        if rank == 0 and log_path.exists():  # drop what the interrupted run logged after the checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+
+    n_params = model_cfg.num_params()
+    flops_tok = flops_per_token(model_cfg, cfg.data.seq_len)
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = peak_flops(gpu) if cuda else None
+    vocab = model_cfg.vocab_size
+    val_batches = list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data else []
+    if rank == 0 and resume is None and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    if rank == 0:
+        kind = f"resumed at step {step} from {resume}" if resume else "fresh"
+        print(
+            f"tokenmill train: {n_params / 1e6:.2f}M parameters, {world} x {gpu}, "
+            f"{cfg.train.steps} steps of {cfg.data.batch_size * cfg.train.grad_accum * world} x "
+            f"{cfg.data.seq_len} tokens ({kind})",
+            flush=True,
+        )
+
+    data_iter: Iterator[dict] = iter(train_data)
+
+    def next_batch() -> dict:
+        nonlocal data_iter
+        try:
+            return next(data_iter)
+        except StopIteration:  # end of an epoch: the iterable starts over
+            data_iter = iter(train_data)
+            return next(data_iter)
+
+    def to_dev(b: dict) -> dict:
+        return {
+            k: b[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids") if k in b
+        }
+
+    def amp():
+        return (
+            torch.autocast("cuda", dtype=autocast)
+            if cuda and autocast != torch.float32
+            else contextlib.nullcontext()
+        )
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in val_batches:
+            b = to_dev(b)
+            with amp():
+                loss_sum = model(b["input_ids"], b["labels"], b.get("position_ids"), reduction="sum")
+            total += torch.stack([loss_sum.double(), (b["labels"] != -100).sum().double()])
+        model.train()
+        total = _all_sum(total, world)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    def checkpoint() -> None:
+        path = out / "checkpoints" / f"step_{step:08d}"
+        loader_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
+        meta = {
+            "step": step,
+            "tokens": tokens_seen,
+            "bad_steps": bad_steps,
+            "world_size": world,
+            "model": model_cfg.to_dict(),
+            "config": cfg.to_dict(),
+            "tokenizer": str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else "",
+            "tokenmill": tokenmill.__version__,
+            "history": [h for h in history if "tokens" in h or "val_loss" in h],
+        }
+        save_checkpoint(
+            path, model, optimizer, meta, {"loader": loader_state, "rng": _rng_state()}, rank, world
+        )
+        if rank == 0:
+            done = sorted(p for p in path.parent.glob("step_*") if _CKPT.match(p.name))
+            for old in done[: max(0, len(done) - cfg.checkpoint.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0 or not cfg.train.progress, unit="step")
+    model.train()
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    while step < cfg.train.steps:
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        # Fetch the step's micro-batches first: the loss is the mean over every labelled token of the
+        # global batch, whatever the split across micro-steps and ranks (exact for masked SFT data).
+        micro = [next_batch() for _ in range(cfg.train.grad_accum)]
+        for b in micro:
+            _check_batch(b, vocab, f"batch of step {step + 1}")
+        n_labelled = sum(int((b["labels"] != -100).sum()) for b in micro)
+        n_tok = float(_all_sum(torch.tensor(float(n_labelled), dtype=torch.float64, device=device), world))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, b in enumerate(micro):
+            b = to_dev(b)
+            if fsdp:
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            with amp():
+                ls = model(b["input_ids"], b["labels"], b.get("position_ids"), reduction="sum")
+            # FSDP averages gradients over ranks; the factor `world` turns that average into a sum.
+            (ls * (world / max(n_tok, 1.0))).backward()
+            loss_sum += ls.detach().double()
+        loss = float(_all_sum(loss_sum, world)) / n_tok if n_tok > 0 else float("nan")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        step += 1
+        batch_tokens = sum(b["input_ids"].numel() for b in micro) * world
+        tokens_seen += batch_tokens
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            bad_steps += 1
+            if rank == 0:
+                tqdm.write(
+                    f"step {step}: loss {loss}, grad norm {grad_norm}: step skipped ({bad_steps} so far)"
+                )
+            if bad_steps > cfg.train.max_bad_steps:
+                raise BadLossError(
+                    f"{bad_steps} steps with a non-finite loss or gradient (train.max_bad_steps = "
+                    f"{cfg.train.max_bad_steps}); last loss {loss}, grad norm {grad_norm}"
+                )
+        optimizer.zero_grad(set_to_none=True)
+
+        record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens_seen
+            mfu = tps / world * flops_tok / peak if peak else None
+            record.update(
+                tokens=tokens_seen,
+                tokens_per_s=tps,
+                tokens_per_s_per_gpu=tps / world,
+                mfu=mfu,
+                world_size=world,
+                n_params=n_params,
+                seq_len=cfg.data.seq_len,
+                gpu=gpu,
+            )
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tps:,.0f}",
+                **({"mfu": f"{mfu:.1%}"} if mfu else {}),
+            )
+        if (
+            val_batches
+            and cfg.train.eval_every
+            and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+        ):
+            record["val_loss"] = evaluate()
+            if rank == 0:
+                tqdm.write(f"step {step}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
+        history.append(record)
+        if rank == 0 and "tokens" in record:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if rank == 0 and "val_loss" in record:
+            plot_losses(out / "loss.png", history)
+        bar.update(1)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+            checkpoint()
+        if on_step is not None:
+            on_step(step, record)
+    bar.close()
+    if rank == 0:
+        plot_losses(out / "loss.png", history)
+    return history
+
+
+def main(config: Optional[str], overrides: Sequence[str]) -> int:
+    cfg = load_config(config, overrides)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,418 @@
+"""tokenmill.train: config, schedules, overfitting, reference losses, exact resume, atomic checkpoints,
+FSDP2 over 2 gloo processes vs 1 process, SFT masking, NaN skipping, bad-input errors, HF export."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tokenmill import train as T
+from tokenmill.model import Llama, LlamaConfig
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+V, SEQ = 512, 32
+
+
+class Batches:
+    """An in-memory, checkpointable stand-in for tm.data.DataLoader: cycles through fixed batches."""
+
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
+
+    def __iter__(self):
+        while True:
+            b = self.batches[self.pos % len(self.batches)]
+            self.pos += 1
+            yield b
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+def make_batches(n, batch=4, seq=SEQ, seed=0, vocab=V):
+    """Batches of a learnable, noisy "language": each token is the previous one plus 1..3 mod vocab."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, vocab, (batch, 1), generator=g)
+        steps = torch.randint(1, 4, (batch, seq), generator=g)
+        x = (start + torch.cat([torch.zeros(batch, 1, dtype=torch.long), steps.cumsum(1)], 1)) % vocab
+        out.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
+    return out
+
+
+def config(tmp_path, *overrides):
+    base = [
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--run.device=cpu",
+        "--model.preset=tiny",
+        f"--data.seq_len={SEQ}",
+        "--data.batch_size=4",
+        "--train.steps=8",
+        "--train.log_every=1",
+        "--train.eval_every=0",
+        "--train.progress=false",
+        "--optim.lr=3e-3",
+        "--optim.warmup_steps=2",
+    ]
+    return T.load_config(None, [*base, *overrides])
+
+
+def losses(history):
+    return [h["loss"] for h in history]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_example_config_loads_and_documents_every_key():
+    path = REPO / "configs" / "example.toml"
+    cfg = T.load_config(str(path))
+    text = path.read_text()
+    for section in ("run", "data", "optim", "train", "checkpoint", "dist"):
+        for key in T.dataclasses.asdict(getattr(cfg, section)):
+            assert f"\n{key} = " in text, f"{section}.{key} missing from configs/example.toml"
+    assert cfg.model_config(vocab_size=4096).num_params() > 0
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 1e-3\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key optim.learning_rate"):
+        T.load_config(str(bad))
+    bad.write_text("[optimizer]\nlr = 1e-3\n")
+    with pytest.raises(ValueError, match=r"unknown section \[optimizer\]"):
+        T.load_config(str(bad))
+    with pytest.raises(ValueError, match="train.steps must be int"):
+        T.load_config(None, ["--train.steps=ten"])
+    with pytest.raises(ValueError, match="unknown key model.hidden"):
+        T.load_config(None, ["--model.hidden=3"])
+    with pytest.raises(ValueError, match="unknown model preset"):
+        T.load_config(None, ["--model.preset=gpt5"])
+    with pytest.raises(ValueError, match="divisible"):
+        T.load_config(None, ["--model.preset=tiny", "--model.n_heads=3"])
+    with pytest.raises(ValueError, match="schedule"):
+        T.load_config(None, ["--optim.schedule=linear"])
+    bad.write_text("[optim\n")
+    with pytest.raises(ValueError, match="bad.toml"):
+        T.load_config(str(bad))
+
+
+def test_overrides(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text('[optim]\nlr = 1e-3\n[model]\npreset = "tiny"\n[data]\ntrain = "a"\n')
+    cfg = T.load_config(
+        str(good), ["--optim.lr=2e-3", "--train.steps", "7", "--resume", "auto", "--model.dim=128"]
+    )
+    assert cfg.optim.lr == 2e-3 and cfg.train.steps == 7 and cfg.checkpoint.resume == "auto"
+    assert cfg.data.train == ["a"] and cfg.model_config().dim == 128
+    assert T.load_config(None, ["--optim.weight_decay=0"]).optim.weight_decay == 0.0  # int accepted as float
+
+
+def test_schedules():
+    o = T.OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    assert T.lr_at(0, o, 100) == pytest.approx(0.1) and T.lr_at(9, o, 100) == pytest.approx(1.0)
+    assert T.lr_at(10, o, 100) == pytest.approx(1.0) and T.lr_at(100, o, 100) == pytest.approx(0.1)
+    assert T.lr_at(55, o, 100) == pytest.approx(0.55)  # halfway down the cosine
+    o.schedule, o.decay_steps = "wsd", 20
+    assert [T.lr_at(s, o, 100) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
+    assert T.lr_at(89, o, 100) == pytest.approx(0.55) and T.lr_at(99, o, 100) == pytest.approx(0.1)
+    o.schedule = "constant"
+    assert T.lr_at(99, o, 100) == 1.0
+
+
+def test_flops_and_peak():
+    c = LlamaConfig.preset("llama-7b")
+    # 6N + 12 L d T, N without the embedding table (PaLM appendix B).
+    assert T.flops_per_token(c, 2048) == 6 * (c.num_params() - 32000 * 4096) + 12 * 32 * 4096 * 2048
+    assert T.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert T.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert T.peak_flops("cpu") is None
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_tiny_model_overfits_a_batch(tmp_path):
+    cfg = config(tmp_path, "--train.steps=60", "--optim.lr=1e-2", "--optim.warmup_steps=5")
+    batch = make_batches(1)
+    h = T.train(cfg, Batches(batch))
+    assert h[0]["loss"] == pytest.approx(math.log(V), abs=0.2)  # starts near uniform
+    assert h[-1]["loss"] < 0.25 * h[0]["loss"]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_gpu", "mfu"):
+        assert key in h[-1]
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 61))
+    assert set(lines[-1]) >= {"world_size", "n_params", "seq_len", "gpu"} and lines[-1]["gpu"] == "cpu"
+    assert (
+        lines[-1]["tokens"] == 60 * 4 * SEQ
+        and lines[-1]["n_params"] == LlamaConfig.preset("tiny").num_params()
+    )
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_loss_curve_matches_reference(tmp_path):
+    """Fixed seed, fixed data: the losses match tests/assets/trainer_losses.json (regenerate with
+    TOKENMILL_UPDATE_ASSETS=1 after a deliberate numerical change, e.g. new kernels)."""
+    cfg = config(tmp_path, "--train.steps=10", "--train.grad_accum=2")
+    got = losses(T.train(cfg, Batches(make_batches(6))))
+    ref_path = ASSETS / "trainer_losses.json"
+    if os.environ.get("TOKENMILL_UPDATE_ASSETS"):
+        ref_path.write_text(json.dumps({"losses": got}, indent=1) + "\n")
+    ref = json.loads(ref_path.read_text())["losses"]
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert got[-1] < got[0] - 0.5
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    data = make_batches(5)
+    full = losses(T.train(config(tmp_path / "a", "--train.steps=10"), Batches(data)))
+
+    def stop_at_7(step, record):
+        if step == 7:
+            raise Interrupt
+
+    cfg = config(tmp_path / "b", "--train.steps=10", "--checkpoint.every=3")
+    with pytest.raises(Interrupt):
+        T.train(cfg, Batches(data), on_step=stop_at_7)
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+    cfg.checkpoint.resume = "auto"
+    resumed = T.train(cfg, Batches(data))  # a fresh loader: its position comes from the checkpoint
+    assert losses(resumed) == full  # bit for bit on CPU
+    logged = [
+        json.loads(ln)["step"] for ln in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    assert logged == list(range(1, 11))
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import Batches, make_batches, config
+from tokenmill import train as T
+from pathlib import Path
+real = torch.save
+def dying_save(obj, path, *a, **k):
+    real(obj, path, *a, **k)
+    if "step_00000004" in str(path) and str(path).endswith("optimizer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-save: weights and optimizer written, meta.json not
+torch.save = dying_save
+T.train(config(Path({tmp!r}), "--checkpoint.every=2"), Batches(make_batches(3)))
+"""
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step_00000004.tmp").is_dir() and not (root / "step_00000004").exists()
+    assert T.latest_checkpoint(str(tmp_path / "run")) == root / "step_00000002"
+    cfg = config(tmp_path, "--checkpoint.every=2", "--resume=auto")
+    resumed = T.train(cfg, Batches(make_batches(3)))
+    full = T.train(config(tmp_path / "ref"), Batches(make_batches(3)))
+    assert losses(resumed) == losses(full)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank, world, port, tmp, data, init, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    try:
+        cfg = config(Path(tmp), "--data.batch_size=2", f"--train.init_from={init}", "--checkpoint.every=3")
+        h = T.train(cfg, Batches(data[rank::world]))
+        if rank == 0:
+            q.put(losses(h))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_two_gloo_processes_match_one(tmp_path):
+    """FSDP2 over 2 processes (each with half of every batch) matches 1 process with whole batches."""
+    init = tmp_path / "init"
+    T.train(config(init, "--train.steps=1", "--optim.lr=0"), Batches(make_batches(1)))
+    init_ckpt = init / "run" / "checkpoints" / "step_00000001"
+    halves = []  # per step: rows 0-1 go to rank 0, rows 2-3 to rank 1
+    whole = make_batches(4)
+    for b in whole:
+        halves += [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
+    one = losses(T.train(config(tmp_path / "one", f"--train.init_from={init_ckpt}"), Batches(whole)))
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(
+        _fsdp_worker,
+        args=(2, _free_port(), str(tmp_path / "two"), halves, str(init_ckpt), q),
+        nprocs=2,
+        start_method="spawn",
+    )
+    two = q.get()
+    assert two == pytest.approx(one, rel=1e-5)
+    # The sharded run's checkpoints are full (unsharded) and load into a single-process model.
+    model = Llama.from_checkpoint(tmp_path / "two" / "run" / "checkpoints" / "step_00000008")
+    assert model.config == LlamaConfig.preset("tiny")
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+def _sft_rows(other_prompt):
+    """Row 0 packs [doc B: a prompt whose response was cut off][doc A: prompt + response]; row 1 is one
+    prompt + response. Labels are -100 on prompts, as the loader's instruction data has them."""
+    g = torch.Generator().manual_seed(3)
+    a_prompt, a_resp = torch.randint(0, V, (10,), generator=g), torch.randint(0, V, (8,), generator=g)
+    c_prompt, c_resp = torch.randint(0, V, (20,), generator=g), torch.randint(0, V, (12,), generator=g)
+    row0 = torch.cat([other_prompt, a_prompt, a_resp])
+    row1 = torch.cat([c_prompt, c_resp])
+    ids = torch.stack([row0, row1])
+    labels = torch.full_like(ids, -100)
+    nb = len(other_prompt)
+    labels[0, nb + 9 : nb + 17] = a_resp  # the last prompt token predicts the first response token
+    labels[1, 19:31] = c_resp
+    pos = torch.stack([torch.cat([torch.arange(nb), torch.arange(32 - nb)]), torch.arange(32)])
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def test_sft_loss_ignores_prompts(tmp_path):
+    init = tmp_path / "init"
+    T.train(config(init, "--train.steps=2"), Batches(make_batches(2)))
+    ckpt = init / "run" / "checkpoints" / "step_00000002"
+    g = torch.Generator().manual_seed(9)
+    runs = []
+    for i in range(2):
+        batch = _sft_rows(torch.randint(0, V, (14,), generator=g))
+        cfg = config(tmp_path / f"sft{i}", "--data.sft=true", f"--train.init_from={ckpt}", "--train.steps=3")
+        runs.append(losses(T.train(cfg, Batches([batch]))))
+    assert runs[0] == runs[1]  # doc B's prompt changed; nothing that is scored can see it
+    # The first loss is the mean cross-entropy over response tokens only, from the full logits in float64.
+    model = Llama.from_checkpoint(ckpt).double()
+    b = _sft_rows(torch.randint(0, V, (14,), generator=g))
+    with torch.no_grad():
+        logits = model(b["input_ids"], position_ids=b["position_ids"])
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), b["labels"].reshape(-1), ignore_index=-100)
+    assert runs[0][0] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_sft_needs_init_from(tmp_path):
+    with pytest.raises(ValueError, match="init_from"):
+        T.train(config(tmp_path, "--data.sft=true"), Batches(make_batches(1)))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_nan_steps_skipped_then_abort(tmp_path):
+    poisoned = {"on": False}
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Embedding) and poisoned["on"]:
+            return out * float("nan")
+        return None
+
+    class Poison(Batches):
+        def __iter__(self):
+            for i, b in enumerate(super().__iter__()):
+                poisoned["on"] = i in self.bad
+                yield b
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        data = Poison(make_batches(3))
+        data.bad = {2}
+        h = T.train(config(tmp_path / "a", "--train.steps=5"), data)
+        assert math.isnan(h[2]["loss"]) and all(math.isfinite(x["loss"]) for i, x in enumerate(h) if i != 2)
+        assert h[-1]["loss"] < h[0]["loss"]
+        data = Poison(make_batches(3))
+        data.bad = set(range(2, 100))
+        with pytest.raises(T.BadLossError, match="3 steps with a non-finite loss"):
+            T.train(config(tmp_path / "b", "--train.steps=20", "--train.max_bad_steps=2"), data)
+    finally:
+        handle.remove()
+
+
+def test_token_id_beyond_vocab_fails_before_any_step(tmp_path):
+    data = make_batches(1, vocab=600)
+    called = []
+    with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 512"):
+        T.train(config(tmp_path), Batches(data), on_step=lambda s, r: called.append(s))
+    assert not called
+
+
+def test_checkpoint_from_another_shape(tmp_path):
+    T.train(config(tmp_path, "--train.steps=1"), Batches(make_batches(1)))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    with pytest.raises(ValueError, match=r"another model shape.*'dim': \(64, 128\)"):
+        T.train(config(tmp_path, "--model.dim=128", "--resume=auto"), Batches(make_batches(1)))
+    with pytest.raises(ValueError, match="another model shape"):
+        T.train(
+            config(tmp_path / "x", "--model.n_layers=3", f"--train.init_from={ckpt}"),
+            Batches(make_batches(1)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_hf_logits_match(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    T.train(config(tmp_path, "--train.steps=2"), Batches(make_batches(2)))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    from tokenmill import cli
+
+    assert cli.main(["export-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ours = Llama.from_checkpoint(ckpt).eval()
+    ids = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        a, b = ours(ids), hf(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert a.abs().max() > 0.1  # trained weights, not an all-zero model
+    # packed documents: our position_ids/document masks against HF run on each document alone
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with torch.no_grad():
+        packed = ours(ids[:1], position_ids=pos)
+        torch.testing.assert_close(packed[:, 10:], hf(ids[:1, 10:]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_train_errors(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nsteps = 2\nbogus = 1\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "train", str(tmp_path / "c.toml")], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "unknown key train.bogus" in r.stderr
+
+
+def test_empty_data_is_an_error(tmp_path):
+    text = textwrap.dedent(
+        """
+        [run]
+        out_dir = "x"
+        [data]
+        train = []
+        """
+    )
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ValueError, match="data.train is empty"):
+        T.main(str(tmp_path / "c.toml"), ["--run.device=cpu"])
