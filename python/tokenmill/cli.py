@@ -386,7 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--output", "-o", required=True, metavar="PREFIX")
     me.set_defaults(func=_cmd_merge)
 
-
     _add_plan_parser(sub)
 
     ev = sub.add_parser("eval", help="word/character error rate between two line-aligned text files")
