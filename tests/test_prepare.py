@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import importlib
 import json
 import os
 import re
@@ -21,7 +22,8 @@ import pytest
 import tokenmill as tm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenmill.data import prepare as dp
+
+dp = importlib.import_module("tokenmill.data.prepare")
 
 EOS = "<|endoftext|>"
 

@@ -6,6 +6,7 @@ Each subcommand is one ``_cmd_*`` function; argument parsing lives in ``build_pa
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -70,7 +71,7 @@ def _print_manifest_summary(m: dict, output: str) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import warnings
 
-    from tokenmill.data import prepare as dp
+    dp = importlib.import_module("tokenmill.data.prepare")
 
     if args.merge:
         m = dp.merge(args.inputs, args.output)
@@ -102,7 +103,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from tokenmill.data import prepare as dp
+    dp = importlib.import_module("tokenmill.data.prepare")
 
     m = dp.merge(args.shards, args.output)
     _print_manifest_summary(m, args.output)
@@ -110,7 +111,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from tokenmill.data import prepare as dp
+    dp = importlib.import_module("tokenmill.data.prepare")
 
     problems = dp.verify(args.prefix) if args.verify else []
     try:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Imported eagerly (light: no torch) so that `tm.data.prepare` is the function, not the module of the
+# same name; the module itself is `importlib.import_module("tokenmill.data.prepare")`.
+from tokenmill.data.prepare import inspect, merge, prepare
+
 _ATTRS = {
-    "prepare": "tokenmill.data.prepare",
-    "inspect": "tokenmill.data.prepare",
-    "merge": "tokenmill.data.prepare",
     "TokenDataset": "tokenmill.data.dataset",
     "DataLoader": "tokenmill.data.loader",
     "prepare_sft": "tokenmill.data.sft",
 }
 
-__all__ = sorted(_ATTRS)
+__all__ = ["DataLoader", "TokenDataset", "inspect", "merge", "prepare", "prepare_sft"]
 
 
 def __getattr__(name: str) -> Any:

@@ -298,15 +298,3 @@ def inspect(prefix: PathLike, verify: bool = False, top_k: int = 10) -> dict:
     stats["manifest"] = json.loads(mpath.read_text()) if mpath.exists() else None
     stats["verified"] = bool(verify)
     return stats
-
-
-class _CallableModule(type(sys)):
-    """``tm.data.prepare`` names both this module and its main function: once the module is imported,
-    Python binds the package attribute to the module, so the module itself must be callable."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return prepare(*args, **kwargs)
-
-
-_CallableModule.__call__.__doc__ = prepare.__doc__
-sys.modules[__name__].__class__ = _CallableModule
