@@ -7,5 +7,6 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -3,6 +3,7 @@
 
 mod error;
 mod eval;
+mod train;
 mod utils;
 
 use pyo3::prelude::*;
@@ -11,5 +12,6 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     eval::register(m)?;
+    train::register(m)?;
     Ok(())
 }
