@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
+pub mod pretokenize;
 pub mod train;
 
 pub use error::{Error, Result};

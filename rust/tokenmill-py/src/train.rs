@@ -6,7 +6,8 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::path::PathBuf;
-use tokenmill_core::train::{self, Progress, RegexSplitter, TrainOptions, Trained, WordCounter};
+use tokenmill_core::pretokenize::Pretokenizer;
+use tokenmill_core::train::{self, Progress, TrainOptions, Trained, WordCounter};
 
 /// Texts pulled from the Python iterator per batch (the GIL is held only while pulling).
 const CHUNK_BYTES: usize = 8 << 20;
@@ -45,8 +46,8 @@ pub fn train_bpe<'py>(
     show_progress: bool,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
     let opts = options(vocab_size, special_tokens, min_frequency, show_progress)?;
-    let splitter = RegexSplitter::new(pattern).map_err(to_py)?;
-    let mut counter = WordCounter::new(&splitter, &opts.special_tokens).map_err(to_py)?;
+    let pre = Pretokenizer::new(pattern).map_err(to_py)?;
+    let mut counter = WordCounter::new(&pre, &opts.special_tokens).map_err(to_py)?;
     let mut bar = Progress::new("counting", "B", None, show_progress);
     let mut iter = texts.try_iter()?;
     let mut index = 0usize;
@@ -97,8 +98,8 @@ pub fn train_bpe_files<'py>(
     show_progress: bool,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
     let opts = options(vocab_size, special_tokens, min_frequency, show_progress)?;
-    let splitter = RegexSplitter::new(pattern).map_err(to_py)?;
-    let trained = detach(py, move || train::train_files(&paths, &splitter, &opts))?;
+    let pre = Pretokenizer::new(pattern).map_err(to_py)?;
+    let trained = detach(py, move || train::train_files(&paths, &pre, &opts))?;
     Ok(token_list(py, trained))
 }
 

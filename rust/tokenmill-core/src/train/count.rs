@@ -3,17 +3,17 @@
 //! Input arrives as texts (documents) or files. Each is cut into blocks of about [`BLOCK`] bytes so
 //! that one huge document still spreads over all threads and memory stays bounded by a batch plus
 //! the table of distinct words. Blocks end at a line start whose first byte is printable ASCII
-//! (`\n` then `!`..=`~`): for the named patterns no piece spans such a point and pieces look at most
-//! one character ahead, so a block is pretokenized with that one character of look-ahead and keeps
-//! only the pieces that start before the cut — exactly the pieces of the whole document. (A user
-//! pattern whose pieces span a newline followed by a printable character may see other pieces
-//! at such points; documents shorter than a block are never cut.)
+//! other than `/` (see [`is_cut_byte`]): for the named patterns no piece spans such a point and
+//! pieces look at most one character ahead, so a block is pretokenized with that one character of
+//! look-ahead and keeps only the pieces that start before the cut — exactly the pieces of the whole
+//! document. (A user pattern whose pieces span a newline followed by such a character may see
+//! other pieces at those points; documents shorter than a block are never cut.)
 //!
 //! Special tokens are cut out of the text first and never counted, as `encode` with the special
 //! allowed would treat them; pieces never span a special token.
 
 use super::progress::Progress;
-use super::Splitter;
+use crate::pretokenize::Pretokenizer;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -101,6 +101,12 @@ impl Specials {
     }
 }
 
+/// A line may be cut before its first byte if that is printable ASCII, except `/`, which o200k's
+/// `[^\s\p{L}\p{N}]+[\r\n/]*` lets a piece carry past a newline.
+fn is_cut_byte(b: u8) -> bool {
+    (0x21..=0x7e).contains(&b) && b != b'/'
+}
+
 /// The first cut at or after `min` in `bytes`: `Some((q, look_ahead))` cuts before byte `q`
 /// (`bytes[q - 1] == b'\n'`, `bytes[q]` printable ASCII); `look_ahead` is false when a special
 /// token starts at `q`. `None` when no cut is known yet; unless `eof`, more bytes may reveal one.
@@ -114,7 +120,7 @@ fn next_cut(bytes: &[u8], min: usize, specials: &Specials, eof: bool) -> Option<
         if q >= bytes.len() {
             return None;
         }
-        if (0x21..=0x7e).contains(&bytes[q]) {
+        if is_cut_byte(bytes[q]) {
             if !eof && q + specials.max_len() > bytes.len() {
                 return None;
             }
@@ -153,7 +159,7 @@ fn text_blocks<'t>(text: &'t str, block: usize, specials: &Specials, out: &mut V
 
 /// Distinct pretokenized words and their counts (64-bit).
 pub struct WordCounter<'p> {
-    splitter: &'p dyn Splitter,
+    pretokenizer: &'p Pretokenizer,
     specials: Specials,
     counts: FxHashMap<Box<str>, u64>,
     bytes: u64,
@@ -161,9 +167,9 @@ pub struct WordCounter<'p> {
 }
 
 impl<'p> WordCounter<'p> {
-    pub fn new(splitter: &'p dyn Splitter, special_tokens: &[String]) -> Result<Self> {
+    pub fn new(pretokenizer: &'p Pretokenizer, special_tokens: &[String]) -> Result<Self> {
         Ok(WordCounter {
-            splitter,
+            pretokenizer,
             specials: Specials::new(special_tokens)?,
             counts: FxHashMap::default(),
             bytes: 0,
@@ -192,7 +198,7 @@ impl<'p> WordCounter<'p> {
         for t in texts {
             text_blocks(t.as_ref(), self.block, &self.specials, &mut blocks);
         }
-        let local = count_blocks(self.splitter, &self.specials, &blocks);
+        let local = count_blocks(self.pretokenizer, &self.specials, &blocks);
         self.absorb(local, &blocks);
     }
 
@@ -227,9 +233,9 @@ impl<'p> WordCounter<'p> {
                     keep: *keep,
                 })
                 .collect();
-            let (splitter, specials) = (self.splitter, &self.specials);
+            let (pretokenizer, specials) = (self.pretokenizer, &self.specials);
             let (local, next) = rayon::join(
-                || count_blocks(splitter, specials, &views),
+                || count_blocks(pretokenizer, specials, &views),
                 || reader.next_batch(specials),
             );
             self.absorb(local, &views);
@@ -242,14 +248,14 @@ impl<'p> WordCounter<'p> {
 
 /// Word counts of blocks, in parallel: one table per rayon task, merged pairwise.
 fn count_blocks<'t>(
-    splitter: &dyn Splitter,
+    pretokenizer: &Pretokenizer,
     specials: &Specials,
     blocks: &[Block<'t>],
 ) -> FxHashMap<&'t str, u64> {
     blocks
         .par_iter()
         .fold(FxHashMap::<&str, u64>::default, |mut m, b| {
-            count_block(splitter, specials, b, &mut m);
+            count_block(pretokenizer, specials, b, &mut m);
             m
         })
         .reduce(FxHashMap::default, |mut a, mut b| {
@@ -264,21 +270,18 @@ fn count_blocks<'t>(
 }
 
 fn count_block<'t>(
-    splitter: &dyn Splitter,
+    pretokenizer: &Pretokenizer,
     specials: &Specials,
     block: &Block<'t>,
     m: &mut FxHashMap<&'t str, u64>,
 ) {
-    let base = block.text.as_ptr() as usize;
     specials.for_each_segment(block.text, |off, seg| {
-        if off >= block.keep {
-            return;
-        }
-        splitter.split(seg, &mut |piece: &'t str| {
-            if piece.as_ptr() as usize - base < block.keep {
-                *m.entry(piece).or_insert(0) += 1;
+        for r in pretokenizer.split_ranges(seg) {
+            if off + r.start >= block.keep {
+                break;
             }
-        });
+            *m.entry(&seg[r]).or_insert(0) += 1;
+        }
     });
 }
 

@@ -11,21 +11,15 @@
 mod count;
 mod merge;
 mod progress;
-mod split_regex;
 
 pub use count::{WordCounter, BLOCK};
 pub use merge::{train_words, Merge, Trained};
 pub use progress::Progress;
-pub use split_regex::RegexSplitter;
 
+use crate::pretokenize::Pretokenizer;
 use crate::{Error, Result};
 use rustc_hash::FxHashMap;
 use std::path::PathBuf;
-
-/// Splits text into pretokenized pieces, calling `f` on each in order.
-pub trait Splitter: Sync {
-    fn split<'t>(&self, text: &'t str, f: &mut dyn FnMut(&'t str));
-}
 
 /// Settings of one training run.
 #[derive(Clone, Debug)]
@@ -76,11 +70,11 @@ pub fn train_counts(counts: FxHashMap<Box<str>, u64>, opts: &TrainOptions) -> Re
 /// Train on files (each file one document; UTF-8 text), read in Rust.
 pub fn train_files(
     paths: &[PathBuf],
-    splitter: &dyn Splitter,
+    pretokenizer: &Pretokenizer,
     opts: &TrainOptions,
 ) -> Result<Trained> {
     opts.num_merges()?;
-    let mut counter = WordCounter::new(splitter, &opts.special_tokens)?;
+    let mut counter = WordCounter::new(pretokenizer, &opts.special_tokens)?;
     let total = paths
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
