@@ -3,6 +3,8 @@
 import os
 from typing import Iterable, Literal, Optional, Sequence, Union
 
+import numpy
+
 __version__: str
 
 _Unit = Literal["word", "char"]
@@ -21,6 +23,53 @@ def align(
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Unit-cost edit distance between two id sequences."""
+
+# ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
+
+class CoreTokenizer:
+    """A byte-level BPE (tiktoken semantics) or SentencePiece-BPE tokenizer; immutable, thread-safe."""
+
+    n_vocab: int
+    pattern: str
+    fingerprint: str
+    is_sentencepiece: bool
+    @staticmethod
+    def from_ranks(tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    @staticmethod
+    def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    @staticmethod
+    def from_huggingface(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def from_sentencepiece(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def load(path: str) -> CoreTokenizer: ...
+    def save(self, path: str) -> None: ...
+    def save_tiktoken(self, path: str) -> None: ...
+    def save_huggingface(self, path: str) -> None: ...
+    def encode_ordinary(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None) -> list[int]:
+        """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
+    def encode_to_numpy(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> "numpy.ndarray": ...
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        allowed: Sequence[str],
+        disallowed: Optional[Sequence[str]] = None,
+        num_threads: Optional[int] = None,
+    ) -> list[list[int]]: ...
+    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]: ...
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+    def special_tokens(self) -> list[tuple[str, int]]: ...
+    def token_to_id(self, token: bytes) -> Optional[int]: ...
+    def id_to_token_bytes(self, id: int) -> bytes: ...
+    def mergeable_tokens(self) -> list[tuple[int, bytes]]: ...
+
+def resolve_pattern(name: str) -> str:
+    """The exact pattern string behind "gpt2", "cl100k", "o200k", "llama3"; other strings unchanged."""
+
+# ----- BPE training (rust/tokenmill-py/src/train.rs) -----
 
 def train_bpe(
     texts: Iterable[str],

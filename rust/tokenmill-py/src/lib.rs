@@ -3,6 +3,7 @@
 
 mod error;
 mod eval;
+mod tokenizer;
 mod train;
 mod utils;
 
@@ -12,6 +13,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     eval::register(m)?;
+    tokenizer::register(m)?;
     train::register(m)?;
     Ok(())
 }
