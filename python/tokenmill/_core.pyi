@@ -51,7 +51,7 @@ class CoreTokenizer:
         """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
     def encode_to_numpy(
         self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
-    ) -> "numpy.ndarray": ...
+    ) -> numpy.ndarray: ...
     def encode_batch(
         self,
         texts: Sequence[str],
