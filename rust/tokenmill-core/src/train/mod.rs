@@ -38,7 +38,10 @@ impl TrainOptions {
         let mut sorted: Vec<&String> = self.special_tokens.iter().collect();
         sorted.sort();
         if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::invalid(format!("special token {:?} given twice", w[0])));
+            return Err(Error::invalid(format!(
+                "special token {:?} given twice",
+                w[0]
+            )));
         }
         let floor = 256 + self.special_tokens.len();
         if self.vocab_size < floor {
