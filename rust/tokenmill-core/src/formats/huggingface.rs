@@ -262,6 +262,11 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
     for (id, _) in &toks {
         vocab.insert(text_of[id].clone(), json!(id));
     }
+    // `tokenizers` gives an added token the id its content has in the model vocab (else a new one),
+    // so the specials must be there too, unencoded, as its trainer writes them.
+    for (s, id) in tok.special_tokens() {
+        vocab.entry(s.clone()).or_insert(json!(id));
+    }
     let o = tok.options();
     let merges: Vec<Value> = match &o.merges {
         Some(m) => m
@@ -297,7 +302,7 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
         .collect();
     let pattern = match tok.pattern() {
         p if p == BYTELEVEL_REGEX => None,
-        p => Some(onig_pattern(p)),
+        p => Some(onig_pattern(&crate::pretokenize::without_possessives(p))),
     };
     let pre = match pattern {
         None => {
