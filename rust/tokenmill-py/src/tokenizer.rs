@@ -63,7 +63,9 @@ impl PyTokenizer {
         detach(py, move || {
             let tokens = formats::tiktoken::read(&path)?;
             Tokenizer::from_ranks(tokens, &pattern, specials).map_err(|e| match e {
-                tokenmill_core::Error::InvalidArgument(m) => tokenmill_core::Error::format(&path, m),
+                tokenmill_core::Error::InvalidArgument(m) => {
+                    tokenmill_core::Error::format(&path, m)
+                }
                 other => other,
             })
         })
