@@ -322,6 +322,8 @@ def test_bad_arguments(tmp_path):
         train(failing(), 300)
     with pytest.raises(TypeError):
         train(42, 300)
+    with pytest.raises(TypeError, match="not a str"):
+        train("a whole corpus in one str", 300)
 
 
 def test_bad_files(tmp_path):
