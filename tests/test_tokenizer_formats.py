@@ -8,12 +8,9 @@ import json
 import random
 
 import pytest
+import tokenmill as tm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tokenmill as tm
-from tokenmill import corpus
-
 from test_tokenizer import TRICKY, pair, text_strategy, training_texts_cached
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -68,7 +65,9 @@ def test_our_tokenizer_json_loads_in_tokenizers(hf_trained, tmp_path):
 
     @given(text_strategy())
     def check(text):
-        assert back.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False).ids
+        assert (
+            back.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False).ids
+        )
 
     check()
 
@@ -79,12 +78,17 @@ def test_tiktoken_vocab_exported_to_tokenizers(name, tmp_path):
     path = tmp_path / "tokenizer.json"
     ours.save_huggingface(path)
     hf = tokenizers.Tokenizer.from_file(str(path))
+    back = tm.Tokenizer.from_huggingface(path)  # Split(regex) + ByteLevel, explicit merges
+    assert back.special_tokens == ours.special_tokens
     sample = "".join(corpus_texts()[:30])
     assert hf.encode(sample, add_special_tokens=False).ids == ours.encode(sample, allowed_special="all")
+    assert back.encode(sample, allowed_special="all") == ours.encode(sample, allowed_special="all")
 
     @given(text_strategy())
     def check(text):
-        assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
+        want = ours.encode(text, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False).ids == want
+        assert back.encode(text, allowed_special="all") == want
 
     check()
 
@@ -153,7 +157,10 @@ def test_unsupported_sentencepiece_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"u\.model.*UNIGRAM"):
         tm.Tokenizer.from_sentencepiece(tmp_path / "u.model")
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "n"), vocab_size=300, model_type="bpe",
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "n"),
+        vocab_size=300,
+        model_type="bpe",
         minloglevel=2,
     )
     with pytest.raises(ValueError, match=r"n\.model.*normalizer"):
@@ -186,12 +193,14 @@ def originals(tmp_path_factory, sp_trained):
     small.save(d / "t.tokenmill")
     small.save_tiktoken(d / "t.tiktoken")
     small.save_huggingface(d / "t.json")
-    return _Files({
-        "native": (d / "t.tokenmill").read_bytes(),
-        "tiktoken": (d / "t.tiktoken").read_bytes(),
-        "hf": (d / "t.json").read_bytes(),
-        "spm": sp_trained[2].read_bytes(),
-    })
+    return _Files(
+        {
+            "native": (d / "t.tokenmill").read_bytes(),
+            "tiktoken": (d / "t.tiktoken").read_bytes(),
+            "hf": (d / "t.json").read_bytes(),
+            "spm": sp_trained[2].read_bytes(),
+        }
+    )
 
 
 @settings(max_examples=60)
