@@ -308,7 +308,8 @@ def test_same_merges_whatever_the_thread_count(tmp_path, code_corpus):
 @pytest.mark.slow
 def test_file_memory_does_not_grow_with_the_corpus(tmp_path, code_corpus):
     """Files are streamed in bounded batches (16 MiB, the next one read while one is counted): peak
-    RSS for 96 MB of text is the one for 48 MB, give or take a few MB."""
+    RSS for 96 MB of text is about the one for 48 MB (it varies by one batch or so with thread
+    timing); read whole, the extra 48 MB would show in full."""
     text = "".join(code_corpus)  # ~1.5 MB
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
     small.write_text(text * 32, encoding="utf-8")
@@ -326,7 +327,7 @@ def test_file_memory_does_not_grow_with_the_corpus(tmp_path, code_corpus):
         )
         assert r.returncode == 0, r.stderr
         peak[path.name] = int(r.stdout) / 1024
-    assert peak["large.txt"] < peak["small.txt"] + 8, peak
+    assert peak["large.txt"] < peak["small.txt"] + 24, peak
 
 
 def test_progress_bar_on_stderr(tmp_path):
