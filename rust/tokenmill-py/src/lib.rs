@@ -6,6 +6,7 @@ mod eval;
 mod loader;
 mod prepare;
 mod tokenizer;
+mod train;
 mod utils;
 
 use pyo3::prelude::*;
@@ -17,5 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     loader::register(m)?;
     tokenizer::register(m)?;
     prepare::register(m)?;
+
+    train::register(m)?;
     Ok(())
 }
