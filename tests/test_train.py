@@ -167,11 +167,6 @@ RUSTBPE_DEFAULT = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pretokenize (branch tokenizer): a user pattern with possessive quantifiers plus `\\s+(?!\\S)` "
-    "is rewritten for the DFA, where regex-syntax reads `?+` as `(?)+`: ',  yy' becomes one piece",
-)
 def test_equals_rustbpe_with_its_default_user_pattern(code_corpus):
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(code_corpus[:50], 600)

@@ -250,6 +250,11 @@ fn dfa(alts: &[&str], ws_alt: Option<usize>) -> Result<Engine> {
 }
 
 fn compile_user(pattern: &str) -> Result<Engine> {
+    // regex-syntax accepts `x?+` as `(x?)+`, silently dropping possessiveness (`,  yy` would become one
+    // piece of rustbpe's GPT-4 pattern), so patterns with possessive quantifiers go to fancy-regex.
+    if has_possessive(pattern) {
+        return fancy(pattern);
+    }
     // 1. The pattern as it is, if the DFA engine accepts it.
     if MetaRegex::new(pattern).is_ok() {
         return dfa(&[pattern], None);
@@ -265,11 +270,40 @@ fn compile_user(pattern: &str) -> Result<Engine> {
         }
     }
     // 3. Backtracking fallback.
+    fancy(pattern)
+}
+
+fn fancy(pattern: &str) -> Result<Engine> {
     let re = fancy_regex::RegexBuilder::new(pattern)
         .backtrack_limit(usize::MAX)
         .build()
         .map_err(|e| Error::invalid(format!("invalid pretokenizer pattern {pattern:?}: {e}")))?;
     Ok(Engine::Fancy(re))
+}
+
+/// Whether a quantifier (`?`, `*`, `+`, `{m,n}`) outside character classes is made possessive by a
+/// following `+`. `(?` opens a group and is not a quantifier.
+fn has_possessive(pattern: &str) -> bool {
+    let b = pattern.as_bytes();
+    let (mut class, mut i) = (0i32, 0usize);
+    while i < b.len() {
+        match b[i] {
+            // `\p{L}`: the `}` of a class name is not the end of a `{m,n}` repetition.
+            b'\\' if matches!(b.get(i + 1), Some(b'p' | b'P')) && b.get(i + 2) == Some(&b'{') => {
+                while i < b.len() && b[i] != b'}' {
+                    i += 1;
+                }
+            }
+            b'\\' => i += 1,
+            b'[' => class += 1,
+            b']' if class > 0 => class -= 1,
+            b'?' if class == 0 && i > 0 && b[i - 1] == b'(' => {}
+            b'?' | b'*' | b'+' | b'}' if class == 0 && b.get(i + 1) == Some(&b'+') => return true,
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Split a regex at its top-level `|` (outside groups and character classes).
@@ -351,6 +385,21 @@ mod tests {
         });
     static USERS: std::sync::LazyLock<Vec<(Pretokenizer, fancy_regex::Regex)>> =
         std::sync::LazyLock::new(|| compiled(&USER));
+
+    #[test]
+    fn possessive_user_patterns_keep_their_meaning() {
+        // rustbpe's default (GPT-4 with possessives) as a *user* pattern: the DFA would read `?+` as
+        // `(?)+`; it must run on fancy-regex and split like it.
+        let gpt4 = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+        let p = Pretokenizer::new(gpt4).unwrap();
+        assert!(!p.is_dfa());
+        let re = fancy_regex::Regex::new(gpt4).unwrap();
+        for text in [",  yy", "a  ,b++ c?+", "x\n\n  y"] {
+            assert_eq!(ours(&p, text), reference(&re, text), "{text:?}");
+        }
+        assert!(!has_possessive(r"(?i:a)|[?+]|\?+|a+?|\p{L}+|\P{N}+"));
+        assert!(has_possessive(r"a{1,3}+") && has_possessive(r"\s++$") && has_possessive(r"a*+"));
+    }
 
     #[test]
     fn named_patterns_run_on_the_dfa() {
