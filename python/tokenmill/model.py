@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenmill import kernels as K
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -119,41 +121,6 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048
     ),
 }
-
-
-# --- Torch stand-ins for tokenmill.kernels, used only until the `kernels` branch is merged (then deleted). ---
-class _TorchKernels:
-    @staticmethod
-    def rms_norm(x, weight, eps):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-    @staticmethod
-    def rope(x, positions, theta):  # x [B, T, H, D], positions [T] or [B, T]; "rotate half" (HF) pairs
-        d = x.shape[-1]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-        ang = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, D/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[..., None, :]
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[..., None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
-
-    @staticmethod
-    def swiglu(gate, up):
-        return F.silu(gate) * up
-
-    @staticmethod
-    def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-        logits = F.linear(hidden, weight)
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-
-
-try:
-    from tokenmill import kernels as K
-except ImportError:
-    K = _TorchKernels
-# --- end of stand-ins ---
 
 
 class RMSNorm(nn.Module):
