@@ -180,15 +180,18 @@ class Interrupt(Exception):
     pass
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, optim):
     data = make_batches(5)
-    full = losses(T.train(config(tmp_path / "a", "--train.steps=10"), Batches(data)))
+    # dim 128: tensors large enough for AdamW8bit's quantised (not fp32) state
+    opts = ["--train.steps=10", f"--optim.name={optim}", "--model.dim=128"]
+    full = losses(T.train(config(tmp_path / "a", *opts), Batches(data)))
 
     def stop_at_7(step, record):
         if step == 7:
             raise Interrupt
 
-    cfg = config(tmp_path / "b", "--train.steps=10", "--checkpoint.every=3")
+    cfg = config(tmp_path / "b", *opts, "--checkpoint.every=3")
     with pytest.raises(Interrupt):
         T.train(cfg, Batches(data), on_step=stop_at_7)
     ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
