@@ -419,3 +419,102 @@ def test_empty_data_is_an_error(tmp_path):
     (tmp_path / "c.toml").write_text(text)
     with pytest.raises(ValueError, match="data.train is empty"):
         T.main(str(tmp_path / "c.toml"), ["--run.device=cpu"])
+
+
+# ---------------------------------------------------------------------------------------------- with the real pipeline
+# Tokenizer (tm.Tokenizer), token files (tm.data.prepare / write_token_file) and tm.data.DataLoader.
+
+
+def _token_files(tmp_path, n_docs=40, vocab=V):
+    from tokenmill.data.dataset import write_token_file
+
+    g = torch.Generator().manual_seed(5)
+    for split, n in (("train", n_docs), ("val", 8)):
+        docs = []
+        for _ in range(n):
+            length = int(torch.randint(10, 90, (1,), generator=g))
+            start = torch.randint(0, vocab, (1,), generator=g)
+            docs.append(((start + torch.randint(1, 4, (length,), generator=g).cumsum(0)) % vocab).tolist())
+        write_token_file(tmp_path / split, docs, vocab_size=vocab)
+    return [f"--data.train=['{tmp_path / 'train'}']", f"--data.val=['{tmp_path / 'val'}']"]
+
+
+def test_resume_with_the_data_loader(tmp_path):
+    """Through tm.data.DataLoader (packed documents, document masks): exact resume, loader position included."""
+    data = _token_files(tmp_path)
+    opts = [*data, "--train.steps=6", "--train.eval_every=3", "--train.eval_batches=2"]
+    full = T.train(config(tmp_path / "a", *opts))
+    cfg = config(tmp_path / "b", *opts, "--checkpoint.every=2")
+
+    def stop(step, record):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        T.train(cfg, on_step=stop)
+    cfg.checkpoint.resume = "auto"
+    resumed = T.train(cfg)
+    assert losses(resumed) == losses(full)
+    assert [h.get("val_loss") for h in resumed] == [h.get("val_loss") for h in full]
+
+
+def test_cli_train_and_export_with_tokenizer(tmp_path):
+    """`tokenmill train` on prepared files with a trained tokenizer, then `tokenmill export-hf`: the folder
+    loads in transformers with PreTrainedTokenizerFast, which encodes as our tokenizer does."""
+    transformers = pytest.importorskip("transformers")
+    import tokenmill as tm
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
+    tok = tm.Tokenizer.train(texts, vocab_size=300, pattern="gpt2", special_tokens=["<|endoftext|>"])
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tm.data.prepare([str(tmp_path / "code.jsonl")], str(tmp_path / "code"), str(tmp_path / "tok.json"))
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'[run]\nout_dir = "{tmp_path / "run"}"\ndevice = "cpu"\n[model]\npreset = "tiny"\n'
+        f'[data]\ntrain = ["{tmp_path / "code"}"]\ntokenizer = "{tmp_path / "tok.json"}"\nseq_len = 32\n'
+        "batch_size = 4\n[train]\nsteps = 3\nprogress = false\n[optim]\nwarmup_steps = 1\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "train", str(toml)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = T.latest_checkpoint(str(tmp_path / "run"))
+    assert LlamaConfig.from_dict(json.loads((ckpt / "meta.json").read_text())["model"]).vocab_size == 300
+    r = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "export-hf", str(ckpt), str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    sample = "def f12(x):\n    return x * 12 + 5\n"
+    assert hf_tok.encode(sample, add_special_tokens=False) == tok.encode(sample)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(sample)])
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_checkpoint(ckpt)(ids), hf(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_tokenizer_and_vocab_mismatch_fail_before_any_step(tmp_path):
+    import tokenmill as tm
+
+    texts = [f"value_{i} = {i * 3}\n" for i in range(200)]
+    for name, size in (("a", 300), ("b", 290)):
+        tm.Tokenizer.train(texts, vocab_size=size, pattern="gpt2", special_tokens=["<|endoftext|>"]).save(
+            str(tmp_path / f"{name}.json")
+        )
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tm.data.prepare([str(tmp_path / "t.jsonl")], str(tmp_path / "data"), str(tmp_path / "a.json"))
+    called = []
+    base = [f"--data.train=['{tmp_path / 'data'}']"]
+    with pytest.raises(ValueError, match="tokenized with another tokenizer"):
+        T.train(
+            config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'b.json'}"),
+            on_step=lambda s, r: called.append(s),
+        )
+    with pytest.raises(ValueError, match=r"300-token vocabulary but model.vocab_size is 256"):
+        T.train(config(tmp_path, *base, "--model.vocab_size=256"), on_step=lambda s, r: called.append(s))
+    with pytest.raises(ValueError, match=r"has 300 tokens but model.vocab_size is 256"):
+        T.train(config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'a.json'}", "--model.vocab_size=256"))
+    assert not called

@@ -342,7 +342,12 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: di
             {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
         )
         torch.save(osd, tmp / "optimizer.pt")
-        for name in ("model.safetensors", "optimizer.pt"):
+        names = ["model.safetensors", "optimizer.pt"]
+        if meta.get("tokenizer"):  # the checkpoint carries its tokenizer (export-hf, generation)
+            names.append("tokenmill-tokenizer" + Path(meta["tokenizer"]).suffix)
+            shutil.copyfile(meta["tokenizer"], tmp / names[-1])
+            meta = {**meta, "tokenizer": names[-1]}
+        for name in names:
             _fsync(tmp / name)
     _barrier(world)
     if rank == 0:
