@@ -2,6 +2,8 @@
 
 from typing import Literal, Optional, Sequence
 
+import numpy
+
 __version__: str
 
 _Unit = Literal["word", "char"]
@@ -20,3 +22,89 @@ def align(
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Unit-cost edit distance between two id sequences."""
+
+# -- token files and the loader (tokenmill.data) --
+
+_DType = Literal["uint8", "uint16", "int32", "int64"]
+
+def write_token_file(prefix: str, docs: Sequence[Sequence[int]], dtype_name: _DType) -> None:
+    """Write documents to PREFIX.bin/.idx (Megatron MMIDIDX) atomically."""
+
+def open_token_file(prefix: str) -> tuple[str, "numpy.ndarray", "numpy.ndarray"]:
+    """Validate PREFIX.bin/.idx; (dtype name, int64 lengths, int64 token offsets) per document."""
+
+class Loader:
+    """The loader core: mixture, per-epoch packing layouts, batch rendering (see tokenmill.data.loader)."""
+
+    def __init__(
+        self,
+        prefixes: Sequence[str],
+        masks: Sequence[Optional[str]],
+        weights: Sequence[float],
+        seq_len: int,
+        packing: Literal["concat", "best_fit", "none"],
+        seed: int,
+        document_mask: bool,
+        epochs: Optional[int],
+        pad_id: int,
+        num_threads: int,
+    ) -> None: ...
+    def num_samples(self) -> Optional[int]:
+        """Samples in the global stream; None when endless."""
+    def samples_per_epoch(self) -> list[int]: ...
+    def mixture_counts(self) -> list[int]:
+        """Samples of each source per mixing block of 65,536."""
+    def sources(self, start: int, n: int) -> "numpy.ndarray":
+        """Source index (int64) of global samples start..start+n."""
+    def sample(self, g: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """(source, epoch, [(document, start, length), ...]) of global sample g."""
+    def fill(
+        self,
+        start: int,
+        input_ids: "numpy.ndarray",
+        labels: "numpy.ndarray",
+        position_ids: "numpy.ndarray",
+        cu_seqlens: "numpy.ndarray",
+    ) -> tuple[int, int]:
+        """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+# ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
+
+class CoreTokenizer:
+    """A byte-level BPE (tiktoken semantics) or SentencePiece-BPE tokenizer; immutable, thread-safe."""
+
+    n_vocab: int
+    pattern: str
+    fingerprint: str
+    is_sentencepiece: bool
+    @staticmethod
+    def from_ranks(tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    @staticmethod
+    def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    @staticmethod
+    def from_huggingface(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def from_sentencepiece(path: str) -> CoreTokenizer: ...
+    @staticmethod
+    def load(path: str) -> CoreTokenizer: ...
+    def save(self, path: str) -> None: ...
+    def save_tiktoken(self, path: str) -> None: ...
+    def save_huggingface(self, path: str) -> None: ...
+    def encode_ordinary(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None) -> list[int]:
+        """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
+    def encode_to_numpy(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> "numpy.ndarray": ...
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        allowed: Sequence[str],
+        disallowed: Optional[Sequence[str]] = None,
+        num_threads: Optional[int] = None,
+    ) -> list[list[int]]: ...
+    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]: ...
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+    def special_tokens(self) -> list[tuple[str, int]]: ...
+    def token_to_id(self, token: bytes) -> Optional[int]: ...
+    def id_to_token_bytes(self, id: int) -> bytes: ...
+    def mergeable_tokens(self) -> list[bytes]: ...

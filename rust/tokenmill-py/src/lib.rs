@@ -3,6 +3,8 @@
 
 mod error;
 mod eval;
+mod loader;
+mod tokenizer;
 mod utils;
 
 use pyo3::prelude::*;
@@ -11,5 +13,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     eval::register(m)?;
+    loader::register(m)?;
+    tokenizer::register(m)?;
     Ok(())
 }

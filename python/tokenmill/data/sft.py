@@ -1,0 +1,234 @@
+"""``prepare_sft``: instruction-tuning JSONL -> token files plus a loss mask beside them.
+
+Inputs, one JSON object per line, either form in any file:
+
+* Alpaca: ``{"instruction": str, "input": str (optional), "output": str}``;
+* chat: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``.
+
+Outputs (all written atomically, the manifest last):
+
+* ``PREFIX.bin/.idx``: one document per record (Megatron MMIDIDX);
+* ``PREFIX.mask.bin/.idx``: a uint8 MMIDIDX dataset with the same document lengths, 1 where the token is
+  part of a response the model must learn (assistant content and its end-of-turn token), 0 elsewhere
+  (template text, system and user turns). ``DataLoader`` finds it beside the tokens and sets
+  ``labels`` to -100 wherever the *predicted* token has mask 0;
+* ``PREFIX.json``: template, tokenizer fingerprint, counts, checksums.
+
+Templates (``S`` = a special token of the tokenizer, encoded by id; ``[...]`` = learned):
+
+* ``"alpaca"`` (Stanford Alpaca's prompt): ``S<bos>? "Below is an instruction ... ### Response:\\n"
+  [output S<eos>]``; chat records render each user turn as an instruction, system text as the preamble;
+* ``"chatml"``: ``"<|im_start|>" role "\\n" content "<|im_end|>" "\\n"`` per message, with the assistant's
+  ``[content <|im_end|>]`` learned;
+* ``"llama3"``: ``<|begin_of_text|>`` then ``<|start_header_id|> role <|end_header_id|> "\\n\\n" content
+  <|eot_id|>`` per message, the assistant's ``[content <|eot_id|>]`` learned.
+
+Each text piece is encoded on its own (``encode_ordinary``: special-token text inside user data stays
+plain text), so the mask boundary always falls between tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from tokenmill import _core
+from tokenmill.data.dataset import MASK_SUFFIX, PathLike, normalize_prefix
+
+TEMPLATES = ("alpaca", "chatml", "llama3")
+ROLES = ("system", "user", "assistant")
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+# A rendered record: pieces of (text | special-token id, learned?).
+Piece = tuple[Union[str, int], bool]
+
+
+def _special(tokenizer: Any, name: str, template: str) -> int:
+    specials = tokenizer.special_tokens
+    if name not in specials:
+        raise ValueError(f"template {template!r} needs the special token {name!r}, which the tokenizer lacks")
+    return int(specials[name])
+
+
+def _messages(record: Any, where: str) -> list[tuple[str, str]]:
+    """The record as (role, content) turns."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(
+                    f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.200}"
+                )
+            out.append((m["role"], m["content"]))
+        if not any(r == "assistant" for r, _ in out):
+            raise ValueError(f"{where}: no assistant message, nothing to learn")
+        return out
+    if "instruction" in record and "output" in record:
+        ins, inp, outp = record["instruction"], record.get("input") or "", record["output"]
+        if not all(isinstance(x, str) for x in (ins, inp, outp)):
+            raise ValueError(f"{where}: instruction, input and output must be strings")
+        # Kept apart so the alpaca template can use its "### Input:" section.
+        return [("user", ins), ("input", inp), ("assistant", outp)] if inp else [("user", ins), ("assistant", outp)]
+    raise ValueError(f"{where}: neither an Alpaca record (instruction, output) nor a chat record (messages)")
+
+
+def _render(turns: list[tuple[str, str]], template: str, tokenizer: Any, where: str) -> list[Piece]:
+    if template == "alpaca":
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("template 'alpaca' needs an end-of-text special token, which the tokenizer lacks")
+        pieces: list[Piece] = []
+        if tokenizer.bos_token_id is not None:
+            pieces.append((int(tokenizer.bos_token_id), False))
+        system = "\n\n".join(c for r, c in turns if r == "system")
+        has_input = any(r == "input" for r, _ in turns)
+        preamble = system or (ALPACA_PREAMBLE_INPUT if has_input else ALPACA_PREAMBLE)
+        prompt = preamble + "\n\n"
+        for role, content in turns:
+            if role == "user":
+                prompt += f"### Instruction:\n{content}\n\n"
+            elif role == "input":
+                prompt += f"### Input:\n{content}\n\n"
+            elif role == "assistant":
+                pieces += [(prompt + "### Response:\n", False), (content, True), (int(eos), True)]
+                prompt = "\n\n"
+        return pieces
+    if len(turns) >= 2 and turns[1][0] == "input":
+        # An Alpaca record's instruction and input form one user turn.
+        turns = [("user", turns[0][1] + "\n\n" + turns[1][1]), *turns[2:]]
+    if template == "chatml":
+        start, end = _special(tokenizer, "<|im_start|>", template), _special(tokenizer, "<|im_end|>", template)
+        pieces = []
+        for role, content in turns:
+            learn = role == "assistant"
+            pieces += [(start, False), (role + "\n", False), (content, learn), (end, learn), ("\n", False)]
+        return pieces
+    if template == "llama3":
+        names = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+        bot, sh, eh, eot = (_special(tokenizer, n, template) for n in names)
+        pieces = [(bot, False)]
+        for role, content in turns:
+            learn = role == "assistant"
+            pieces += [(sh, False), (role, False), (eh, False), ("\n\n", False), (content, learn), (eot, learn)]
+        return pieces
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{os.fspath(path)}:{lineno}"
+                try:
+                    yield json.loads(line), where
+                except ValueError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e})") from None
+
+
+def _checksum(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "blake2b-128:" + h.hexdigest()
+
+
+def _encode_records(rendered: list[list[Piece]], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
+    texts = [p for pieces in rendered for p, _ in pieces if isinstance(p, str)]
+    batch = getattr(tokenizer, "encode_ordinary_batch", None)
+    encoded = iter(batch(texts) if batch else [tokenizer.encode_ordinary(t) for t in texts])
+    docs, masks = [], []
+    for pieces in rendered:
+        ids: list[int] = []
+        mask: list[int] = []
+        for p, learn in pieces:
+            part = list(next(encoded)) if isinstance(p, str) else [p]
+            ids += part
+            mask += [int(learn)] * len(part)
+        docs.append(ids)
+        masks.append(mask)
+    return docs, masks
+
+
+def prepare_sft(
+    jsonl_paths: Union[PathLike, Sequence[PathLike]],
+    output_prefix: PathLike,
+    tokenizer: Any,
+    template: str = "alpaca",
+    *,
+    max_length: Optional[int] = None,
+) -> dict[str, Any]:
+    """Tokenize instruction/chat JSONL with ``template`` into ``output_prefix`` token files and their loss
+    mask; return the manifest (also written to ``PREFIX.json``). Records longer than ``max_length`` tokens
+    are dropped (counted in the manifest), never silently cut through a response.
+
+    >>> tm.data.prepare_sft("alpaca.jsonl", "data/sft", tok, template="llama3")   # doctest: +SKIP
+    >>> loader = tm.data.DataLoader("data/sft", seq_len=2048, batch_size=8, packing="best_fit")  # doctest: +SKIP
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    paths = [jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else list(jsonl_paths)
+    if not paths:
+        raise ValueError("no input files")
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{os.fspath(p)}: no such file")
+    rendered = [_render(_messages(rec, where), template, tokenizer, where) for rec, where in _records(paths)]
+    if not rendered:
+        raise ValueError(f"no records in {[os.fspath(p) for p in paths]}")
+    docs, masks = _encode_records(rendered, tokenizer)
+    dropped = 0
+    if max_length is not None:
+        keep = [i for i, d in enumerate(docs) if len(d) <= max_length]
+        dropped = len(docs) - len(keep)
+        docs, masks = [docs[i] for i in keep], [masks[i] for i in keep]
+        if not docs:
+            raise ValueError(f"every record is longer than max_length={max_length} tokens")
+    prefix = normalize_prefix(output_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    dtype = "uint16" if tokenizer.n_vocab < 65_500 else "int32"
+    _core.write_token_file(prefix, docs, dtype)
+    _core.write_token_file(prefix + MASK_SUFFIX, masks, "uint8")
+    manifest = {
+        "format": "megatron-mmidx",
+        "kind": "sft",
+        "template": template,
+        "inputs": [os.fspath(p) for p in paths],
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "n_vocab": tokenizer.n_vocab,
+        "dtype": dtype,
+        "documents": len(docs),
+        "tokens": sum(map(len, docs)),
+        "learned_tokens": sum(map(sum, masks)),
+        "dropped_too_long": dropped,
+        "loss_mask": os.path.basename(prefix + MASK_SUFFIX),
+        "checksums": {
+            os.path.basename(f): _checksum(f)
+            for f in (prefix + ".bin", prefix + ".idx", prefix + MASK_SUFFIX + ".bin", prefix + MASK_SUFFIX + ".idx")
+        },
+    }
+    tmp = f"{prefix}.json.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, prefix + ".json")
+    return manifest

@@ -1,0 +1,288 @@
+"""Byte-level BPE tokenizer with tiktoken's semantics, implemented in Rust (``tokenmill._core``).
+
+>>> import tokenmill as tm
+>>> tok = tm.Tokenizer.from_tiktoken({bytes([b]): b for b in range(256)}, pattern="cl100k",
+...                                  special_tokens={"<|endoftext|>": 256})
+>>> tok.encode("hi")
+[104, 105]
+>>> tok.decode(tok.encode("hi<|endoftext|>", allowed_special="all"))
+'hi<|endoftext|>'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Union
+
+from tokenmill import _core
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PathLike = Union[str, "os.PathLike[str]"]
+Specials = Union[Literal["all"], Collection[str]]
+
+#: Names accepted wherever a pattern is expected; each is the exact string tiktoken / LLaMA-3 use.
+PATTERNS = ("gpt2", "cl100k", "o200k", "llama3")
+
+
+def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int) -> dict[str, int]:
+    if special_tokens is None:
+        return {}
+    if isinstance(special_tokens, Mapping):
+        return {str(k): int(v) for k, v in special_tokens.items()}
+    if isinstance(special_tokens, str):
+        raise TypeError("special_tokens must be a list of strings or a dict {text: id}, not a str")
+    return {s: first_id + i for i, s in enumerate(special_tokens)}
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer (or a SentencePiece BPE model loaded with :meth:`from_sentencepiece`).
+
+    Build one with :meth:`train`, :meth:`from_tiktoken`, :meth:`from_huggingface`,
+    :meth:`from_sentencepiece` or :meth:`load`. Instances are immutable and thread-safe.
+    """
+
+    __slots__ = ("_core", "_specials")
+
+    def __init__(self, core: _core.CoreTokenizer):
+        self._core = core
+        self._specials: dict[str, int] = dict(core.special_tokens())
+
+    # ----- construction -----
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        pattern: str = "llama3",
+        special_tokens: Sequence[str] = (),
+        min_frequency: int = 2,
+        show_progress: bool = True,
+    ) -> Tokenizer:
+        """Train a byte-level BPE vocabulary on an iterable of strings (streamed, counted in parallel).
+
+        ``vocab_size`` counts the 256 byte tokens, the merges and the special tokens, which get the
+        last ids in the order given.
+
+        >>> tok = Tokenizer.train(["hello hello hello world"] * 10, vocab_size=260, show_progress=False)
+        >>> tok.n_vocab
+        260
+        """
+        specials = list(special_tokens)
+        n_merge = vocab_size - len(specials)
+        if n_merge < 256:
+            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
+        tokens = _core.train_bpe(iter(texts), n_merge, pattern, specials, min_frequency, show_progress)
+        return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
+
+    @classmethod
+    def train_files(
+        cls,
+        paths: Sequence[PathLike],
+        vocab_size: int,
+        pattern: str = "llama3",
+        special_tokens: Sequence[str] = (),
+        min_frequency: int = 2,
+        show_progress: bool = True,
+    ) -> Tokenizer:
+        """Like :meth:`train`, reading text files (one document per file) in parallel in Rust."""
+        specials = list(special_tokens)
+        n_merge = vocab_size - len(specials)
+        if n_merge < 256:
+            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
+        tokens = _core.train_bpe_files(
+            [os.fspath(p) for p in paths], n_merge, pattern, specials, min_frequency, show_progress
+        )
+        return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
+
+    @classmethod
+    def from_tiktoken(
+        cls,
+        ranks: Union[Mapping[bytes, int], Sequence[bytes], PathLike],
+        pattern: str = "cl100k",
+        special_tokens: Union[Mapping[str, int], Sequence[str], None] = None,
+    ) -> Tokenizer:
+        """From tiktoken mergeable ranks: a dict {token bytes: rank}, a list of token bytes in rank
+        order, or a ``.tiktoken`` file. ``special_tokens`` is a dict {text: id} or a list of texts
+        (ids follow the mergeable tokens).
+
+        >>> tok = Tokenizer.from_tiktoken([bytes([b]) for b in range(256)] + [b"hi"], pattern="gpt2")
+        >>> tok.encode("hi hi")
+        [256, 32, 256]
+        """
+        if isinstance(ranks, (str, os.PathLike)):
+            core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(ranks), pattern, [])
+            specials = _specials_dict(special_tokens, core.n_vocab)
+            if specials:
+                core = _core.CoreTokenizer.from_ranks(core.mergeable_tokens(), pattern, list(specials.items()))
+            return cls(core)
+        if isinstance(ranks, Mapping):
+            tokens: list[bytes] = [b""] * len(ranks)
+            for tok, rank in ranks.items():
+                if not 0 <= rank < len(ranks) or tokens[rank]:
+                    raise ValueError(f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}")
+                tokens[rank] = bytes(tok)
+        else:
+            tokens = [bytes(t) for t in ranks]
+        specials = _specials_dict(special_tokens, len(tokens))
+        return cls(_core.CoreTokenizer.from_ranks(tokens, pattern, list(specials.items())))
+
+    @classmethod
+    def from_huggingface(cls, path: PathLike) -> Tokenizer:
+        """From a Hugging Face ``tokenizer.json`` with a byte-level BPE model (ByteLevel pre-tokenizer,
+        or Split regex + ByteLevel as LLaMA-3 ships); added tokens become special tokens."""
+        return cls(_core.CoreTokenizer.from_huggingface(os.fspath(path)))
+
+    @classmethod
+    def from_sentencepiece(cls, path: PathLike) -> Tokenizer:
+        """From a SentencePiece ``.model`` of type BPE (LLaMA-1/2 style, byte fallback), identity
+        normalization. Control and unknown pieces (``<s>``, ``</s>``, ``<unk>``) are special tokens."""
+        return cls(_core.CoreTokenizer.from_sentencepiece(os.fspath(path)))
+
+    @classmethod
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Load a file written by :meth:`save`."""
+        return cls(_core.CoreTokenizer.load(os.fspath(path)))
+
+    def save(self, path: PathLike) -> None:
+        """Write tokenmill's own format (atomically); :meth:`load` reads it back."""
+        self._core.save(os.fspath(path))
+
+    def save_huggingface(self, path: PathLike) -> None:
+        """Write a ``tokenizer.json`` that the ``tokenizers`` library loads and encodes identically."""
+        self._core.save_huggingface(os.fspath(path))
+
+    def save_tiktoken(self, path: PathLike) -> None:
+        """Write the mergeable ranks as a ``.tiktoken`` file (pattern and special tokens are not part
+        of that format)."""
+        self._core.save_tiktoken(os.fspath(path))
+
+    # ----- properties -----
+
+    @property
+    def n_vocab(self) -> int:
+        """Largest token id + 1."""
+        return self._core.n_vocab
+
+    @property
+    def pattern(self) -> str:
+        """The pretokenization regex ('' for SentencePiece models)."""
+        return self._core.pattern
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """{text: id} of the special tokens."""
+        return dict(self._specials)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of vocabulary, pattern and special tokens (for manifests)."""
+        return self._core.fingerprint
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """Id of the first special token that names an end of text (``<|endoftext|>``,
+        ``<|end_of_text|>``, ``</s>``, ``<|eot_id|>``, ``<eos>``), else None."""
+        return self._first_special(("<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>", "<eos>"))
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        """Id of ``<|begin_of_text|>``, ``<s>``, ``<|startoftext|>`` or ``<bos>`` if present, else None."""
+        return self._first_special(("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"))
+
+    def _first_special(self, names: Sequence[str]) -> Optional[int]:
+        for n in names:
+            if n in self._specials:
+                return self._specials[n]
+        return None
+
+    def token_to_id(self, token: Union[str, bytes]) -> Optional[int]:
+        """Id of a special token's text or of a mergeable token's bytes; None if absent."""
+        return self._core.token_to_id(token.encode("utf-8") if isinstance(token, str) else bytes(token))
+
+    def id_to_token_bytes(self, id: int) -> bytes:
+        """The bytes token ``id`` decodes to; ValueError for an unknown id."""
+        return self._core.id_to_token_bytes(id)
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """{token bytes: rank} as tiktoken takes them."""
+        return {t: i for i, t in enumerate(self._core.mergeable_tokens())}
+
+    # ----- encoding -----
+
+    def _policy(self, allowed_special: Specials, disallowed_special: Specials) -> tuple[list[str], Optional[list[str]]]:
+        allowed = list(self._specials) if allowed_special == "all" else list(allowed_special)
+        if disallowed_special == "all":
+            return allowed, None  # Rust: every special not allowed is disallowed
+        return allowed, list(disallowed_special)
+
+    def encode(
+        self, text: str, allowed_special: Specials = (), disallowed_special: Specials = "all"
+    ) -> list[int]:
+        """Encode ``text`` with tiktoken's special-token rules: specials in ``allowed_special`` become
+        their ids; finding one in ``disallowed_special`` (default: all others) raises ValueError;
+        others are ordinary text.
+
+        >>> tok = Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], special_tokens=["<|eot|>"])
+        >>> tok.encode("a<|eot|>", allowed_special={"<|eot|>"})
+        [97, 256]
+        >>> tok.encode("a<|eot|>", disallowed_special=())
+        [97, 60, 124, 101, 111, 116, 124, 62]
+        """
+        allowed, disallowed = self._policy(allowed_special, disallowed_special)
+        return self._core.encode(text, allowed, disallowed)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode ignoring special tokens (their text is ordinary text)."""
+        return self._core.encode_ordinary(text)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        num_threads: Optional[int] = None,
+        allowed_special: Specials = (),
+        disallowed_special: Specials = "all",
+    ) -> list[list[int]]:
+        """Encode many texts in parallel in Rust (GIL released); ``num_threads=None`` uses all cores.
+        Results equal ``[encode(t) for t in texts]``."""
+        allowed, disallowed = self._policy(allowed_special, disallowed_special)
+        return self._core.encode_batch(list(texts), allowed, disallowed, num_threads)
+
+    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]:
+        """``encode_batch`` ignoring special tokens."""
+        return self._core.encode_ordinary_batch(list(texts), num_threads)
+
+    def encode_to_numpy(
+        self, text: str, allowed_special: Specials = (), disallowed_special: Specials = "all"
+    ) -> np.ndarray:
+        """Like :meth:`encode`, returning a uint32 numpy array that owns the Rust buffer (no copy)."""
+        allowed, disallowed = self._policy(allowed_special, disallowed_special)
+        return self._core.encode_to_numpy(text, allowed, disallowed)
+
+    # ----- decoding -----
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the tokens; ValueError naming an unknown id."""
+        return self._core.decode_bytes(list(ids))
+
+    def decode(self, ids: Iterable[int], errors: Literal["replace", "strict"] = "replace") -> str:
+        """Decode to text. Token boundaries may split UTF-8 sequences: ``errors="replace"`` puts
+        U+FFFD there, ``"strict"`` raises UnicodeDecodeError.
+
+        >>> tok = Tokenizer.from_tiktoken([bytes([b]) for b in range(256)])
+        >>> tok.decode([104, 105, 0xE2])
+        'hi\\ufffd'
+        """
+        if errors not in ("replace", "strict"):
+            raise ValueError(f"errors must be 'replace' or 'strict', got {errors!r}")
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def __len__(self) -> int:
+        return self.n_vocab
+
+    def __repr__(self) -> str:
+        kind = "sentencepiece" if self._core.is_sentencepiece else repr(self.pattern[:40])
+        return f"Tokenizer(n_vocab={self.n_vocab}, pattern={kind}, special_tokens={len(self._specials)})"

@@ -1,0 +1,481 @@
+//! Byte-level BPE tokenizer with tiktoken's semantics, plus SentencePiece-BPE models (see `spm`).
+//!
+//! Encoding: special tokens are found first (Aho-Corasick, leftmost-longest); the text between them
+//! is split by the [`Pretokenizer`]; each piece that is itself a token is emitted directly, others
+//! are merged by [`merge::merge`]. Ids of mergeable tokens are their ranks.
+//!
+//! Performance notes (2-core box, stdlib corpus, see benches/RESULTS.md):
+//! - A whole-piece lookup before merging skips the merge for ~85% of pieces.
+//! - Rejected: caching piece -> ids in a per-call FxHashMap. Most pieces are one token already,
+//!   so the cache costs a hash + clone for little saving (slower on prose, see RESULTS.md).
+
+pub mod merge;
+pub mod spm;
+
+use crate::pretokenize::Pretokenizer;
+use crate::{Error, Result};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use merge::PairMap;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use xxhash_rust::xxh3::Xxh3;
+
+/// How special tokens found in the text are treated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    Text = 0,
+    Allowed = 1,
+    Disallowed = 2,
+}
+
+pub struct Tokenizer {
+    pre: Pretokenizer,
+    /// Mergeable token bytes -> id.
+    encoder: FxHashMap<Vec<u8>, u32>,
+    pairs: PairMap,
+    byte_ids: [u32; 256],
+    /// id -> bytes it decodes to (mergeable and special); None for unused ids.
+    decoder: Vec<Option<Vec<u8>>>,
+    n_mergeable: usize,
+    /// (text, id) in the order given.
+    specials: Vec<(String, u32)>,
+    special_ids: FxHashMap<String, u32>,
+    special_ac: Option<AhoCorasick>,
+    /// Set for SentencePiece-BPE models: encoding follows sentencepiece instead of tiktoken.
+    spm: Option<spm::SpModel>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("n_vocab", &self.n_vocab())
+            .field("pattern", &self.pattern())
+            .field("n_special", &self.specials.len())
+            .field("sentencepiece", &self.spm.is_some())
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Build from mergeable tokens in id order (id = rank), a pattern (name or regex) and special
+    /// tokens with their ids. All 256 single bytes must be tokens; ids must not collide.
+    pub fn from_ranks(
+        tokens: Vec<Vec<u8>>,
+        pattern: &str,
+        specials: Vec<(String, u32)>,
+    ) -> Result<Self> {
+        let pre = Pretokenizer::new(pattern)?;
+        Self::build(tokens, pre, specials, None)
+    }
+
+    /// A SentencePiece BPE model; its control and unknown pieces become the special tokens.
+    pub fn from_sentencepiece(model: spm::SpModel) -> Result<Self> {
+        let tokens: Vec<Vec<u8>> = model.pieces.iter().map(|p| p.piece.as_bytes().to_vec()).collect();
+        let specials = model
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.kind, spm::PieceType::Control | spm::PieceType::Unknown))
+            .map(|(i, p)| (p.piece.clone(), i as u32))
+            .collect();
+        Self::build(tokens, Pretokenizer::new("")?, specials, Some(model))
+    }
+
+    pub(crate) fn build(
+        tokens: Vec<Vec<u8>>,
+        pre: Pretokenizer,
+        specials: Vec<(String, u32)>,
+        spm: Option<spm::SpModel>,
+    ) -> Result<Self> {
+        let n = tokens.len();
+        if n > (u32::MAX - 1) as usize {
+            return Err(Error::invalid("vocabulary too large"));
+        }
+        let mut encoder: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        encoder.reserve(n);
+        let mut byte_ids = [u32::MAX; 256];
+        if spm.is_none() {
+            for (id, t) in tokens.iter().enumerate() {
+                if t.is_empty() {
+                    return Err(Error::invalid(format!("token {id} is empty")));
+                }
+                if let Some(old) = encoder.insert(t.clone(), id as u32) {
+                    return Err(Error::invalid(format!(
+                        "tokens {old} and {id} have the same bytes {}",
+                        show_bytes(t)
+                    )));
+                }
+                if t.len() == 1 {
+                    byte_ids[t[0] as usize] = id as u32;
+                }
+            }
+            if let Some(b) = byte_ids.iter().position(|&i| i == u32::MAX) {
+                return Err(Error::invalid(format!(
+                    "the vocabulary lacks the single-byte token 0x{b:02X}; byte-level BPE needs all 256"
+                )));
+            }
+        }
+        let mut pairs = PairMap::default();
+        if spm.is_none() {
+            for (id, t) in tokens.iter().enumerate() {
+                for k in 1..t.len() {
+                    if let (Some(&a), Some(&b)) = (encoder.get(&t[..k]), encoder.get(&t[k..])) {
+                        pairs.insert((a, b), id as u32);
+                    }
+                }
+            }
+        }
+        let mut n_vocab = n;
+        let mut special_ids = FxHashMap::default();
+        for (s, id) in &specials {
+            if s.is_empty() {
+                return Err(Error::invalid("a special token is the empty string"));
+            }
+            if (*id as usize) < n {
+                if spm.is_none() {
+                    return Err(Error::invalid(format!(
+                        "special token {s:?} has id {id}, which belongs to a mergeable token"
+                    )));
+                }
+            } else {
+                n_vocab = n_vocab.max(*id as usize + 1);
+            }
+            if special_ids.insert(s.clone(), *id).is_some() {
+                return Err(Error::invalid(format!("special token {s:?} given twice")));
+            }
+        }
+        let mut decoder: Vec<Option<Vec<u8>>> = vec![None; n_vocab];
+        for (id, t) in tokens.iter().enumerate() {
+            decoder[id] = Some(match &spm {
+                Some(m) => m.decoded_bytes(id as u32),
+                None => t.clone(),
+            });
+        }
+        for (s, id) in &specials {
+            if (*id as usize) >= n {
+                if decoder[*id as usize].is_some() {
+                    return Err(Error::invalid(format!(
+                        "special tokens share the id {id} ({s:?})"
+                    )));
+                }
+                decoder[*id as usize] = Some(s.as_bytes().to_vec());
+            }
+        }
+        let special_ac = if specials.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasickBuilder::new()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(specials.iter().map(|(s, _)| s.as_bytes()))
+                    .map_err(|e| Error::invalid(format!("special tokens: {e}")))?,
+            )
+        };
+        let mut tok = Tokenizer {
+            pre,
+            encoder,
+            pairs,
+            byte_ids,
+            decoder,
+            n_mergeable: n,
+            specials,
+            special_ids,
+            special_ac,
+            spm,
+            fingerprint: String::new(),
+        };
+        tok.fingerprint = tok.compute_fingerprint(&tokens);
+        Ok(tok)
+    }
+
+    fn compute_fingerprint(&self, tokens: &[Vec<u8>]) -> String {
+        let mut h = Xxh3::new();
+        let mut put = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        put(b"tokenmill-bpe-1");
+        put(self.pattern().as_bytes());
+        put(&(tokens.len() as u64).to_le_bytes());
+        for t in tokens {
+            put(t);
+        }
+        let mut sp: Vec<&(String, u32)> = self.specials.iter().collect();
+        sp.sort_by_key(|(_, id)| *id);
+        for (s, id) in sp {
+            put(&id.to_le_bytes());
+            put(s.as_bytes());
+        }
+        if let Some(m) = &self.spm {
+            put(&m.fingerprint_bytes());
+        }
+        format!("xxh3-128:{:032x}", h.digest128())
+    }
+
+    // ----- accessors -----
+
+    pub fn pattern(&self) -> &str {
+        if self.spm.is_some() {
+            ""
+        } else {
+            self.pre.pattern()
+        }
+    }
+    pub fn pretokenizer(&self) -> &Pretokenizer {
+        &self.pre
+    }
+    /// Largest id + 1 (tiktoken's n_vocab).
+    pub fn n_vocab(&self) -> usize {
+        self.decoder.len()
+    }
+    pub fn n_mergeable(&self) -> usize {
+        self.n_mergeable
+    }
+    /// Special tokens (text, id) in the order given at construction.
+    pub fn special_tokens(&self) -> &[(String, u32)] {
+        &self.specials
+    }
+    pub fn special_token_id(&self, text: &str) -> Option<u32> {
+        self.special_ids.get(text).copied()
+    }
+    pub fn spm(&self) -> Option<&spm::SpModel> {
+        self.spm.as_ref()
+    }
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+    /// Id of a token given by its bytes: a special token's text or a mergeable token's bytes
+    /// (for SentencePiece models: the piece, with `▁` for spaces).
+    pub fn token_to_id(&self, token: &[u8]) -> Option<u32> {
+        if let Ok(s) = std::str::from_utf8(token) {
+            if let Some(&id) = self.special_ids.get(s) {
+                return Some(id);
+            }
+            if let Some(m) = &self.spm {
+                return m.piece_id(s);
+            }
+        }
+        self.encoder.get(token).copied()
+    }
+    /// The bytes a token decodes to.
+    pub fn id_to_token_bytes(&self, id: u32) -> Result<&[u8]> {
+        match self.decoder.get(id as usize) {
+            Some(Some(b)) => Ok(b),
+            _ => Err(Error::Token(format!(
+                "unknown token id {id} (vocabulary size {})",
+                self.n_vocab()
+            ))),
+        }
+    }
+    /// Mergeable tokens in id order (the ranks), as given at construction.
+    pub fn mergeable_tokens(&self) -> Vec<&[u8]> {
+        (0..self.n_mergeable)
+            .map(|i| self.decoder[i].as_deref().unwrap_or(&[]))
+            .collect()
+    }
+
+    // ----- encoding -----
+
+    /// Encode ignoring special tokens (their text is encoded as ordinary text).
+    pub fn encode_ordinary(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        self.encode_ordinary_into(text, &mut out);
+        out
+    }
+
+    pub fn encode_ordinary_into(&self, text: &str, out: &mut Vec<u32>) {
+        if let Some(m) = &self.spm {
+            m.encode_into(text, out);
+            return;
+        }
+        for piece in self.pre.split(text) {
+            let piece = piece.as_bytes();
+            match self.encoder.get(piece) {
+                Some(&id) => out.push(id),
+                None => merge::merge(piece, &self.byte_ids, &self.pairs, out),
+            }
+        }
+    }
+
+    /// tiktoken's `encode(text, allowed_special=..., disallowed_special="all")`: the listed special
+    /// tokens become their ids; any other special token in the text is an error naming it.
+    pub fn encode(&self, text: &str, allowed_special: &[&str]) -> Result<Vec<u32>> {
+        self.encode_with(text, allowed_special, None)
+    }
+
+    /// General form: `disallowed` None means "all special tokens not allowed"; specials in
+    /// neither list are encoded as ordinary text. Unknown names are ignored, as tiktoken does.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        allowed: &[&str],
+        disallowed: Option<&[&str]>,
+    ) -> Result<Vec<u32>> {
+        let policy = self.policy(allowed, disallowed);
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        self.encode_policy_into(text, &policy, &mut out)?;
+        Ok(out)
+    }
+
+    fn policy(&self, allowed: &[&str], disallowed: Option<&[&str]>) -> Vec<Policy> {
+        let index: FxHashMap<&str, usize> = self
+            .specials
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| (s.as_str(), i))
+            .collect();
+        let mut policy = vec![
+            if disallowed.is_none() {
+                Policy::Disallowed
+            } else {
+                Policy::Text
+            };
+            self.specials.len()
+        ];
+        for s in disallowed.unwrap_or(&[]) {
+            if let Some(&i) = index.get(s) {
+                policy[i] = Policy::Disallowed;
+            }
+        }
+        for s in allowed {
+            if let Some(&i) = index.get(s) {
+                policy[i] = Policy::Allowed;
+            }
+        }
+        policy
+    }
+
+    /// Leftmost-longest occurrence at or after `pos` of a special token whose policy is `want`.
+    fn find_special(
+        &self,
+        text: &str,
+        mut pos: usize,
+        policy: &[Policy],
+        want: Policy,
+    ) -> Option<(usize, usize, usize)> {
+        let ac = self.special_ac.as_ref()?;
+        if !policy.contains(&want) {
+            return None;
+        }
+        while pos < text.len() {
+            let m = ac.find(aho_corasick::Input::new(text).span(pos..text.len()))?;
+            if policy[m.pattern().as_usize()] == want {
+                return Some((m.pattern().as_usize(), m.start(), m.end()));
+            }
+            // A longer unwanted special hid a wanted one at the same start: check them all there.
+            let at = m.start();
+            let best = self
+                .specials
+                .iter()
+                .enumerate()
+                .filter(|(i, (s, _))| policy[*i] == want && text[at..].starts_with(s.as_str()))
+                .max_by_key(|(_, (s, _))| s.len());
+            if let Some((i, (s, _))) = best {
+                return Some((i, at, at + s.len()));
+            }
+            pos = at + 1;
+            while !text.is_char_boundary(pos) {
+                pos += 1;
+            }
+        }
+        None
+    }
+
+    fn encode_policy_into(&self, text: &str, policy: &[Policy], out: &mut Vec<u32>) -> Result<()> {
+        if let Some((i, _, _)) = self.find_special(text, 0, policy, Policy::Disallowed) {
+            return Err(Error::Token(format!(
+                "Encountered text corresponding to disallowed special token {:?}. Pass it in \
+                 allowed_special to encode it as a special token, or in disallowed_special=() \
+                 (or use encode_ordinary) to encode it as ordinary text.",
+                self.specials[i].0
+            )));
+        }
+        let mut pos = 0;
+        while let Some((i, start, end)) = self.find_special(text, pos, policy, Policy::Allowed) {
+            self.encode_ordinary_into(&text[pos..start], out);
+            out.push(self.specials[i].1);
+            pos = end;
+        }
+        self.encode_ordinary_into(&text[pos..], out);
+        Ok(())
+    }
+
+    /// Encode many texts in parallel (rayon) on `num_threads` threads (None: all cores).
+    /// The result does not depend on the thread count.
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        allowed: &[&str],
+        disallowed: Option<&[&str]>,
+        num_threads: Option<usize>,
+    ) -> Result<Vec<Vec<u32>>> {
+        let policy = self.policy(allowed, disallowed);
+        with_threads(num_threads, || {
+            texts
+                .par_iter()
+                .map(|t| {
+                    let t = t.as_ref();
+                    let mut out = Vec::with_capacity(t.len() / 4 + 1);
+                    self.encode_policy_into(t, &policy, &mut out)?;
+                    Ok(out)
+                })
+                .collect()
+        })
+    }
+
+    /// `encode_batch` ignoring special tokens.
+    pub fn encode_ordinary_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        num_threads: Option<usize>,
+    ) -> Result<Vec<Vec<u32>>> {
+        with_threads(num_threads, || {
+            Ok(texts
+                .par_iter()
+                .map(|t| self.encode_ordinary(t.as_ref()))
+                .collect())
+        })
+    }
+
+    // ----- decoding -----
+
+    /// The bytes of the tokens, concatenated. An unknown id is an error naming it. For
+    /// SentencePiece models the dummy-prefix space of the first token is removed, as sentencepiece does.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            out.extend_from_slice(self.id_to_token_bytes(id)?);
+        }
+        if let Some(m) = &self.spm {
+            m.strip_dummy_prefix(ids, &mut out, &self.special_ids);
+        }
+        Ok(out)
+    }
+}
+
+/// Run `f` on a rayon pool of `n` threads (None or 0: the global pool).
+pub fn with_threads<R: Send>(
+    n: Option<usize>,
+    f: impl FnOnce() -> Result<R> + Send,
+) -> Result<R> {
+    match n {
+        None | Some(0) => f(),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))?
+            .install(f),
+    }
+}
+
+/// Bytes for an error message: the text if UTF-8, else hex.
+pub fn show_bytes(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => format!("{s:?}"),
+        Err(_) => b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

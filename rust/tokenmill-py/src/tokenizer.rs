@@ -1,0 +1,197 @@
+//! Bindings for `tokenmill_core::bpe::Tokenizer` (conversion only; policy lives in
+//! python/tokenmill/tokenizer.py). Every call that may touch a lot of text releases the GIL.
+
+use crate::utils::detach;
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
+use pyo3::types::PyBytes;
+use std::sync::Arc;
+use tokenmill_core::bpe::Tokenizer;
+use tokenmill_core::formats;
+
+#[pyclass(module = "tokenmill._core", name = "CoreTokenizer", frozen)]
+pub struct PyTokenizer {
+    pub inner: Arc<Tokenizer>,
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+impl PyTokenizer {
+    fn wrap(t: Tokenizer) -> Self {
+        PyTokenizer { inner: Arc::new(t) }
+    }
+}
+
+#[pymethods]
+impl PyTokenizer {
+    /// Mergeable tokens in id order, a pattern (name or regex), special tokens (text, id).
+    #[staticmethod]
+    fn from_ranks(
+        py: Python<'_>,
+        tokens: Vec<PyBackedBytes>,
+        pattern: String,
+        specials: Vec<(String, u32)>,
+    ) -> PyResult<Self> {
+        let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
+        detach(py, move || Tokenizer::from_ranks(tokens, &pattern, specials)).map(Self::wrap)
+    }
+
+    /// Our own format (see tokenmill_core::formats::native).
+    #[staticmethod]
+    fn load(py: Python<'_>, path: String) -> PyResult<Self> {
+        detach(py, move || formats::native::load(&path)).map(Self::wrap)
+    }
+
+    fn save(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        let t = self.inner.clone();
+        detach(py, move || formats::native::save(&t, &path))
+    }
+
+    #[staticmethod]
+    fn from_tiktoken_file(
+        py: Python<'_>,
+        path: String,
+        pattern: String,
+        specials: Vec<(String, u32)>,
+    ) -> PyResult<Self> {
+        detach(py, move || {
+            let tokens = formats::tiktoken::read(&path)?;
+            Tokenizer::from_ranks(tokens, &pattern, specials)
+        })
+        .map(Self::wrap)
+    }
+
+    fn save_tiktoken(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        let t = self.inner.clone();
+        detach(py, move || formats::tiktoken::save(&t, &path))
+    }
+
+    fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
+        let t = self.inner.clone();
+        detach(py, move || Ok(t.encode_ordinary(&text)))
+    }
+
+    /// `disallowed` None: every special token not in `allowed` is an error when found.
+    #[pyo3(signature = (text, allowed, disallowed=None))]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: PyBackedStr,
+        allowed: Vec<String>,
+        disallowed: Option<Vec<String>>,
+    ) -> PyResult<Vec<u32>> {
+        let t = self.inner.clone();
+        detach(py, move || {
+            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
+        })
+    }
+
+    #[pyo3(signature = (text, allowed, disallowed=None))]
+    fn encode_to_numpy<'py>(
+        &self,
+        py: Python<'py>,
+        text: PyBackedStr,
+        allowed: Vec<String>,
+        disallowed: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let t = self.inner.clone();
+        let ids = detach(py, move || {
+            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
+        })?;
+        Ok(PyArray1::from_vec(py, ids))
+    }
+
+    #[pyo3(signature = (texts, allowed, disallowed=None, num_threads=None))]
+    fn encode_batch(
+        &self,
+        py: Python<'_>,
+        texts: Vec<PyBackedStr>,
+        allowed: Vec<String>,
+        disallowed: Option<Vec<String>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let t = self.inner.clone();
+        detach(py, move || {
+            t.encode_batch(
+                &texts,
+                &refs(&allowed),
+                disallowed.as_deref().map(refs).as_deref(),
+                num_threads,
+            )
+        })
+    }
+
+    #[pyo3(signature = (texts, num_threads=None))]
+    fn encode_ordinary_batch(
+        &self,
+        py: Python<'_>,
+        texts: Vec<PyBackedStr>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let t = self.inner.clone();
+        detach(py, move || t.encode_ordinary_batch(&texts, num_threads))
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
+        let t = self.inner.clone();
+        let bytes = detach(py, move || t.decode_bytes(&ids))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+
+    #[getter]
+    fn pattern(&self) -> String {
+        self.inner.pattern().to_string()
+    }
+
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint()
+    }
+
+    #[getter]
+    fn is_sentencepiece(&self) -> bool {
+        self.inner.spm().is_some()
+    }
+
+    /// (text, id) pairs in construction order.
+    fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.inner.special_tokens().to_vec()
+    }
+
+    fn token_to_id(&self, token: &[u8]) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    fn id_to_token_bytes<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self
+            .inner
+            .id_to_token_bytes(id)
+            .map_err(crate::error::to_py)?;
+        Ok(PyBytes::new(py, b))
+    }
+
+    /// Mergeable tokens in id order (tiktoken's ranks).
+    fn mergeable_tokens<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.inner
+            .mergeable_tokens()
+            .into_iter()
+            .map(|b| PyBytes::new(py, b))
+            .collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.inner)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyTokenizer>()
+}
