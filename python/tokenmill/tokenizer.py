@@ -27,6 +27,24 @@ Specials = Union[Literal["all"], Collection[str]]
 PATTERNS = ("gpt2", "cl100k", "o200k", "llama3")
 
 
+def pattern_string(name: str) -> str:
+    """The exact regex behind a pattern name (tiktoken's / LLaMA-3's string); other strings unchanged.
+
+    >>> pattern_string("llama3")[:24]
+    "(?i:'s|'t|'re|'ve|'m|'ll"
+    """
+    return _core.resolve_pattern(name)
+
+
+def _clean(text: str) -> str:
+    """Lone surrogates cannot be UTF-8: replace them with U+FFFD, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int) -> dict[str, int]:
     if special_tokens is None:
         return {}
@@ -117,7 +135,8 @@ class Tokenizer:
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(ranks), pattern, [])
             specials = _specials_dict(special_tokens, core.n_vocab)
             if specials:
-                core = _core.CoreTokenizer.from_ranks(core.mergeable_tokens(), pattern, list(specials.items()))
+                tokens = [t for _, t in core.mergeable_tokens()]
+                core = _core.CoreTokenizer.from_ranks(tokens, pattern, list(specials.items()))
             return cls(core)
         if isinstance(ranks, Mapping):
             tokens: list[bytes] = [b""] * len(ranks)
@@ -209,7 +228,7 @@ class Tokenizer:
 
     def mergeable_ranks(self) -> dict[bytes, int]:
         """{token bytes: rank} as tiktoken takes them."""
-        return {t: i for i, t in enumerate(self._core.mergeable_tokens())}
+        return {t: i for i, t in self._core.mergeable_tokens()}
 
     # ----- encoding -----
 
@@ -233,11 +252,17 @@ class Tokenizer:
         [97, 60, 124, 101, 111, 116, 124, 62]
         """
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
-        return self._core.encode(text, allowed, disallowed)
+        try:
+            return self._core.encode(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            return self._core.encode(_clean(text), allowed, disallowed)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode ignoring special tokens (their text is ordinary text)."""
-        return self._core.encode_ordinary(text)
+        try:
+            return self._core.encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary(_clean(text))
 
     def encode_batch(
         self,
@@ -249,18 +274,27 @@ class Tokenizer:
         """Encode many texts in parallel in Rust (GIL released); ``num_threads=None`` uses all cores.
         Results equal ``[encode(t) for t in texts]``."""
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
-        return self._core.encode_batch(list(texts), allowed, disallowed, num_threads)
+        try:
+            return self._core.encode_batch(list(texts), allowed, disallowed, num_threads)
+        except UnicodeEncodeError:
+            return self._core.encode_batch([_clean(t) for t in texts], allowed, disallowed, num_threads)
 
     def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]:
         """``encode_batch`` ignoring special tokens."""
-        return self._core.encode_ordinary_batch(list(texts), num_threads)
+        try:
+            return self._core.encode_ordinary_batch(list(texts), num_threads)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary_batch([_clean(t) for t in texts], num_threads)
 
     def encode_to_numpy(
         self, text: str, allowed_special: Specials = (), disallowed_special: Specials = "all"
     ) -> np.ndarray:
         """Like :meth:`encode`, returning a uint32 numpy array that owns the Rust buffer (no copy)."""
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
-        return self._core.encode_to_numpy(text, allowed, disallowed)
+        try:
+            return self._core.encode_to_numpy(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            return self._core.encode_to_numpy(_clean(text), allowed, disallowed)
 
     # ----- decoding -----
 

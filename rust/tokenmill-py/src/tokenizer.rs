@@ -69,6 +69,21 @@ impl PyTokenizer {
         detach(py, move || formats::tiktoken::save(&t, &path))
     }
 
+    #[staticmethod]
+    fn from_huggingface(py: Python<'_>, path: String) -> PyResult<Self> {
+        detach(py, move || formats::huggingface::load(&path)).map(Self::wrap)
+    }
+
+    fn save_huggingface(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        let t = self.inner.clone();
+        detach(py, move || formats::huggingface::save(&t, &path))
+    }
+
+    #[staticmethod]
+    fn from_sentencepiece(py: Python<'_>, path: String) -> PyResult<Self> {
+        detach(py, move || formats::sentencepiece::load(&path)).map(Self::wrap)
+    }
+
     fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
         let t = self.inner.clone();
         detach(py, move || Ok(t.encode_ordinary(&text)))
@@ -178,12 +193,12 @@ impl PyTokenizer {
         Ok(PyBytes::new(py, b))
     }
 
-    /// Mergeable tokens in id order (tiktoken's ranks).
-    fn mergeable_tokens<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+    /// (id, bytes) of the mergeable tokens in id order (tiktoken's ranks).
+    fn mergeable_tokens<'py>(&self, py: Python<'py>) -> Vec<(u32, Bound<'py, PyBytes>)> {
         self.inner
             .mergeable_tokens()
             .into_iter()
-            .map(|b| PyBytes::new(py, b))
+            .map(|(i, b)| (i, PyBytes::new(py, b)))
             .collect()
     }
 
@@ -192,6 +207,13 @@ impl PyTokenizer {
     }
 }
 
+/// The pattern string behind a name ("gpt2", "cl100k", "o200k", "llama3"); other strings unchanged.
+#[pyfunction]
+fn resolve_pattern(name: &str) -> String {
+    tokenmill_core::pretokenize::resolve_pattern(name).to_string()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyTokenizer>()
+    m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(resolve_pattern, m)?)
 }

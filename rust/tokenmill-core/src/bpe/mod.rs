@@ -28,6 +28,28 @@ enum Policy {
     Disallowed = 2,
 }
 
+/// Options of a byte-level BPE model beyond its vocabulary.
+#[derive(Clone, Debug, Default)]
+pub struct BpeOptions {
+    /// Explicit merges (Hugging Face): priority = index. None: tiktoken's rule (any split of a
+    /// token merges, priority = the token's id).
+    pub merges: Option<Vec<(u32, u32)>>,
+    /// Emit a piece that is itself a token without merging (tiktoken always; HF `ignore_merges`).
+    pub ignore_merges: bool,
+    /// Hugging Face ByteLevel `add_prefix_space`: a space before each text not starting with one.
+    pub add_prefix_space: bool,
+}
+
+impl BpeOptions {
+    pub fn tiktoken() -> Self {
+        BpeOptions {
+            merges: None,
+            ignore_merges: true,
+            add_prefix_space: false,
+        }
+    }
+}
+
 pub struct Tokenizer {
     pre: Pretokenizer,
     /// Mergeable token bytes -> id.
@@ -36,7 +58,9 @@ pub struct Tokenizer {
     byte_ids: [u32; 256],
     /// id -> bytes it decodes to (mergeable and special); None for unused ids.
     decoder: Vec<Option<Vec<u8>>>,
-    n_mergeable: usize,
+    /// Mergeable token ids, ascending.
+    mergeable_ids: Vec<u32>,
+    options: BpeOptions,
     /// (text, id) in the order given.
     specials: Vec<(String, u32)>,
     special_ids: FxHashMap<String, u32>,
@@ -59,19 +83,39 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Build from mergeable tokens in id order (id = rank), a pattern (name or regex) and special
-    /// tokens with their ids. All 256 single bytes must be tokens; ids must not collide.
+    /// tokens with their ids, with tiktoken's semantics. All 256 single bytes must be tokens.
     pub fn from_ranks(
         tokens: Vec<Vec<u8>>,
         pattern: &str,
         specials: Vec<(String, u32)>,
     ) -> Result<Self> {
+        let tokens = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (i as u32, t))
+            .collect();
+        Self::from_vocab(tokens, pattern, specials, BpeOptions::tiktoken())
+    }
+
+    /// The general byte-level constructor: (id, bytes) of the mergeable tokens, in any order.
+    pub fn from_vocab(
+        tokens: Vec<(u32, Vec<u8>)>,
+        pattern: &str,
+        specials: Vec<(String, u32)>,
+        options: BpeOptions,
+    ) -> Result<Self> {
         let pre = Pretokenizer::new(pattern)?;
-        Self::build(tokens, pre, specials, None)
+        Self::build(tokens, pre, specials, options, None)
     }
 
     /// A SentencePiece BPE model; its control and unknown pieces become the special tokens.
     pub fn from_sentencepiece(model: spm::SpModel) -> Result<Self> {
-        let tokens: Vec<Vec<u8>> = model.pieces.iter().map(|p| p.piece.as_bytes().to_vec()).collect();
+        let tokens = model
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u32, p.piece.as_bytes().to_vec()))
+            .collect();
         let specials = model
             .pieces
             .iter()
@@ -79,37 +123,60 @@ impl Tokenizer {
             .filter(|(_, p)| matches!(p.kind, spm::PieceType::Control | spm::PieceType::Unknown))
             .map(|(i, p)| (p.piece.clone(), i as u32))
             .collect();
-        Self::build(tokens, Pretokenizer::new("")?, specials, Some(model))
+        Self::build(
+            tokens,
+            Pretokenizer::new("")?,
+            specials,
+            BpeOptions::default(),
+            Some(model),
+        )
     }
 
-    pub(crate) fn build(
-        tokens: Vec<Vec<u8>>,
+    fn build(
+        mut tokens: Vec<(u32, Vec<u8>)>,
         pre: Pretokenizer,
         specials: Vec<(String, u32)>,
+        options: BpeOptions,
         spm: Option<spm::SpModel>,
     ) -> Result<Self> {
-        let n = tokens.len();
-        if n > (u32::MAX - 1) as usize {
-            return Err(Error::invalid("vocabulary too large"));
+        tokens.sort_by_key(|(id, _)| *id);
+        let max_id = tokens
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(specials.iter().map(|(_, id)| *id))
+            .max();
+        if max_id == Some(u32::MAX) {
+            return Err(Error::invalid("token id 4294967295 is out of range"));
         }
+        let n_vocab = max_id.map_or(0, |m| m as usize + 1);
+        let mut decoder: Vec<Option<Vec<u8>>> = vec![None; n_vocab];
         let mut encoder: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
-        encoder.reserve(n);
         let mut byte_ids = [u32::MAX; 256];
-        if spm.is_none() {
-            for (id, t) in tokens.iter().enumerate() {
-                if t.is_empty() {
-                    return Err(Error::invalid(format!("token {id} is empty")));
-                }
-                if let Some(old) = encoder.insert(t.clone(), id as u32) {
-                    return Err(Error::invalid(format!(
-                        "tokens {old} and {id} have the same bytes {}",
-                        show_bytes(t)
-                    )));
-                }
-                if t.len() == 1 {
-                    byte_ids[t[0] as usize] = id as u32;
-                }
+        for (id, t) in &tokens {
+            if decoder[*id as usize].is_some() {
+                return Err(Error::invalid(format!("token id {id} is used twice")));
             }
+            decoder[*id as usize] = Some(match &spm {
+                Some(m) => m.decoded_bytes(*id),
+                None => t.clone(),
+            });
+            if spm.is_some() {
+                continue;
+            }
+            if t.is_empty() {
+                return Err(Error::invalid(format!("token {id} is empty")));
+            }
+            if let Some(old) = encoder.insert(t.clone(), *id) {
+                return Err(Error::invalid(format!(
+                    "tokens {old} and {id} have the same bytes {}",
+                    show_bytes(t)
+                )));
+            }
+            if t.len() == 1 {
+                byte_ids[t[0] as usize] = *id;
+            }
+        }
+        if spm.is_none() {
             if let Some(b) = byte_ids.iter().position(|&i| i == u32::MAX) {
                 return Err(Error::invalid(format!(
                     "the vocabulary lacks the single-byte token 0x{b:02X}; byte-level BPE needs all 256"
@@ -118,49 +185,57 @@ impl Tokenizer {
         }
         let mut pairs = PairMap::default();
         if spm.is_none() {
-            for (id, t) in tokens.iter().enumerate() {
-                for k in 1..t.len() {
-                    if let (Some(&a), Some(&b)) = (encoder.get(&t[..k]), encoder.get(&t[k..])) {
-                        pairs.insert((a, b), id as u32);
+            match &options.merges {
+                None => {
+                    for (id, t) in &tokens {
+                        for k in 1..t.len() {
+                            if let (Some(&a), Some(&b)) =
+                                (encoder.get(&t[..k]), encoder.get(&t[k..]))
+                            {
+                                pairs.insert((a, b), (*id as u64) << 32 | *id as u64);
+                            }
+                        }
+                    }
+                }
+                Some(merges) => {
+                    for (i, &(a, b)) in merges.iter().enumerate() {
+                        let part = |x: u32| {
+                            decoder
+                                .get(x as usize)
+                                .and_then(|d| d.as_ref())
+                                .ok_or_else(|| {
+                                    Error::invalid(format!("merge {i} uses unknown token id {x}"))
+                                })
+                        };
+                        let merged = [part(a)?.as_slice(), part(b)?.as_slice()].concat();
+                        let id = *encoder.get(&merged).ok_or_else(|| {
+                            Error::invalid(format!(
+                                "merge {i} gives {}, which is not in the vocabulary",
+                                show_bytes(&merged)
+                            ))
+                        })?;
+                        pairs.insert((a, b), (i as u64) << 32 | id as u64);
                     }
                 }
             }
         }
-        let mut n_vocab = n;
         let mut special_ids = FxHashMap::default();
         for (s, id) in &specials {
             if s.is_empty() {
                 return Err(Error::invalid("a special token is the empty string"));
             }
-            if (*id as usize) < n {
-                if spm.is_none() {
-                    return Err(Error::invalid(format!(
-                        "special token {s:?} has id {id}, which belongs to a mergeable token"
-                    )));
-                }
-            } else {
-                n_vocab = n_vocab.max(*id as usize + 1);
-            }
             if special_ids.insert(s.clone(), *id).is_some() {
                 return Err(Error::invalid(format!("special token {s:?} given twice")));
             }
-        }
-        let mut decoder: Vec<Option<Vec<u8>>> = vec![None; n_vocab];
-        for (id, t) in tokens.iter().enumerate() {
-            decoder[id] = Some(match &spm {
-                Some(m) => m.decoded_bytes(id as u32),
-                None => t.clone(),
-            });
-        }
-        for (s, id) in &specials {
-            if (*id as usize) >= n {
-                if decoder[*id as usize].is_some() {
-                    return Err(Error::invalid(format!(
-                        "special tokens share the id {id} ({s:?})"
-                    )));
-                }
-                decoder[*id as usize] = Some(s.as_bytes().to_vec());
+            if spm.is_some() {
+                continue; // sentencepiece specials are pieces already
             }
+            if decoder[*id as usize].is_some() {
+                return Err(Error::invalid(format!(
+                    "special token {s:?} has id {id}, which another token already has"
+                )));
+            }
+            decoder[*id as usize] = Some(s.as_bytes().to_vec());
         }
         let special_ac = if specials.is_empty() {
             None
@@ -178,7 +253,8 @@ impl Tokenizer {
             pairs,
             byte_ids,
             decoder,
-            n_mergeable: n,
+            mergeable_ids: tokens.iter().map(|(id, _)| *id).collect(),
+            options,
             specials,
             special_ids,
             special_ac,
@@ -189,7 +265,7 @@ impl Tokenizer {
         Ok(tok)
     }
 
-    fn compute_fingerprint(&self, tokens: &[Vec<u8>]) -> String {
+    fn compute_fingerprint(&self, tokens: &[(u32, Vec<u8>)]) -> String {
         let mut h = Xxh3::new();
         let mut put = |b: &[u8]| {
             h.update(&(b.len() as u64).to_le_bytes());
@@ -198,8 +274,17 @@ impl Tokenizer {
         put(b"tokenmill-bpe-1");
         put(self.pattern().as_bytes());
         put(&(tokens.len() as u64).to_le_bytes());
-        for t in tokens {
+        for (id, t) in tokens {
+            put(&id.to_le_bytes());
             put(t);
+        }
+        let o = &self.options;
+        put(&[o.ignore_merges as u8, o.add_prefix_space as u8]);
+        if let Some(m) = &o.merges {
+            put(&(m.len() as u64).to_le_bytes());
+            for (a, b) in m {
+                put(&[a.to_le_bytes(), b.to_le_bytes()].concat());
+            }
         }
         let mut sp: Vec<&(String, u32)> = self.specials.iter().collect();
         sp.sort_by_key(|(_, id)| *id);
@@ -230,7 +315,10 @@ impl Tokenizer {
         self.decoder.len()
     }
     pub fn n_mergeable(&self) -> usize {
-        self.n_mergeable
+        self.mergeable_ids.len()
+    }
+    pub fn options(&self) -> &BpeOptions {
+        &self.options
     }
     /// Special tokens (text, id) in the order given at construction.
     pub fn special_tokens(&self) -> &[(String, u32)] {
@@ -268,11 +356,21 @@ impl Tokenizer {
             ))),
         }
     }
-    /// Mergeable tokens in id order (the ranks), as given at construction.
-    pub fn mergeable_tokens(&self) -> Vec<&[u8]> {
-        (0..self.n_mergeable)
-            .map(|i| self.decoder[i].as_deref().unwrap_or(&[]))
-            .collect()
+    /// (id, bytes) of the mergeable tokens in id order (for SentencePiece models: the pieces).
+    pub fn mergeable_tokens(&self) -> Vec<(u32, &[u8])> {
+        match &self.spm {
+            Some(m) => m
+                .pieces
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u32, p.piece.as_bytes()))
+                .collect(),
+            None => self
+                .mergeable_ids
+                .iter()
+                .map(|&i| (i, self.decoder[i as usize].as_deref().unwrap_or(&[])))
+                .collect(),
+        }
     }
 
     // ----- encoding -----
@@ -289,12 +387,25 @@ impl Tokenizer {
             m.encode_into(text, out);
             return;
         }
+        if self.options.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+            let spaced = format!(" {text}");
+            return self.encode_pieces(&spaced, out);
+        }
+        self.encode_pieces(text, out)
+    }
+
+    #[inline]
+    fn encode_pieces(&self, text: &str, out: &mut Vec<u32>) {
+        let ignore_merges = self.options.ignore_merges;
         for piece in self.pre.split(text) {
             let piece = piece.as_bytes();
-            match self.encoder.get(piece) {
-                Some(&id) => out.push(id),
-                None => merge::merge(piece, &self.byte_ids, &self.pairs, out),
+            if ignore_merges {
+                if let Some(&id) = self.encoder.get(piece) {
+                    out.push(id);
+                    continue;
+                }
             }
+            merge::merge(piece, &self.byte_ids, &self.pairs, out);
         }
     }
 

@@ -2,7 +2,9 @@
 //! (byte-level BPE) and SentencePiece `.model` (BPE). Parsers are written by hand and never panic on
 //! malformed input: every problem is an `Error::Format` naming the file and what is wrong.
 
+pub mod huggingface;
 pub mod native;
+pub mod sentencepiece;
 pub mod tiktoken;
 
 use crate::{Error, Result};

@@ -3,62 +3,73 @@
 //!
 //! ```text
 //! tokenmill-tokenizer 1
-//! kind bytelevel                     (or: kind sentencepiece <add_dummy_prefix> <remove_extra_whitespaces> <byte_fallback>)
+//! kind bytelevel <ignore_merges 0|1> <add_prefix_space 0|1>
+//!   (or: kind sentencepiece <add_dummy_prefix> <remove_extra_whitespaces> <byte_fallback>)
 //! pattern <base64 of the pattern>
 //! tokens <n>
-//! <base64 token>                     (n lines, id order; sentencepiece: `<base64 piece> <score> <type>`)
+//! <id> <base64 token>            (n lines; sentencepiece: `<id> <base64 piece> <score> <type>`)
+//! merges <k>|none                (explicit merge list, `<left id> <right id>` per line)
 //! specials <m>
-//! <id> <base64 text>                 (m lines; sentencepiece models derive theirs from the pieces)
+//! <id> <base64 text>             (m lines; sentencepiece models derive theirs from the pieces)
 //! fingerprint <fingerprint>
 //! ```
 
 use super::{b64_decode, b64_encode, read_text};
 use crate::bpe::spm::{PieceType, SpModel, SpPiece};
-use crate::bpe::Tokenizer;
+use crate::bpe::{BpeOptions, Tokenizer};
 use crate::{fsutil, Error, Result};
+use std::fmt::Write;
 use std::path::Path;
 
 const MAGIC: &str = "tokenmill-tokenizer 1";
 
 pub fn to_string(tok: &Tokenizer) -> String {
     let mut out = String::new();
-    out.push_str(MAGIC);
-    out.push('\n');
+    let o = tok.options();
+    let _ = writeln!(out, "{MAGIC}");
     match tok.spm() {
-        None => out.push_str("kind bytelevel\n"),
-        Some(m) => out.push_str(&format!(
-            "kind sentencepiece {} {} {}\n",
-            m.add_dummy_prefix as u8, m.remove_extra_whitespaces as u8, m.byte_fallback as u8
-        )),
+        None => {
+            let _ = writeln!(out, "kind bytelevel {} {}", o.ignore_merges as u8, o.add_prefix_space as u8);
+        }
+        Some(m) => {
+            let _ = writeln!(
+                out,
+                "kind sentencepiece {} {} {}",
+                m.add_dummy_prefix as u8, m.remove_extra_whitespaces as u8, m.byte_fallback as u8
+            );
+        }
     }
-    out.push_str(&format!("pattern {}\n", b64_encode(tok.pattern().as_bytes())));
+    let _ = writeln!(out, "pattern {}", b64_encode(tok.pattern().as_bytes()));
     match tok.spm() {
         None => {
             let toks = tok.mergeable_tokens();
-            out.push_str(&format!("tokens {}\n", toks.len()));
-            for t in toks {
-                out.push_str(&b64_encode(t));
-                out.push('\n');
+            let _ = writeln!(out, "tokens {}", toks.len());
+            for (id, t) in toks {
+                let _ = writeln!(out, "{id} {}", b64_encode(t));
             }
-            out.push_str(&format!("specials {}\n", tok.special_tokens().len()));
+            match &o.merges {
+                None => out.push_str("merges none\n"),
+                Some(m) => {
+                    let _ = writeln!(out, "merges {}", m.len());
+                    for (a, b) in m {
+                        let _ = writeln!(out, "{a} {b}");
+                    }
+                }
+            }
+            let _ = writeln!(out, "specials {}", tok.special_tokens().len());
             for (s, id) in tok.special_tokens() {
-                out.push_str(&format!("{id} {}\n", b64_encode(s.as_bytes())));
+                let _ = writeln!(out, "{id} {}", b64_encode(s.as_bytes()));
             }
         }
         Some(m) => {
-            out.push_str(&format!("tokens {}\n", m.pieces.len()));
-            for p in &m.pieces {
-                out.push_str(&format!(
-                    "{} {} {}\n",
-                    b64_encode(p.piece.as_bytes()),
-                    p.score,
-                    p.kind as i32
-                ));
+            let _ = writeln!(out, "tokens {}", m.pieces.len());
+            for (id, p) in m.pieces.iter().enumerate() {
+                let _ = writeln!(out, "{id} {} {} {}", b64_encode(p.piece.as_bytes()), p.score, p.kind as i32);
             }
-            out.push_str("specials 0\n");
+            out.push_str("merges none\nspecials 0\n");
         }
     }
-    out.push_str(&format!("fingerprint {}\n", tok.fingerprint()));
+    let _ = writeln!(out, "fingerprint {}", tok.fingerprint());
     out
 }
 
@@ -87,18 +98,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
             format!("not a tokenmill tokenizer file (header {magic:.40?}, expected {MAGIC:?})"),
         ));
     }
+    let flag = |ln: usize, s: &str| match s {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(bad(ln, format!("flag {s:.20?} is not 0 or 1"))),
+    };
     let (ln, kind) = next("`kind`")?;
-    let spm_flags: Option<[bool; 3]> = match kind.split(' ').collect::<Vec<_>>().as_slice() {
-        ["kind", "bytelevel"] => None,
-        ["kind", "sentencepiece", a, b, c] => {
-            let flag = |s: &str| match s {
-                "0" => Ok(false),
-                "1" => Ok(true),
-                _ => Err(bad(ln, format!("flag {s:?} is not 0 or 1"))),
-            };
-            Some([flag(a)?, flag(b)?, flag(c)?])
+    let (sp, flags) = match kind.split(' ').collect::<Vec<_>>().as_slice() {
+        ["kind", "bytelevel", a, b] => (false, [flag(ln, a)?, flag(ln, b)?, false]),
+        ["kind", "sentencepiece", a, b, c] => (true, [flag(ln, a)?, flag(ln, b)?, flag(ln, c)?]),
+        _ => {
+            return Err(bad(
+                ln,
+                format!("expected `kind bytelevel|sentencepiece <flags>`, got {kind:.60?}"),
+            ))
         }
-        _ => return Err(bad(ln, format!("expected `kind bytelevel|sentencepiece ...`, got {kind:.60?}"))),
     };
     let (ln, pat) = next("`pattern`")?;
     let pattern = pat
@@ -120,11 +134,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
     for _ in 0..n {
         let (ln, l) = next("a token line")?;
         let mut f = l.split(' ');
+        let id: u32 = f
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(ln, "expected a token id".into()))?;
         let tok = f
             .next()
             .and_then(b64_decode)
             .ok_or_else(|| bad(ln, "invalid base64 token".into()))?;
-        if spm_flags.is_some() {
+        if sp {
+            if id as usize != pieces.len() {
+                return Err(bad(ln, format!("piece id {id} out of order")));
+            }
             let score: f32 = f
                 .next()
                 .and_then(|s| s.parse().ok())
@@ -137,12 +158,28 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
             let piece = String::from_utf8(tok).map_err(|_| bad(ln, "piece is not UTF-8".into()))?;
             pieces.push(SpPiece { piece, score, kind });
         } else {
-            tokens.push(tok);
+            tokens.push((id, tok));
         }
         if f.next().is_some() {
             return Err(bad(ln, "trailing fields".into()));
         }
     }
+    let (ln, l) = next("`merges`")?;
+    let merges = if l == "merges none" {
+        None
+    } else {
+        let k = count(ln, l, "merges")?;
+        let mut m = Vec::with_capacity(k.min(1 << 22));
+        for _ in 0..k {
+            let (ln, l) = next("a merge line")?;
+            let pair = l
+                .split_once(' ')
+                .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+                .ok_or_else(|| bad(ln, "expected `<left id> <right id>`".into()))?;
+            m.push(pair);
+        }
+        Some(m)
+    };
     let (ln, l) = next("`specials`")?;
     let m = count(ln, l, "specials")?;
     let mut specials = Vec::with_capacity(m.min(1 << 20));
@@ -150,7 +187,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         let (ln, l) = next("a special token line")?;
         let (id, s) = l
             .split_once(' ')
-            .and_then(|(id, s)| Some((id.parse::<u32>().ok()?, String::from_utf8(b64_decode(s)?).ok()?)))
+            .and_then(|(id, s)| {
+                Some((id.parse::<u32>().ok()?, String::from_utf8(b64_decode(s)?).ok()?))
+            })
             .ok_or_else(|| bad(ln, "expected `<id> <base64 UTF-8 text>`".into()))?;
         specials.push((s, id));
     }
@@ -158,17 +197,29 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
     let fp = l
         .strip_prefix("fingerprint ")
         .ok_or_else(|| bad(ln, "expected `fingerprint <hash>`".into()))?;
-    let tok = match spm_flags {
-        None => Tokenizer::from_ranks(tokens, &pattern, specials),
-        Some([a, b, c]) => SpModel::new(pieces, a, b, c)
+    if let Some((ln, _)) = lines.next() {
+        return Err(bad(ln + 1, "unexpected content after the fingerprint".into()));
+    }
+    let tok = if sp {
+        SpModel::new(pieces, flags[0], flags[1], flags[2])
             .map_err(Error::invalid)
-            .and_then(Tokenizer::from_sentencepiece),
+            .and_then(Tokenizer::from_sentencepiece)
+    } else {
+        let options = BpeOptions {
+            merges,
+            ignore_merges: flags[0],
+            add_prefix_space: flags[1],
+        };
+        Tokenizer::from_vocab(tokens, &pattern, specials, options)
     }
     .map_err(|e| Error::format(path, e.to_string()))?;
     if tok.fingerprint() != fp {
         return Err(Error::format(
             path,
-            format!("fingerprint mismatch (file says {fp}, contents give {}): the file was modified or corrupted", tok.fingerprint()),
+            format!(
+                "fingerprint mismatch (file says {fp:.60}, contents give {}): the file was modified or corrupted",
+                tok.fingerprint()
+            ),
         ));
     }
     Ok(tok)

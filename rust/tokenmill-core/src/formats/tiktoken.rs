@@ -52,7 +52,12 @@ pub fn to_string(tok: &Tokenizer) -> Result<String> {
         ));
     }
     let mut out = String::new();
-    for (rank, t) in tok.mergeable_tokens().into_iter().enumerate() {
+    if tok.options().merges.is_some() {
+        return Err(Error::invalid(
+            "this tokenizer has an explicit merge list (Hugging Face); .tiktoken files cannot hold it",
+        ));
+    }
+    for (rank, t) in tok.mergeable_tokens() {
         out.push_str(&b64_encode(t));
         out.push(' ');
         out.push_str(&rank.to_string());
