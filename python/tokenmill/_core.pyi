@@ -1,6 +1,7 @@
 """Type stubs for the compiled extension tokenmill._core (Rust, PyO3)."""
 
-from typing import Literal, Optional, Sequence
+import os
+from typing import Iterable, Literal, Optional, Sequence, Union
 
 import numpy
 
@@ -111,3 +112,33 @@ class CoreTokenizer:
 
 def resolve_pattern(name: str) -> str:
     """The exact pattern string behind "gpt2", "cl100k", "o200k", "llama3"; other strings unchanged."""
+
+# ----- BPE training (rust/tokenmill-py/src/train.rs) -----
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    pattern: str,
+    special_tokens: Sequence[str],
+    min_frequency: int,
+    show_progress: bool,
+) -> list[bytes]:
+    """Byte-level BPE training; the mergeable tokens in id order (ids 0..255 are the bytes).
+
+    ``vocab_size`` counts the special tokens: ``len(result) == vocab_size - len(special_tokens)``
+    unless no pair occurring ``min_frequency`` times is left. Texts are pulled in chunks and
+    counted in parallel without the GIL; special tokens are cut out of the text, never learned.
+    """
+
+def train_bpe_files(
+    paths: Sequence[Union[str, os.PathLike[str]]],
+    vocab_size: int,
+    pattern: str,
+    special_tokens: Sequence[str],
+    min_frequency: int,
+    show_progress: bool,
+) -> list[bytes]:
+    """As ``train_bpe`` with each UTF-8 file one text, read and counted in Rust (streaming, parallel).
+
+    FileNotFoundError names a missing file; ValueError names a file that is not UTF-8 and the byte offset.
+    """

@@ -10,5 +10,6 @@ pub mod eval;
 pub mod formats;
 pub mod fsutil;
 pub mod pretokenize;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ mod error;
 mod eval;
 mod loader;
 mod tokenizer;
+mod train;
 mod utils;
 
 use pyo3::prelude::*;
@@ -15,5 +16,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     eval::register(m)?;
     loader::register(m)?;
     tokenizer::register(m)?;
+    train::register(m)?;
     Ok(())
 }

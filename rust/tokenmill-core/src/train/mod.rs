@@ -1,0 +1,89 @@
+//! Byte-level BPE training.
+//!
+//! 1. [`WordCounter`] pretokenizes the corpus (texts or files, streamed in blocks) and counts the
+//!    distinct pieces in parallel; memory grows with the number of distinct pieces, not the corpus.
+//! 2. [`train_words`] runs the merge loop over the distinct pieces (see `merge.rs`).
+//!
+//! Ids 0..=255 are the single bytes in byte order; each new token takes the next id. The vocabulary
+//! size given by the user counts the special tokens, which get no merges and are never learned
+//! from the text.
+
+mod count;
+mod merge;
+mod progress;
+
+pub use count::{WordCounter, BLOCK};
+pub use merge::{train_words, Merge, Trained};
+pub use progress::Progress;
+
+use crate::pretokenize::Pretokenizer;
+use crate::{Error, Result};
+use rustc_hash::FxHashMap;
+use std::path::PathBuf;
+
+/// Settings of one training run.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Total vocabulary: 256 bytes + learned tokens + special tokens.
+    pub vocab_size: usize,
+    pub special_tokens: Vec<String>,
+    /// A pair must occur at least this often to be merged.
+    pub min_frequency: u64,
+    pub show_progress: bool,
+}
+
+impl TrainOptions {
+    /// How many tokens to learn on top of the 256 bytes.
+    pub fn num_merges(&self) -> Result<usize> {
+        let floor = 256 + self.special_tokens.len();
+        if self.vocab_size < floor {
+            return Err(Error::invalid(format!(
+                "vocab_size {} is smaller than 256 byte tokens + {} special tokens",
+                self.vocab_size,
+                self.special_tokens.len()
+            )));
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "vocab_size {} does not fit 32-bit ids",
+                self.vocab_size
+            )));
+        }
+        Ok(self.vocab_size - floor)
+    }
+}
+
+/// Run the merge loop on counted words.
+pub fn train_counts(counts: FxHashMap<Box<str>, u64>, opts: &TrainOptions) -> Result<Trained> {
+    let n = opts.num_merges()?;
+    let mut bar = Progress::new("merges", "", Some(n as u64), opts.show_progress);
+    let trained = train_words(
+        counts.into_iter().map(|(w, c)| (w.into_boxed_bytes(), c)),
+        n,
+        opts.min_frequency,
+        &mut |done| bar.update(done as u64),
+    );
+    bar.finish((trained.tokens.len() - 256) as u64);
+    Ok(trained)
+}
+
+/// Train on files (each file one document; UTF-8 text), read in Rust.
+pub fn train_files(
+    paths: &[PathBuf],
+    pretokenizer: &Pretokenizer,
+    opts: &TrainOptions,
+) -> Result<Trained> {
+    opts.num_merges()?;
+    let mut counter = WordCounter::new(pretokenizer, &opts.special_tokens)?;
+    let total = paths
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let mut bar = Progress::new("counting", "B", Some(total), opts.show_progress);
+    counter.add_files(paths, &mut bar)?;
+    bar.finish(counter.bytes());
+    train_counts(counter.into_counts(), opts)
+}
+
+#[cfg(test)]
+mod tests;

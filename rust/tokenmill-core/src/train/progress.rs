@@ -1,0 +1,75 @@
+//! A plain progress line on stderr (`\r`-updated, at most ten times a second).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+pub struct Progress {
+    label: &'static str,
+    unit: &'static str,
+    total: Option<u64>,
+    enabled: bool,
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    pub fn new(label: &'static str, unit: &'static str, total: Option<u64>, enabled: bool) -> Self {
+        Progress {
+            label,
+            unit,
+            total,
+            enabled,
+            start: Instant::now(),
+            last: None,
+        }
+    }
+
+    pub fn update(&mut self, done: u64) {
+        if !self.enabled {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now - t < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(now);
+        self.draw(done);
+    }
+
+    /// Draw the final state and end the line.
+    pub fn finish(&mut self, done: u64) {
+        if self.enabled {
+            self.draw(done);
+            eprintln!();
+        }
+    }
+
+    fn draw(&self, done: u64) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let (done_s, total_s) = match self.unit {
+            "B" => (mib(done), self.total.map(mib)),
+            _ => (done.to_string(), self.total.map(|t| t.to_string())),
+        };
+        let line = match (self.total, total_s) {
+            (Some(t), Some(ts)) if t > 0 => format!(
+                "{}: {:>3}% {}/{} [{:.1}s]",
+                self.label,
+                (done.min(t) * 100) / t,
+                done_s,
+                ts,
+                secs
+            ),
+            _ => format!("{}: {} [{:.1}s]", self.label, done_s, secs),
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line}\x1b[K");
+        let _ = err.flush();
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
