@@ -66,10 +66,103 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tokenmill import plan
+
+    for path in args.gpu_table or ():
+        plan.load_gpu_table(path)
+    model = args.model if args.model is not None else plan.parse_count(args.params)
+    setups = [(args.gpu, args.gpus)] if args.gpu else []
+    for item in (args.compare or "").split(","):
+        if item.strip():
+            setups.append(plan.parse_setup(item, default_gpus=args.gpus))
+    if not setups:
+        raise ValueError("give --gpu TYPE or --compare GPU[:K],...")
+    kw = dict(
+        mfu=args.mfu,
+        tokens_per_gpu_s=args.tokens_per_gpu_s,
+        from_log=args.from_log,
+        usd_per_gpu_hour=args.usd_per_gpu_hour,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        precision=args.precision,
+        fp8=args.fp8,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        offload=args.offload,
+        sharding=args.sharding,
+        finetune=args.finetune,
+        lora_rank=args.lora_rank,
+        flash_attention=not args.no_flash_attention,
+        fused_loss=args.fused_loss,
+    )
+    tokens = args.tokens if args.tokens == "chinchilla" else plan.parse_count(args.tokens)
+    estimates = plan.compare(model, tokens, setups, **kw)
+    if args.json:
+        out = [e.to_dict() for e in estimates]
+        print(json.dumps(out[0] if len(out) == 1 and not args.compare else out, indent=2))
+    elif len(estimates) == 1:
+        print(plan.format_estimate(estimates[0]))
+    else:
+        e = estimates[0]
+        print(
+            f"{e.model}: {e.n_params / 1e9:.2f}B parameters, {e.tokens:.4g} tokens, {e.flops:.3e} FLOPs "
+            f"(6N + 6*L*s*d), seq_len {e.seq_len}"
+        )
+        print(plan.format_table(estimates))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tokenmill import demo
 
     return demo.main(args)
+
+
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="compute, time, cost and memory of a training run",
+        description="Training FLOPs, GPU-hours, days, dollars and per-GPU memory (with a fits / does not "
+        "fit verdict and the smallest change that makes it fit). Formulas: tokenmill.plan's docstring.",
+    )
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--model", help="preset: llama-7b, llama-13b, llama-30b, llama-65b, llama3-8b, llama-1b, ..."
+    )
+    what.add_argument("--params", help="parameter count (13e9, 13B); a LLaMA shape is inferred")
+    pl.add_argument(
+        "--tokens", required=True, help="training tokens (1e12, 1T, 1.4T) or 'chinchilla' (20/param)"
+    )
+    pl.add_argument("--gpu", help="GPU type (A100-80GB, H100, H200, L40S, RTX-4090, ...)")
+    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    rate = pl.add_mutually_exclusive_group()
+    rate.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default 0.40)")
+    rate.add_argument("--tokens-per-gpu-s", type=float, help="measured throughput, tokens/s per GPU")
+    rate.add_argument("--from-log", metavar="TRAIN.jsonl", help="a tokenmill train log: measured throughput")
+    pl.add_argument(
+        "--usd-per-gpu-hour", type=float, help="price (default: the GPU table's indicative price)"
+    )
+    pl.add_argument("--seq-len", type=int, help="sequence length (default: the model's max_seq_len)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
+    pl.add_argument(
+        "--compare", metavar="GPU[:K],...", help="several setups side by side, e.g. A100:64,H100:32"
+    )
+    pl.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw8bit"], default="adamw")
+    pl.add_argument("--precision", choices=["bf16-mixed", "bf16", "fp32"], default="bf16-mixed")
+    pl.add_argument("--fp8", action="store_true", help="time against the GPU's fp8 peak")
+    pl.add_argument("--checkpointing", action="store_true", help="full activation checkpointing per block")
+    pl.add_argument("--offload", action="store_true", help="CPU offload of weights, grads, optimizer state")
+    pl.add_argument("--sharding", choices=["fsdp", "ddp"], default="fsdp")
+    pl.add_argument("--finetune", choices=["full", "lora"], help="fine-tuning instead of pre-training")
+    pl.add_argument("--lora-rank", type=int, default=16)
+    pl.add_argument("--fused-loss", action="store_true", help="fused linear-cross-entropy (no logits kept)")
+    pl.add_argument("--no-flash-attention", action="store_true", help="math attention (saves s^2 probs)")
+    pl.add_argument("--gpu-table", action="append", metavar="FILE", help="extra GPUs from a JSON/TOML file")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=_cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "tokenize corpora into Megatron-compatible .bin/.idx token files"),
         ("inspect", "statistics and integrity check of prepared token files"),
         ("merge", "concatenate prepared shards into one dataset"),
-        ("plan", "compute, time, cost and memory of a training run"),
     ):
         s = sub.add_parser(name, help=help_text)
         s.set_defaults(func=_not_built(name))
+
+    _add_plan_parser(sub)
 
     ev = sub.add_parser("eval", help="word/character error rate between two line-aligned text files")
     ev.add_argument("metric", choices=["wer", "cer"])
