@@ -233,10 +233,12 @@ def lr_at(step: int, o: OptimSection, total_steps: int) -> float:
 
 
 def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6 x (matmul parameters) + 12 x layers x dim x seq_len
-    (attention scores and values, forward + backward; recomputation is not counted, as MFU requires)."""
-    matmul_params = c.num_params(include_embeddings=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
-    return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
+    """Model FLOPs per trained token, the planner's convention (so its ``from_log`` reads our MFU as its
+    own): 6 x matmul parameters + 6 x layers x seq_len x dim (causal attention, forward + backward);
+    activation recomputation does not count, as MFU requires."""
+    from tokenmill import plan
+
+    return plan.flops_per_token(c, seq_len)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order against the name.
