@@ -232,11 +232,19 @@ def test_determinism_and_thread_count(files):
     a = batches(DataLoader(prefix, num_threads=1, **kw), 20)
     b = batches(DataLoader(prefix, num_threads=3, prefetch=0, **kw), 20)
     c = batches(DataLoader(prefix, **{**kw, "seed": 10}), 20)
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+    assert all(
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        for x, y in zip(a, b)
+    )
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
 
 
-@given(k=st.integers(0, 40), m=st.integers(1, 6), packing=st.sampled_from(["concat", "best_fit"]), prefetch=st.integers(0, 3))
+@given(
+    k=st.integers(0, 40),
+    m=st.integers(1, 6),
+    packing=st.sampled_from(["concat", "best_fit"]),
+    prefetch=st.integers(0, 3),
+)
 @settings(max_examples=40)
 def test_resume_equals_uninterrupted(tmp_path_factory, k, m, packing, prefetch):
     d = tmp_path_factory.mktemp("r")
@@ -253,7 +261,9 @@ def test_resume_equals_uninterrupted(tmp_path_factory, k, m, packing, prefetch):
     resumed = DataLoader(sources, **kw)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # states are plain JSON
     for x, y in zip(batches(resumed, m), whole[k:], strict=True):
-        assert all(torch.equal(x[key], y[key]) for key in ("input_ids", "labels", "position_ids", "cu_seqlens"))
+        assert all(
+            torch.equal(x[key], y[key]) for key in ("input_ids", "labels", "position_ids", "cu_seqlens")
+        )
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 1), (1, 8)])

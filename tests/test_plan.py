@@ -187,8 +187,12 @@ CALIBRATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("model, seq_len, micro_batch, optimizer, checkpointing, precision", CALIBRATION_CASES)
-def test_memory_against_measured_training_step(model, seq_len, micro_batch, optimizer, checkpointing, precision):
+@pytest.mark.parametrize(
+    "model, seq_len, micro_batch, optimizer, checkpointing, precision", CALIBRATION_CASES
+)
+def test_memory_against_measured_training_step(
+    model, seq_len, micro_batch, optimizer, checkpointing, precision
+):
     """A real training step on CPU: weights, gradients and optimizer state bytes exactly; the
     activations autograd saves within 2%; the peak of allocated memory (torch.profiler) within 5%."""
     case = dict(

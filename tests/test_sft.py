@@ -24,7 +24,9 @@ SPECIALS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return tm.Tokenizer.from_tiktoken({bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=SPECIALS)
+    return tm.Tokenizer.from_tiktoken(
+        {bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=SPECIALS
+    )
 
 
 def ids(tok, *parts):
@@ -57,7 +59,12 @@ def expected(tok, template):
             "Write a response that appropriately completes the request."
         )
         return [
-            [("<|begin_of_text|>", 0), (f"{pre}\n\n### Instruction:\nAdd 2+2\n\n### Response:\n", 0), ("4", 1), ("<|endoftext|>", 1)],
+            [
+                ("<|begin_of_text|>", 0),
+                (f"{pre}\n\n### Instruction:\nAdd 2+2\n\n### Response:\n", 0),
+                ("4", 1),
+                ("<|endoftext|>", 1),
+            ],
             [
                 ("<|begin_of_text|>", 0),
                 (f"{pre_in}\n\n### Instruction:\nTranslate\n\n### Input:\nchat\n\n### Response:\n", 0),
@@ -142,7 +149,9 @@ def test_templates_and_mask_by_hand(tmp_path, tok, template):
     assert manifest["learned_tokens"] == sum(int(ds.loss_mask(i).sum()) for i in range(3))
 
     # The loader: labels are the next token where that token is learned, -100 over every prompt token.
-    loader = DataLoader(tmp_path / "sft", seq_len=512, batch_size=3, packing="best_fit", epochs=1, drop_last=False)
+    loader = DataLoader(
+        tmp_path / "sft", seq_len=512, batch_size=3, packing="best_fit", epochs=1, drop_last=False
+    )
     seen = 0
     for b in loader:
         inp, lab, cu = b["input_ids"].numpy().ravel(), b["labels"].numpy().ravel(), b["cu_seqlens"].numpy()
@@ -169,7 +178,9 @@ def test_concat_mode_masks_across_documents(tmp_path, tok):
     ds = TokenDataset(tmp_path / "sft")
     learned = {int(t) for i in range(len(ds)) for t, m in zip(ds[i], ds.loss_mask(i)) if m}
     for docmask in (True, False):
-        loader = DataLoader(tmp_path / "sft", seq_len=32, batch_size=4, epochs=1, document_mask=docmask, drop_last=False)
+        loader = DataLoader(
+            tmp_path / "sft", seq_len=32, batch_size=4, epochs=1, document_mask=docmask, drop_last=False
+        )
         n_labels = 0
         for b in loader:
             lab = b["labels"].numpy()
@@ -201,7 +212,9 @@ def test_bad_records_name_file_and_line(tmp_path, tok):
 
 
 def test_missing_special_tokens(tmp_path, tok):
-    plain = tm.Tokenizer.from_tiktoken({bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=["<|endoftext|>"])
+    plain = tm.Tokenizer.from_tiktoken(
+        {bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=["<|endoftext|>"]
+    )
     src = tmp_path / "a.jsonl"
     src.write_text(json.dumps(ALPACA) + "\n")
     with pytest.raises(ValueError, match=r"'<\|im_start\|>'"):
@@ -222,4 +235,6 @@ def test_max_length_drops_whole_records(tmp_path, tok):
     lengths = TokenDataset(tmp_path / "full").lengths
     m = prepare_sft(src, tmp_path / "short", tok, template="chatml", max_length=int(lengths.min()))
     assert m["documents"] == 1 and m["dropped_too_long"] == 1 and full["documents"] == 2
-    assert np.array_equal(TokenDataset(tmp_path / "short")[0], TokenDataset(tmp_path / "full")[int(lengths.argmin())])
+    assert np.array_equal(
+        TokenDataset(tmp_path / "short")[0], TokenDataset(tmp_path / "full")[int(lengths.argmin())]
+    )

@@ -21,11 +21,51 @@ SPECIALS = {"<|endoftext|>": None, "<|fim_prefix|>": None, "<|fim|>": None}
 
 # Pieces that stress each class the patterns distinguish.
 TRICKY = [
-    " ", "  ", "   ", "\t", "\n", "\r\n", "\n\n", " \n ", "\u00a0", "\u3000", "\u2028", "\x0b", "\x00", "\x7f",
-    "'s", "'S", "'ll", "'re", "\u017f", "don't", "I'M", "a", "Z", "\u00e9", "e\u0301", "\u0627\u0644",
-    "\u4e2d\u6587", "\u65e5\u672c\u8a9e", "\U0001f600", "\U0001f468\u200d\U0001f469\u200d\U0001f467",
-    "\u01c5", "\u02b0", "123", "1234567", "\u0663\u0664", "\u2163", "\u00bd", "!!", "...", "/", "<|", "|>",
-    "<|endoftext|>", "def f(x):\n    return x\n", "http://a.b/c?d=e",
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\n\n",
+    " \n ",
+    "\u00a0",
+    "\u3000",
+    "\u2028",
+    "\x0b",
+    "\x00",
+    "\x7f",
+    "'s",
+    "'S",
+    "'ll",
+    "'re",
+    "\u017f",
+    "don't",
+    "I'M",
+    "a",
+    "Z",
+    "\u00e9",
+    "e\u0301",
+    "\u0627\u0644",
+    "\u4e2d\u6587",
+    "\u65e5\u672c\u8a9e",
+    "\U0001f600",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\u01c5",
+    "\u02b0",
+    "123",
+    "1234567",
+    "\u0663\u0664",
+    "\u2163",
+    "\u00bd",
+    "!!",
+    "...",
+    "/",
+    "<|",
+    "|>",
+    "<|endoftext|>",
+    "def f(x):\n    return x\n",
+    "http://a.b/c?d=e",
 ]
 
 
@@ -263,7 +303,8 @@ def test_constructor_errors():
 def test_user_pattern_with_lookbehind_uses_fallback():
     byte_tokens = [bytes([b]) for b in range(256)] + [b"ab"]
     tok = tm.Tokenizer.from_tiktoken(byte_tokens, pattern=r"(?<=a)b|\w+|\s+|[^\w\s]+")
-    enc = tiktoken.Encoding("x", pat_str=tok.pattern, mergeable_ranks={t: i for i, t in enumerate(byte_tokens)},
-                            special_tokens={})
+    enc = tiktoken.Encoding(
+        "x", pat_str=tok.pattern, mergeable_ranks={t: i for i, t in enumerate(byte_tokens)}, special_tokens={}
+    )
     for text in ["ab ab", "cab", "b ab!"]:
         assert tok.encode(text) == enc.encode(text)

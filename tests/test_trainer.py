@@ -465,7 +465,9 @@ def test_cli_train_and_export_with_tokenizer(tmp_path):
     import tokenmill as tm
 
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)]
-    tok = tm.Tokenizer.train(texts, vocab_size=300, pattern="gpt2", special_tokens=["<|endoftext|>"])
+    tok = tm.Tokenizer.train(
+        texts, vocab_size=300, pattern="gpt2", special_tokens=["<|endoftext|>"], show_progress=False
+    )
     tok.save(str(tmp_path / "tok.json"))
     (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tm.data.prepare([str(tmp_path / "code.jsonl")], str(tmp_path / "code"), str(tmp_path / "tok.json"))
@@ -501,9 +503,9 @@ def test_tokenizer_and_vocab_mismatch_fail_before_any_step(tmp_path):
 
     texts = [f"value_{i} = {i * 3}\n" for i in range(200)]
     for name, size in (("a", 300), ("b", 290)):
-        tm.Tokenizer.train(texts, vocab_size=size, pattern="gpt2", special_tokens=["<|endoftext|>"]).save(
-            str(tmp_path / f"{name}.json")
-        )
+        tm.Tokenizer.train(
+            texts, vocab_size=size, pattern="gpt2", special_tokens=["<|endoftext|>"], show_progress=False
+        ).save(str(tmp_path / f"{name}.json"))
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tm.data.prepare([str(tmp_path / "t.jsonl")], str(tmp_path / "data"), str(tmp_path / "a.json"))
     called = []

@@ -68,6 +68,7 @@ class Loader:
         cu_seqlens: "numpy.ndarray",
     ) -> tuple[int, int]:
         """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 
 class CoreTokenizer:
@@ -78,7 +79,9 @@ class CoreTokenizer:
     fingerprint: str
     is_sentencepiece: bool
     @staticmethod
-    def from_ranks(tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
+    def from_ranks(
+        tokens: Sequence[bytes], pattern: str, specials: Sequence[tuple[str, int]]
+    ) -> CoreTokenizer: ...
     @staticmethod
     def from_tiktoken_file(path: str, pattern: str, specials: Sequence[tuple[str, int]]) -> CoreTokenizer: ...
     @staticmethod
@@ -91,7 +94,9 @@ class CoreTokenizer:
     def save_tiktoken(self, path: str) -> None: ...
     def save_huggingface(self, path: str) -> None: ...
     def encode_ordinary(self, text: str) -> list[int]: ...
-    def encode(self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None) -> list[int]:
+    def encode(
+        self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
+    ) -> list[int]:
         """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
     def encode_to_numpy(
         self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
@@ -103,7 +108,9 @@ class CoreTokenizer:
         disallowed: Optional[Sequence[str]] = None,
         num_threads: Optional[int] = None,
     ) -> list[list[int]]: ...
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]: ...
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]: ...
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
     def special_tokens(self) -> list[tuple[str, int]]: ...
     def token_to_id(self, token: bytes) -> Optional[int]: ...

@@ -45,7 +45,9 @@ def _clean(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _specials_dict(special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int) -> dict[str, int]:
+def _specials_dict(
+    special_tokens: Union[Mapping[str, int], Sequence[str], None], first_id: int
+) -> dict[str, int]:
     if special_tokens is None:
         return {}
     if isinstance(special_tokens, Mapping):
@@ -142,7 +144,9 @@ class Tokenizer:
             tokens: list[bytes] = [b""] * len(ranks)
             for tok, rank in ranks.items():
                 if not 0 <= rank < len(ranks) or tokens[rank]:
-                    raise ValueError(f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}")
+                    raise ValueError(
+                        f"ranks must be 0..{len(ranks) - 1} without gaps or repeats; got {rank} for {tok!r}"
+                    )
                 tokens[rank] = bytes(tok)
         else:
             tokens = [bytes(t) for t in ranks]
@@ -232,7 +236,9 @@ class Tokenizer:
 
     # ----- encoding -----
 
-    def _policy(self, allowed_special: Specials, disallowed_special: Specials) -> tuple[list[str], Optional[list[str]]]:
+    def _policy(
+        self, allowed_special: Specials, disallowed_special: Specials
+    ) -> tuple[list[str], Optional[list[str]]]:
         allowed = list(self._specials) if allowed_special == "all" else list(allowed_special)
         if disallowed_special == "all":
             return allowed, None  # Rust: every special not allowed is disallowed
@@ -279,7 +285,9 @@ class Tokenizer:
         except UnicodeEncodeError:
             return self._core.encode_batch([_clean(t) for t in texts], allowed, disallowed, num_threads)
 
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: Optional[int] = None) -> list[list[int]]:
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], num_threads: Optional[int] = None
+    ) -> list[list[int]]:
         """``encode_batch`` ignoring special tokens."""
         try:
             return self._core.encode_ordinary_batch(list(texts), num_threads)

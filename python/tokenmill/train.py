@@ -485,7 +485,9 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, It
             document_mask=cfg.data.document_mask,
         )
 
-    return make(cfg.data.train, cfg.run.seed), (make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else [])
+    return make(cfg.data.train, cfg.run.seed), (
+        make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
+    )
 
 
 def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
@@ -660,7 +662,9 @@ def train(
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(gpu) if cuda else None
     vocab = model_cfg.vocab_size
-    val_batches = list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data else []
+    val_batches = (
+        list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data is not None else []
+    )
     if rank == 0 and resume is None and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     if rank == 0:

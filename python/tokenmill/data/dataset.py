@@ -62,9 +62,7 @@ class TokenDataset:
         self.offsets: np.ndarray = offsets
         size = os.path.getsize(self.prefix + ".bin")
         self.tokens: np.ndarray = (
-            np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r")
-            if size
-            else np.empty(0, self.dtype)
+            np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r") if size else np.empty(0, self.dtype)
         )
         self.manifest = read_manifest(self.prefix)
         mp = mask_prefix(self.prefix)
@@ -109,7 +107,9 @@ class TokenDataset:
         )
 
 
-def write_token_file(prefix: PathLike, docs, vocab_size: Optional[int] = None, dtype: Optional[str] = None) -> None:
+def write_token_file(
+    prefix: PathLike, docs, vocab_size: Optional[int] = None, dtype: Optional[str] = None
+) -> None:
     """Write ``docs`` (sequences of ids) to ``PREFIX.bin/.idx`` atomically. The dtype follows Megatron
     (uint16 below 65,500 ids, else int32) unless given."""
     docs = [np.asarray(d, dtype=np.int64).tolist() for d in docs]

@@ -263,7 +263,9 @@ class DataLoader(IterableDataset):
         first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         core = self._core()
         starts = self._batch_starts(self.position, first, step)
-        batches = self._prefetched(core, starts) if self.prefetch else (self._render(core, s, r) for s, r in starts)
+        batches = (
+            self._prefetched(core, starts) if self.prefetch else (self._render(core, s, r) for s, r in starts)
+        )
         for batch in batches:
             # Position advances when a batch is handed over (prefetched ones do not count).
             self.position += self.global_batch_size

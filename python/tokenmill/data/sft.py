@@ -42,9 +42,7 @@ from tokenmill.data.dataset import MASK_SUFFIX, PathLike, normalize_prefix
 TEMPLATES = ("alpaca", "chatml", "llama3")
 ROLES = ("system", "user", "assistant")
 
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
@@ -84,7 +82,11 @@ def _messages(record: Any, where: str) -> list[tuple[str, str]]:
         if not all(isinstance(x, str) for x in (ins, inp, outp)):
             raise ValueError(f"{where}: instruction, input and output must be strings")
         # Kept apart so the alpaca template can use its "### Input:" section.
-        return [("user", ins), ("input", inp), ("assistant", outp)] if inp else [("user", ins), ("assistant", outp)]
+        return (
+            [("user", ins), ("input", inp), ("assistant", outp)]
+            if inp
+            else [("user", ins), ("assistant", outp)]
+        )
     raise ValueError(f"{where}: neither an Alpaca record (instruction, output) nor a chat record (messages)")
 
 
@@ -92,7 +94,9 @@ def _render(turns: list[tuple[str, str]], template: str, tokenizer: Any, where: 
     if template == "alpaca":
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise ValueError("template 'alpaca' needs an end-of-text special token, which the tokenizer lacks")
+            raise ValueError(
+                "template 'alpaca' needs an end-of-text special token, which the tokenizer lacks"
+            )
         pieces: list[Piece] = []
         if tokenizer.bos_token_id is not None:
             pieces.append((int(tokenizer.bos_token_id), False))
@@ -113,7 +117,10 @@ def _render(turns: list[tuple[str, str]], template: str, tokenizer: Any, where: 
         # An Alpaca record's instruction and input form one user turn.
         turns = [("user", turns[0][1] + "\n\n" + turns[1][1]), *turns[2:]]
     if template == "chatml":
-        start, end = _special(tokenizer, "<|im_start|>", template), _special(tokenizer, "<|im_end|>", template)
+        start, end = (
+            _special(tokenizer, "<|im_start|>", template),
+            _special(tokenizer, "<|im_end|>", template),
+        )
         pieces = []
         for role, content in turns:
             learn = role == "assistant"
@@ -125,7 +132,14 @@ def _render(turns: list[tuple[str, str]], template: str, tokenizer: Any, where: 
         pieces = [(bot, False)]
         for role, content in turns:
             learn = role == "assistant"
-            pieces += [(sh, False), (role, False), (eh, False), ("\n\n", False), (content, learn), (eot, learn)]
+            pieces += [
+                (sh, False),
+                (role, False),
+                (eh, False),
+                ("\n\n", False),
+                (content, learn),
+                (eot, learn),
+            ]
         return pieces
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
@@ -222,7 +236,12 @@ def prepare_sft(
         "loss_mask": os.path.basename(prefix + MASK_SUFFIX),
         "checksums": {
             os.path.basename(f): _checksum(f)
-            for f in (prefix + ".bin", prefix + ".idx", prefix + MASK_SUFFIX + ".bin", prefix + MASK_SUFFIX + ".idx")
+            for f in (
+                prefix + ".bin",
+                prefix + ".idx",
+                prefix + MASK_SUFFIX + ".bin",
+                prefix + MASK_SUFFIX + ".idx",
+            )
         },
     }
     tmp = f"{prefix}.json.tmp-{os.getpid()}"
