@@ -100,7 +100,7 @@ class CoreTokenizer:
         """disallowed None: every special token not in ``allowed`` raises ValueError when found."""
     def encode_to_numpy(
         self, text: str, allowed: Sequence[str], disallowed: Optional[Sequence[str]] = None
-    ) -> "numpy.ndarray": ...
+    ) -> numpy.ndarray: ...
     def encode_batch(
         self,
         texts: Sequence[str],
@@ -149,3 +149,32 @@ def train_bpe_files(
 
     FileNotFoundError names a missing file; ValueError names a file that is not UTF-8 and the byte offset.
     """
+
+# ----- corpus preparation (tokenmill.data.prepare) -----
+ (tokenmill.data.prepare)
+
+def prepare_corpus(
+    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
+    prefix: str,
+    tokenizer: object,
+    text_key: str,
+    eos_id: Optional[int],
+    on_error: Literal["skip", "fail"],
+    num_workers: Optional[int],
+    num_shards: int,
+    shard_index: int,
+    progress: bool,
+    chunk_bytes: int,
+    external: Optional[object] = None,
+) -> str:
+    """Tokenize (path, format, delimiter) inputs into prefix.{bin,idx,json}; returns the manifest JSON.
+    ``tokenizer`` is a ``Tokenizer._core``; ``external`` has ``open(path)`` and ``next_batch()``."""
+
+def prepared_stats(prefix: str, top_k: int) -> str:
+    """Documents, tokens, length histogram and top tokens of an MMIDIDX dataset, as JSON."""
+
+def prepared_verify(prefix: str) -> list[str]:
+    """Problems found re-checking a prepared dataset against its manifest (empty: intact)."""
+
+def prepared_merge(shards: Sequence[str], prefix: str) -> str:
+    """Merge all shards of one partition into prefix; returns the merged manifest JSON."""

@@ -115,6 +115,110 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_manifest_summary(m: dict, output: str) -> None:
+    skipped = m["skipped"]
+    total = sum(skipped.values())
+    print(
+        f"{output}: {m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) "
+        f"from {len(m['inputs'])} files; skipped {total:,} records"
+    )
+    if total:
+        print("  " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in skipped.items() if v))
+        for e in m["errors"][:10]:
+            print(f"  {e}")
+        if total > 10:
+            print(f"  ... (first {len(m['errors'])} listed in {output}.json)")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import warnings
+
+    from tokenmill.data import prepare as dp
+
+    if args.merge:
+        m = dp.merge(args.inputs, args.output)
+        _print_manifest_summary(m, args.output)
+        return 0
+    if not args.tokenizer:
+        print("tokenmill prepare: error: --tokenizer PATH is required", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the summary below reports skipped records
+        m = dp.prepare(
+            args.inputs,
+            args.output,
+            args.tokenizer,
+            text_key=args.text_key,
+            append_eos=not args.no_eos,
+            num_workers=args.workers,
+            on_error=args.on_error,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            delimiter=args.delimiter,
+            input_format=args.format,
+            eos_token=args.eos_token,
+            progress=not args.quiet,
+            chunk_bytes=args.chunk_bytes,
+        )
+    _print_manifest_summary(m, args.output)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from tokenmill.data import prepare as dp
+
+    m = dp.merge(args.shards, args.output)
+    _print_manifest_summary(m, args.output)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from tokenmill.data import prepare as dp
+
+    problems = dp.verify(args.prefix) if args.verify else []
+    try:
+        s = dp.inspect(args.prefix, top_k=args.top)
+    except ValueError as e:
+        s = None
+        problems.append(str(e))
+    if s is not None:
+        m = s["manifest"]
+        print(f"{args.prefix}: {s['documents']:,} documents, {s['tokens']:,} tokens, dtype {s['dtype']}")
+        if m:
+            print(
+                f"  tokenizer {m['tokenizer']['fingerprint']} (n_vocab {m['tokenizer']['n_vocab']:,}), "
+                f"eos {m['eos_id']}, {len(m['inputs'])} input files, "
+                f"skipped {sum(m['skipped'].values()):,} records"
+            )
+        else:
+            print("  no manifest (not made by tokenmill, or incomplete)")
+        print(
+            f"  document length: min {s['min_length']:,}, mean {s['mean_length']:.1f}, max {s['max_length']:,}"
+        )
+        peak = max((c for _, _, c in s["length_histogram"]), default=1)
+        for lo, hi, c in s["length_histogram"]:
+            bar = "#" * max(1, round(40 * c / peak))
+            print(f"  {lo:>9,} - {hi - 1:<9,} {c:>10,} {bar}")
+        decode = None
+        if args.tokenizer:
+            import tokenmill as tm
+
+            tok = tm.Tokenizer.load(args.tokenizer)
+            decode = lambda t: repr(tok.decode([t]))  # noqa: E731
+        print("  top tokens:")
+        for t, c in s["top_tokens"]:
+            share = c / max(s["tokens"], 1)
+            print(f"  {t:>9} {c:>12,} {share:7.2%}" + (f"  {decode(t)}" if decode else ""))
+    if args.verify:
+        if problems:
+            print(f"{args.prefix}: verification FAILED", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            return 1
+        print(f"{args.prefix}: verified (checksums, index structure, counts, token ids)")
+    return 1 if problems else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tokenmill import demo
 
@@ -177,13 +281,47 @@ def build_parser() -> argparse.ArgumentParser:
         t.set_defaults(func=_not_built(f"tokenizer {action}"))
     tok.set_defaults(func=lambda a: (tok.print_help(), NOT_BUILT)[1])
 
-    for name, help_text in (
-        ("prepare", "tokenize corpora into Megatron-compatible .bin/.idx token files"),
-        ("inspect", "statistics and integrity check of prepared token files"),
-        ("merge", "concatenate prepared shards into one dataset"),
-    ):
-        s = sub.add_parser(name, help=help_text)
-        s.set_defaults(func=_not_built(name))
+    pr = sub.add_parser("prepare", help="tokenize corpora into Megatron-compatible .bin/.idx token files")
+    pr.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl(.gz/.zst)/.parquet files, directories, globs"
+    )
+    pr.add_argument("--tokenizer", metavar="PATH", help="a tokenizer saved by Tokenizer.save")
+    pr.add_argument("--output", "-o", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx, .json")
+    pr.add_argument(
+        "--text-key", default="text", metavar="K", help="JSON key / Parquet column (default: text)"
+    )
+    pr.add_argument(
+        "--on-error", choices=["skip", "fail"], default="skip", help="bad records (default: skip)"
+    )
+    pr.add_argument("--workers", type=int, metavar="N", help="tokenizer threads (default: all cores)")
+    pr.add_argument(
+        "--num-shards", type=int, default=1, metavar="N", help="partition the inputs into N shards"
+    )
+    pr.add_argument("--shard-index", type=int, default=0, metavar="I", help="prepare shard I (0-based)")
+    pr.add_argument("--delimiter", metavar="LINE", help="text files: documents separated by this line")
+    pr.add_argument("--format", choices=["text", "jsonl", "parquet"], help="input format (default: by name)")
+    pr.add_argument("--eos-token", metavar="TOKEN", help="special token appended to each document")
+    pr.add_argument("--no-eos", action="store_true", help="do not append an end-of-document token")
+    pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pr.add_argument("--chunk-bytes", type=int, default=4 << 20, metavar="B", help=argparse.SUPPRESS)
+    pr.add_argument(
+        "--merge", action="store_true", help="INPUTs are shard prefixes: merge them into --output"
+    )
+    pr.set_defaults(func=_cmd_prepare)
+
+    ins = sub.add_parser("inspect", help="statistics and integrity check of prepared token files")
+    ins.add_argument("prefix", metavar="PREFIX")
+    ins.add_argument(
+        "--verify", action="store_true", help="re-check checksums and structure (exit 1 on mismatch)"
+    )
+    ins.add_argument("--top", type=int, default=10, metavar="K", help="most frequent tokens to list")
+    ins.add_argument("--tokenizer", metavar="PATH", help="decode the top tokens with this tokenizer")
+    ins.set_defaults(func=_cmd_inspect)
+
+    me = sub.add_parser("merge", help="concatenate prepared shards into one dataset")
+    me.add_argument("shards", nargs="+", metavar="SHARD", help="shard prefixes (or globs), any order")
+    me.add_argument("--output", "-o", required=True, metavar="PREFIX")
+    me.set_defaults(func=_cmd_merge)
 
     _add_plan_parser(sub)
 
@@ -232,6 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as e:
         print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"tokenmill {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 mod error;
 mod eval;
 mod loader;
+mod prepare;
 mod tokenizer;
 mod train;
 mod utils;
@@ -17,5 +18,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     loader::register(m)?;
     tokenizer::register(m)?;
     train::register(m)?;
+    prepare::register(m)?;
     Ok(())
 }

@@ -1,6 +1,10 @@
-//! Token data: Megatron-compatible indexed datasets, packing, sampling and the loader core.
+//! Token data: Megatron-compatible indexed datasets, corpus preparation (inputs, manifest, merge),
+//! packing, sampling and the loader core.
 
+pub mod inputs;
 pub mod loader;
+pub mod manifest;
 pub mod mmidx;
 pub mod packing;
+pub mod prepare;
 pub mod sampler;

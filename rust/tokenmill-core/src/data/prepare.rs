@@ -1,0 +1,892 @@
+//! Corpus preparation: raw documents -> token ids -> Megatron `PREFIX.bin/.idx` + `PREFIX.json`.
+//!
+//! Pipeline: one thread reads the inputs into chunks of a few MiB of raw records (bounded queue, so
+//! memory stays bounded whatever the input size); chunks are validated and tokenized record by record
+//! on a rayon pool; results are written in input order while the pool works on the next chunk.
+//! Output bytes therefore do not depend on the thread count.
+//!
+//! Design notes (2 cores, stdlib corpus, 26 MB):
+//! - One rayon `par_iter` per chunk with a join against writing the previous one keeps both cores
+//!   busy; the reader thread (line splitting, decompression) costs a few % of a core.
+//! - JSON lines are parsed on the workers, not the reader: the text under the key is extracted by a
+//!   serde visitor that borrows unescaped strings and skips other values without building them.
+
+use crate::data::inputs::{
+    shard_range, Chunk, ChunkReader, ExternalSource, Input, Record, RecordKind,
+};
+use crate::data::manifest::{
+    self, clear_outputs, file_info, Files, InputInfo, Manifest, ShardInfo, Skipped, TokenizerInfo,
+};
+use crate::data::mmidx::{bin_path, idx_path, DType, IndexWriter};
+use crate::{Error, Result};
+use rayon::prelude::*;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Instant, UNIX_EPOCH};
+use xxhash_rust::xxh3::Xxh3;
+
+/// What preparation needs from a tokenizer.
+pub trait DocumentEncoder: Sync {
+    /// Token ids of one document (ordinary text: special-token strings are not special).
+    fn encode(&self, text: &str) -> Vec<u32>;
+    /// Number of ids (largest id + 1); picks the dtype as Megatron does.
+    fn vocab_size(&self) -> usize;
+    /// A stable hash of vocabulary, pattern and special tokens.
+    fn fingerprint(&self) -> String;
+}
+
+impl DocumentEncoder for crate::bpe::Tokenizer {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_ordinary(text)
+    }
+    fn vocab_size(&self) -> usize {
+        self.n_vocab()
+    }
+    fn fingerprint(&self) -> String {
+        crate::bpe::Tokenizer::fingerprint(self)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// Count and skip bad records; the manifest and the summary list them.
+    Skip,
+    /// Stop at the first bad record (in input order) with its file and line.
+    Fail,
+}
+
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub text_key: String,
+    pub eos_id: Option<u32>,
+    pub on_error: OnError,
+    /// Worker threads; `None`: all cores.
+    pub num_workers: Option<usize>,
+    /// Raw bytes per chunk handed to the workers.
+    pub chunk_bytes: usize,
+    pub num_shards: usize,
+    pub shard_index: usize,
+    /// Draw a progress line on stderr.
+    pub progress: bool,
+    /// Polled between chunks on the calling thread; `true` stops the run (nothing is left behind).
+    pub interrupted: Option<fn() -> bool>,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        PrepareOptions {
+            text_key: "text".into(),
+            eos_id: None,
+            on_error: OnError::Skip,
+            num_workers: None,
+            chunk_bytes: 4 << 20,
+            num_shards: 1,
+            shard_index: 0,
+            progress: false,
+            interrupted: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SkipKind {
+    InvalidUtf8,
+    MalformedJson,
+    MissingKey,
+    Empty,
+}
+
+#[derive(Debug)]
+struct Skip {
+    kind: SkipKind,
+    line: u64,
+    message: String,
+}
+
+/// The value under the wanted key: a string, or the kind of JSON value found instead.
+enum Field<'a> {
+    Str(Cow<'a, str>),
+    Other(&'static str),
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v)))
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Field<'de>, E> {
+        Ok(Field::Other("null"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Field<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Field::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Field<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Field::Other("an object"))
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Field<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+/// Compares an object key with the wanted one without allocating when it is unescaped.
+struct KeyIs<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+/// The top-level object: returns the last value under the key (as Python's `json.loads` keeps).
+struct ObjectWith<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for ObjectWith<'_> {
+    type Value = Option<Field<'de>>;
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectWith<'_> {
+    type Value = Option<Field<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(is_key) = map.next_key_seed(KeyIs(self.0))? {
+            if is_key {
+                found = Some(map.next_value::<Field<'de>>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn json_text<'a>(
+    line: &'a str,
+    key: &str,
+) -> std::result::Result<Cow<'a, str>, (SkipKind, String)> {
+    let mut de = serde_json::Deserializer::from_str(line);
+    let found = ObjectWith(key)
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|_| v))
+        .map_err(|e| (SkipKind::MalformedJson, format!("malformed JSON: {e}")))?;
+    match found {
+        Some(Field::Str(s)) => Ok(s),
+        Some(Field::Other(what)) => Err((
+            SkipKind::MissingKey,
+            format!("key {key:?} holds {what}, not a string"),
+        )),
+        None => Err((SkipKind::MissingKey, format!("missing key {key:?}"))),
+    }
+}
+
+fn utf8_error(bytes: &[u8], e: std::str::Utf8Error, line: u64) -> Skip {
+    let at = e.valid_up_to();
+    let before = &bytes[..at];
+    let lines = before.iter().filter(|&&b| b == b'\n').count() as u64;
+    let col = at
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+    Skip {
+        kind: SkipKind::InvalidUtf8,
+        line: line + lines,
+        message: format!(
+            "invalid UTF-8 (byte 0x{:02x} at column {})",
+            bytes[at],
+            col + 1
+        ),
+    }
+}
+
+type Outcome = std::result::Result<Vec<u32>, Skip>;
+
+fn process(
+    chunk: &Chunk,
+    r: &Record,
+    key: &str,
+    enc: &dyn DocumentEncoder,
+    eos: Option<u32>,
+) -> Outcome {
+    let bytes = chunk.text(r);
+    let skip = |kind, message: String| Skip {
+        kind,
+        line: r.line,
+        message,
+    };
+    let text = match r.kind {
+        RecordKind::Missing => {
+            return Err(skip(SkipKind::MissingKey, "missing text (null)".into()))
+        }
+        RecordKind::Text => {
+            Cow::Borrowed(std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, e, r.line))?)
+        }
+        RecordKind::Json => {
+            let line = std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, e, r.line))?;
+            json_text(line, key).map_err(|(k, m)| skip(k, m))?
+        }
+    };
+    if text.is_empty() {
+        return Err(skip(SkipKind::Empty, "empty document".into()));
+    }
+    let mut ids = enc.encode(&text);
+    ids.extend(eos);
+    Ok(ids)
+}
+
+/// Progress on stderr: bytes read (on disk), MB/s, tokens/s, documents.
+struct Progress {
+    enabled: bool,
+    start: Instant,
+    last: Instant,
+    total_disk: u64,
+    disk: u64,
+    text: u64,
+    tokens: u64,
+    docs: u64,
+    files_done: usize,
+    files: usize,
+}
+
+impl Progress {
+    fn new(enabled: bool, total_disk: u64, files: usize) -> Self {
+        let now = Instant::now();
+        Progress {
+            enabled,
+            start: now,
+            last: now,
+            total_disk,
+            disk: 0,
+            text: 0,
+            tokens: 0,
+            docs: 0,
+            files_done: 0,
+            files,
+        }
+    }
+
+    fn draw(&mut self, done: bool) {
+        if !self.enabled || (!done && self.last.elapsed().as_millis() < 250) {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let pct = if self.total_disk == 0 {
+            100.0
+        } else {
+            100.0 * self.disk as f64 / self.total_disk as f64
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\rprepare {pct:5.1}% | files {}/{} | {:.1} MB | {:.1} MB/s | {:.2}M tok/s | {} docs, {} tokens ",
+            self.files_done,
+            self.files,
+            self.text as f64 / 1e6,
+            self.text as f64 / 1e6 / secs,
+            self.tokens as f64 / 1e6 / secs,
+            self.docs,
+            self.tokens,
+        );
+        if done {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    }
+}
+
+struct Sink<'a> {
+    index: IndexWriter,
+    inputs: &'a [Input],
+    per_input: Vec<InputInfo>,
+    skipped: Skipped,
+    errors: Vec<String>,
+    on_error: OnError,
+    progress: Progress,
+}
+
+impl Sink<'_> {
+    fn write(&mut self, chunk: &Chunk, results: Vec<Outcome>) -> Result<()> {
+        for (r, res) in chunk.records.iter().zip(results) {
+            let info = &mut self.per_input[r.input];
+            match res {
+                Ok(ids) => {
+                    self.index.add_document(&ids)?;
+                    info.documents += 1;
+                    info.tokens += ids.len() as u64;
+                    self.progress.docs += 1;
+                    self.progress.tokens += ids.len() as u64;
+                }
+                Err(s) => {
+                    let path = &self.inputs[r.input].path;
+                    if self.on_error == OnError::Fail {
+                        return Err(Error::Record {
+                            path: path.clone(),
+                            line: s.line,
+                            message: s.message,
+                        });
+                    }
+                    info.skipped += 1;
+                    match s.kind {
+                        SkipKind::InvalidUtf8 => self.skipped.invalid_utf8 += 1,
+                        SkipKind::MalformedJson => self.skipped.malformed_json += 1,
+                        SkipKind::MissingKey => self.skipped.missing_key += 1,
+                        SkipKind::Empty => self.skipped.empty_document += 1,
+                    }
+                    if self.errors.len() < manifest::MAX_ERRORS_KEPT {
+                        self.errors
+                            .push(format!("{}:{}: {}", path.display(), s.line, s.message));
+                    }
+                }
+            }
+        }
+        self.progress.disk += chunk.disk_bytes;
+        self.progress.text += chunk.data.len() as u64;
+        self.progress.files_done += chunk.inputs_done;
+        self.progress.draw(false);
+        Ok(())
+    }
+}
+
+fn stat(input: &Input) -> Result<(u64, u64)> {
+    let md = std::fs::metadata(&input.path).map_err(|e| Error::io(&input.path, e))?;
+    if !md.is_file() {
+        return Err(Error::invalid(format!(
+            "{}: not a regular file",
+            input.path.display()
+        )));
+    }
+    let mtime = md
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    Ok((md.len(), mtime))
+}
+
+/// Tokenize `inputs` (shard `opts.shard_index` of `opts.num_shards`) into `prefix.{bin,idx,json}`.
+pub fn prepare<'a>(
+    inputs: &'a [Input],
+    prefix: &Path,
+    encoder: &dyn DocumentEncoder,
+    external: Option<&'a mut dyn ExternalSource>,
+    opts: &PrepareOptions,
+) -> Result<Manifest> {
+    let n_vocab = encoder.vocab_size();
+    if let Some(eos) = opts.eos_id {
+        if eos as usize >= n_vocab {
+            return Err(Error::invalid(format!(
+                "eos id {eos} is outside the vocabulary of {n_vocab}"
+            )));
+        }
+    }
+    if opts.num_workers == Some(0) {
+        return Err(Error::invalid("num_workers must be at least 1"));
+    }
+    // Stat every input (not only this shard's): the partition and the digest depend on all of them.
+    let stats = inputs.iter().map(stat).collect::<Result<Vec<_>>>()?;
+    let mut digest = Xxh3::new();
+    for (input, (size, mtime)) in inputs.iter().zip(&stats) {
+        digest.update(input.path.to_string_lossy().as_bytes());
+        digest.update(&[0]);
+        digest.update(format!("{:?}", input.format).as_bytes());
+        digest.update(&size.to_le_bytes());
+        digest.update(&mtime.to_le_bytes());
+    }
+    let sizes: Vec<u64> = stats.iter().map(|s| s.0).collect();
+    let range = shard_range(&sizes, opts.num_shards, opts.shard_index)?;
+    let mine = &inputs[range.clone()];
+    let per_input = mine
+        .iter()
+        .zip(&stats[range.clone()])
+        .map(|(i, &(size, mtime_ns))| InputInfo {
+            path: i.path.to_string_lossy().into_owned(),
+            format: i.format.name().into(),
+            size,
+            mtime_ns,
+            documents: 0,
+            tokens: 0,
+            skipped: 0,
+        })
+        .collect();
+
+    if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    clear_outputs(prefix)?;
+    let dtype = DType::for_vocab(n_vocab);
+    let mut sink = Sink {
+        index: IndexWriter::create(prefix, dtype)?,
+        inputs: mine,
+        per_input,
+        skipped: Skipped::default(),
+        errors: vec![],
+        on_error: opts.on_error,
+        progress: Progress::new(opts.progress, sizes[range].iter().sum(), mine.len()),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.num_workers.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start worker threads: {e}")))?;
+    let key = opts.text_key.as_str();
+    let eos = opts.eos_id;
+    let tokenize = |chunk: &Chunk| -> Vec<Outcome> {
+        chunk
+            .records
+            .par_iter()
+            .map(|r| process(chunk, r, key, encoder, eos))
+            .collect()
+    };
+
+    std::thread::scope(|s| -> Result<()> {
+        // Two chunks in flight at most: one being tokenized, one read ahead.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(1);
+        let chunk_bytes = opts.chunk_bytes;
+        s.spawn(move || {
+            let mut reader = ChunkReader::new(mine, external, chunk_bytes);
+            loop {
+                let next = reader.next().transpose();
+                let stop = !matches!(next, Some(Ok(_)));
+                if let Some(msg) = next {
+                    if tx.send(msg).is_err() {
+                        return; // the writer stopped (error): stop reading
+                    }
+                }
+                if stop {
+                    return;
+                }
+            }
+        });
+        let mut pending: Option<(Chunk, Vec<Outcome>)> = None;
+        for msg in rx {
+            if opts.interrupted.is_some_and(|f| f()) {
+                return Err(Error::invalid("interrupted"));
+            }
+            let chunk = msg?;
+            let prev = pending.take();
+            let sink = &mut sink;
+            let (written, results) = pool.install(|| {
+                rayon::join(
+                    || match prev {
+                        Some((c, res)) => sink.write(&c, res),
+                        None => Ok(()),
+                    },
+                    || tokenize(&chunk),
+                )
+            });
+            written?;
+            pending = Some((chunk, results));
+        }
+        if let Some((c, res)) = pending {
+            sink.write(&c, res)?;
+        }
+        Ok(())
+    })?;
+
+    let Sink {
+        index,
+        per_input,
+        skipped,
+        errors,
+        mut progress,
+        ..
+    } = sink;
+    let documents = index.num_documents() as u64;
+    let tokens = index.num_tokens();
+    index.finish()?;
+    progress.draw(true);
+    let m = Manifest {
+        format: manifest::FORMAT.into(),
+        version: manifest::VERSION,
+        tokenmill_version: env!("CARGO_PKG_VERSION").into(),
+        tokenizer: TokenizerInfo {
+            fingerprint: encoder.fingerprint(),
+            n_vocab: n_vocab as u64,
+        },
+        dtype: dtype.name().into(),
+        eos_id: eos,
+        text_key: opts.text_key.clone(),
+        shard: ShardInfo {
+            index: opts.shard_index,
+            count: opts.num_shards,
+            inputs_digest: manifest::hex128(&digest),
+        },
+        inputs: per_input,
+        documents,
+        tokens,
+        skipped,
+        errors,
+        files: Files {
+            bin: file_info(&bin_path(prefix))?,
+            idx: file_info(&idx_path(prefix))?,
+        },
+    };
+    m.write(prefix)?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::inputs::InputFormat;
+    use crate::data::manifest::{merge, stats, verify};
+    use crate::data::mmidx::IndexedDataset;
+    use std::path::PathBuf;
+
+    /// Byte-level: one id per UTF-8 byte; id 256 is EOS.
+    struct Bytes;
+    impl DocumentEncoder for Bytes {
+        fn encode(&self, text: &str) -> Vec<u32> {
+            text.bytes().map(u32::from).collect()
+        }
+        fn vocab_size(&self) -> usize {
+            257
+        }
+        fn fingerprint(&self) -> String {
+            "bytes-v1".into()
+        }
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tm-prepare-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn corpus(d: &Path) -> Vec<Input> {
+        let mut jsonl = String::new();
+        for i in 0..300 {
+            jsonl.push_str(&format!(
+                "{{\"id\": {i}, \"text\": \"doc {i} \\u00e9\\n{}\"}}\n",
+                "x".repeat(i % 17)
+            ));
+        }
+        std::fs::write(d.join("a.jsonl"), &jsonl).unwrap();
+        let mut bad =
+            b"{\"text\": \"ok\"}\n{\"text\": 3}\n{\"nope\": \"x\"}\n{broken\n{\"text\": \"\"}\n"
+                .to_vec();
+        bad.extend_from_slice(b"{\"text\": \"caf\xe9\"}\n[1, 2]\n{\"text\": \"last\"}\n");
+        std::fs::write(d.join("b.jsonl"), &bad).unwrap();
+        std::fs::write(d.join("c.txt"), b"one\n--\ntwo\nlines\n--\n\xff\n--\nthree").unwrap();
+        for i in 0..20 {
+            std::fs::write(d.join(format!("w{i:02}.txt")), format!("whole file {i}\n")).unwrap();
+        }
+        let mut inputs = vec![
+            Input {
+                path: d.join("a.jsonl"),
+                format: InputFormat::JsonLines,
+            },
+            Input {
+                path: d.join("b.jsonl"),
+                format: InputFormat::JsonLines,
+            },
+            Input {
+                path: d.join("c.txt"),
+                format: InputFormat::Text {
+                    delimiter: Some("--".into()),
+                },
+            },
+        ];
+        for i in 0..20 {
+            inputs.push(Input {
+                path: d.join(format!("w{i:02}.txt")),
+                format: InputFormat::Text { delimiter: None },
+            });
+        }
+        inputs
+    }
+
+    fn opts(workers: usize, chunk_bytes: usize) -> PrepareOptions {
+        PrepareOptions {
+            eos_id: Some(256),
+            num_workers: Some(workers),
+            chunk_bytes,
+            ..PrepareOptions::default()
+        }
+    }
+
+    fn read_all(prefix: &Path) -> Vec<Vec<u32>> {
+        let ds = IndexedDataset::open(prefix).unwrap();
+        (0..ds.num_sequences())
+            .map(|i| ds.sequence(i).unwrap())
+            .collect()
+    }
+
+    fn files(prefix: &Path) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::fs::read(bin_path(prefix)).unwrap(),
+            std::fs::read(idx_path(prefix)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn tokens_skips_and_manifest() {
+        let d = tmpdir("basic");
+        let inputs = corpus(&d);
+        let prefix = d.join("out/ds");
+        let m = prepare(&inputs, &prefix, &Bytes, None, &opts(2, 1 << 20)).unwrap();
+        let docs = read_all(&prefix);
+        let mut want: Vec<String> = (0..300)
+            .map(|i| format!("doc {i} \u{e9}\n{}", "x".repeat(i % 17)))
+            .collect();
+        want.extend(["ok", "last", "one", "two\nlines", "three"].map(String::from));
+        want.extend((0..20).map(|i| format!("whole file {i}\n")));
+        assert_eq!(docs.len(), want.len());
+        for (got, w) in docs.iter().zip(&want) {
+            let mut ids: Vec<u32> = w.bytes().map(u32::from).collect();
+            ids.push(256);
+            assert_eq!(got, &ids);
+        }
+        assert_eq!(m.documents, want.len() as u64);
+        assert_eq!(m.dtype, "uint16");
+        let sk = &m.skipped;
+        assert_eq!(
+            (
+                sk.invalid_utf8,
+                sk.malformed_json,
+                sk.missing_key,
+                sk.empty_document
+            ),
+            (2, 2, 2, 1)
+        );
+        let b = d.join("b.jsonl").display().to_string();
+        let c = d.join("c.txt").display().to_string();
+        assert_eq!(
+            m.errors,
+            vec![
+                format!("{b}:2: key \"text\" holds a number, not a string"),
+                format!("{b}:3: missing key \"text\""),
+                format!("{b}:4: malformed JSON: key must be a string at line 1 column 2"),
+                format!("{b}:5: empty document"),
+                format!("{b}:6: invalid UTF-8 (byte 0xe9 at column 14)"),
+                format!("{b}:7: malformed JSON: invalid type: sequence, expected a JSON object at line 1 column 0"),
+                format!("{c}:6: invalid UTF-8 (byte 0xff at column 1)"),
+            ]
+        );
+        assert_eq!(m.inputs[1].skipped, 6);
+        assert_eq!(m.inputs[1].documents, 2);
+        assert_eq!(Manifest::read(&prefix).unwrap(), m);
+        assert!(verify(&prefix).unwrap().is_empty());
+
+        // Fail mode stops at the first bad record, in input order, and leaves no output behind.
+        let mut o = opts(2, 64);
+        o.on_error = OnError::Fail;
+        let e = prepare(&inputs, &prefix, &Bytes, None, &o).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{b}:2: key \"text\" holds a number, not a string")
+        );
+        assert!(matches!(e, Error::Record { line: 2, .. }));
+        let left: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn identical_bytes_whatever_the_threads_and_chunks() {
+        let d = tmpdir("det");
+        let inputs = corpus(&d);
+        let base = d.join("base");
+        prepare(&inputs, &base, &Bytes, None, &opts(1, 1 << 20)).unwrap();
+        let want = files(&base);
+        for (w, c) in [(2, 1), (3, 100), (4, 4096), (2, 1 << 16)] {
+            let p = d.join(format!("p{w}-{c}"));
+            prepare(&inputs, &p, &Bytes, None, &opts(w, c)).unwrap();
+            assert!(files(&p) == want, "workers={w} chunk={c}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn shards_merge_to_the_single_run() {
+        let d = tmpdir("shards");
+        let inputs = corpus(&d);
+        let single = d.join("single");
+        let m1 = prepare(&inputs, &single, &Bytes, None, &opts(2, 1000)).unwrap();
+        for n in [1, 2, 5, 30] {
+            let shards: Vec<PathBuf> = (0..n).map(|i| d.join(format!("s{n}-{i}"))).collect();
+            for (i, s) in shards.iter().enumerate() {
+                let mut o = opts(2, 1000);
+                o.num_shards = n;
+                o.shard_index = i;
+                prepare(&inputs, s, &Bytes, None, &o).unwrap();
+            }
+            let out = d.join(format!("merged{n}"));
+            let mut rev = shards.clone();
+            rev.reverse(); // order of arguments does not matter
+            let m = merge(&rev, &out).unwrap();
+            assert!(files(&out) == files(&single), "n={n}");
+            assert_eq!(m.documents, m1.documents);
+            assert_eq!(m.skipped, m1.skipped);
+            assert_eq!(m.inputs, m1.inputs);
+            assert!(verify(&out).unwrap().is_empty());
+            if n > 1 {
+                let e = merge(&shards[1..], &out).unwrap_err().to_string();
+                assert!(e.contains("shards must be exactly indices"), "{e}");
+            }
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn merge_refuses_other_tokenizers_and_corrupt_shards() {
+        struct Other;
+        impl DocumentEncoder for Other {
+            fn encode(&self, text: &str) -> Vec<u32> {
+                Bytes.encode(text)
+            }
+            fn vocab_size(&self) -> usize {
+                257
+            }
+            fn fingerprint(&self) -> String {
+                "other".into()
+            }
+        }
+        let d = tmpdir("mergebad");
+        let inputs = corpus(&d);
+        let (a, b) = (d.join("a"), d.join("b"));
+        let mut o = opts(2, 1000);
+        o.num_shards = 2;
+        prepare(&inputs, &a, &Bytes, None, &o).unwrap();
+        o.shard_index = 1;
+        prepare(&inputs, &b, &Other, None, &o).unwrap();
+        let e = merge(&[a.clone(), b.clone()], &d.join("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokenizer fingerprint other differs"), "{e}");
+        prepare(&inputs, &b, &Bytes, None, &o).unwrap();
+        let mut bytes = std::fs::read(bin_path(&b)).unwrap();
+        bytes[2] ^= 1; // a letter becomes another letter: only the checksum can tell
+        std::fs::write(bin_path(&b), &bytes).unwrap();
+        let e = merge(&[a, b.clone()], &d.join("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checksum does not match"), "{e}");
+        assert!(!d.join("m.bin").exists() && !d.join("m.json").exists());
+        let problems = verify(&b).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("checksum"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    proptest::proptest! {
+        /// The visitor agrees with a full parse (serde_json::Value) on which string the key holds.
+        #[test]
+        fn json_key_like_a_full_parse(
+            entries in proptest::collection::vec(("[a-z]{0,3}", proptest::option::of(".{0,12}")), 0..6),
+            pretty in proptest::bool::ANY,
+        ) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &entries {
+                obj.insert(k.clone(), v.clone().map_or(serde_json::Value::from(1.5), serde_json::Value::from));
+            }
+            let v = serde_json::Value::Object(obj);
+            let line = if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
+            for key in ["a", "", "ab"] {
+                let want = v.get(key);
+                match (json_text(&line, key), want) {
+                    (Ok(got), Some(serde_json::Value::String(w))) => proptest::prop_assert_eq!(got.as_ref(), w.as_str()),
+                    (Err((SkipKind::MissingKey, _)), None) => {}
+                    (Err((SkipKind::MissingKey, m)), Some(w)) => proptest::prop_assert!(!w.is_string(), "{}", m),
+                    (got, want) => proptest::prop_assert!(false, "{:?} vs {:?}", got.map(|c| c.into_owned()), want),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stats_by_hand() {
+        let d = tmpdir("stats");
+        std::fs::write(
+            d.join("a.jsonl"),
+            "{\"text\":\"aab\"}\n{\"text\":\"a\"}\n{\"text\":\"abcdefgh\"}\n",
+        )
+        .unwrap();
+        let inputs = vec![Input {
+            path: d.join("a.jsonl"),
+            format: InputFormat::JsonLines,
+        }];
+        let p = d.join("ds");
+        let mut o = opts(1, 10);
+        o.eos_id = None;
+        prepare(&inputs, &p, &Bytes, None, &o).unwrap();
+        let s = stats(&IndexedDataset::open(&p).unwrap(), 2).unwrap();
+        assert_eq!(
+            (s.documents, s.tokens, s.min_length, s.max_length),
+            (3, 12, 1, 8)
+        );
+        assert_eq!(s.length_histogram, vec![(1, 2, 1), (2, 4, 1), (8, 16, 1)]);
+        assert_eq!(s.top_tokens, vec![(b'a' as u32, 4), (b'b' as u32, 2)]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn stale_temporaries_and_old_outputs_are_cleared() {
+        let d = tmpdir("stale");
+        let inputs = corpus(&d);
+        let p = d.join("ds");
+        prepare(&inputs, &p, &Bytes, None, &opts(2, 1 << 20)).unwrap();
+        // A killed run's leftovers (pid 999999999 does not exist).
+        std::fs::write(d.join(".ds.bin.tmp-999999999"), b"partial").unwrap();
+        std::fs::remove_file(manifest::manifest_path(&p)).unwrap();
+        assert!(verify(&p).is_err(), "no manifest: not complete");
+        prepare(&inputs, &p, &Bytes, None, &opts(2, 1 << 20)).unwrap();
+        assert!(!d.join(".ds.bin.tmp-999999999").exists());
+        assert!(verify(&p).unwrap().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
