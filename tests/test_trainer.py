@@ -482,7 +482,10 @@ def test_cli_train_and_export_with_tokenizer(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = T.latest_checkpoint(str(tmp_path / "run"))
-    assert LlamaConfig.from_dict(json.loads((ckpt / "meta.json").read_text())["model"]).vocab_size == 300
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (
+        LlamaConfig.from_dict(meta["model"]).vocab_size == tok.n_vocab
+    )  # the model takes the tokenizer's size
     r = subprocess.run(
         [sys.executable, "-m", "tokenmill", "export-hf", str(ckpt), str(tmp_path / "hf")],
         capture_output=True,
@@ -501,22 +504,28 @@ def test_cli_train_and_export_with_tokenizer(tmp_path):
 def test_tokenizer_and_vocab_mismatch_fail_before_any_step(tmp_path):
     import tokenmill as tm
 
-    texts = [f"value_{i} = {i * 3}\n" for i in range(200)]
+    texts = [f"value_{i} = {i * 3} + {i % 11}\n" for i in range(400)]
+    toks = {}
     for name, size in (("a", 300), ("b", 290)):
-        tm.Tokenizer.train(
+        toks[name] = tm.Tokenizer.train(
             texts, vocab_size=size, pattern="gpt2", special_tokens=["<|endoftext|>"], show_progress=False
-        ).save(str(tmp_path / f"{name}.json"))
+        )
+        toks[name].save(str(tmp_path / f"{name}.json"))
+    n_a = toks["a"].n_vocab
+    assert n_a > 256 and toks["b"].n_vocab < n_a
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tm.data.prepare([str(tmp_path / "t.jsonl")], str(tmp_path / "data"), str(tmp_path / "a.json"))
     called = []
     base = [f"--data.train=['{tmp_path / 'data'}']"]
     with pytest.raises(ValueError, match="tokenized with another tokenizer"):
         T.train(
-            config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'b.json'}"),
+            config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'b.json'}", "--model.vocab_size=512"),
             on_step=lambda s, r: called.append(s),
         )
-    with pytest.raises(ValueError, match=r"300-token vocabulary but model.vocab_size is 256"):
+    with pytest.raises(ValueError, match=rf"{n_a}-token vocabulary but model.vocab_size is 256"):
         T.train(config(tmp_path, *base, "--model.vocab_size=256"), on_step=lambda s, r: called.append(s))
-    with pytest.raises(ValueError, match=r"has 300 tokens but model.vocab_size is 256"):
+    with pytest.raises(ValueError, match=rf"has {n_a} tokens but model.vocab_size is 256"):
         T.train(config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'a.json'}", "--model.vocab_size=256"))
+    # the matching tokenizer trains
+    T.train(config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'a.json'}", "--train.steps=1"))
     assert not called
