@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export_hf)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
-    demo.add_argument("--steps", type=int, help="training steps (default: 250 on CPU, 600 on GPU)")
+    demo.add_argument("--steps", type=int, help="training steps (default: 150 on CPU, 600 on GPU)")
     demo.add_argument(
         "--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint"
     )
