@@ -345,20 +345,31 @@ def correctness(cfg: Config) -> list[Check]:
                         add("linear_cross_entropy", dtype, shape, [(loss, lr_), (gh, rh), (gw, rw)], ce_tol)
 
                     guarded("linear_cross_entropy", dtype, shape, ce)
-            # AdamW8bit: fused step against the torch reference of the same algorithm (CPU), 5 steps
+            # AdamW8bit: fused multi-tensor step (one launch for all four tensors, 8-bit state for all)
+            # against the torch reference of the same algorithm (CPU), 5 steps: new gradient tensors in
+            # steps 1-3 (new pointer table), gradients overwritten in place in steps 4-5 (cached table)
             n = 5000 if small else 1_000_003
+            sizes = (n, 300, 4097, 1)
 
-            def adam(n=n, dtype=dtype):
-                p = torch.nn.Parameter(torch.randn(n, device=dev).to(dtype))
-                pc = torch.nn.Parameter(p.detach().cpu().clone())
-                o, oc = AdamW8bit([p], lr=1e-3), AdamW8bit([pc], lr=1e-3)
-                for _ in range(5):
-                    g = torch.randn(n).to(dtype)
-                    p.grad, pc.grad = g.to(dev), g.clone()
+            def adam(sizes=sizes, dtype=dtype):
+                ps = [torch.nn.Parameter(torch.randn(m, device=dev).to(dtype)) for m in sizes]
+                pcs = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ps]
+                o = AdamW8bit(ps, lr=1e-3, min_8bit_size=0)
+                oc = AdamW8bit(pcs, lr=1e-3, min_8bit_size=0)
+                for step in range(5):
+                    for p, pc in zip(ps, pcs):
+                        g = torch.randn(p.numel()).to(dtype)
+                        if step < 3:
+                            p.grad, pc.grad = g.to(dev), g.clone()
+                        else:
+                            p.grad.copy_(g)
+                            pc.grad.copy_(g)
                     o.step()
                     oc.step()
-                a, b = p.detach().cpu().double(), pc.detach().double()
-                upd = ((a - b).abs() / (b.abs() + 1)).max().item()
+                upd = 0.0
+                for p, pc in zip(ps, pcs):
+                    a, b = p.detach().cpu().double(), pc.detach().double()
+                    upd = max(upd, ((a - b).abs() / (b.abs() + 1)).max().item())
                 # FMA contraction on the GPU can move a moment to the neighbouring code now and then (a ~1%
                 # change of one step, lr 1e-3); in bf16 the parameter may round one ulp (2^-8) the other way.
                 a_tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
@@ -367,7 +378,7 @@ def correctness(cfg: Config) -> list[Check]:
                     Check(
                         "adamw8bit step x5",
                         str(dtype).replace("torch.", ""),
-                        f"n={n}",
+                        f"4 tensors in 1 launch, n={'+'.join(map(str, sizes))}",
                         upd,
                         a_tol,
                         ok,
@@ -375,7 +386,7 @@ def correctness(cfg: Config) -> list[Check]:
                     )
                 )
 
-            guarded("adamw8bit step x5", dtype, f"n={n}", adam)
+            guarded("adamw8bit step x5", dtype, f"n={'+'.join(map(str, sizes))}", adam)
     finally:
         launch.DEBUG_FILL_NAN = False
     return out
@@ -662,25 +673,39 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
 
 
 def launch_overhead(cfg: Config) -> str:
-    """Host time per kernel launch with DLPack arguments vs raw pointers (swiglu on a tiny tensor)."""
+    """Host time per call: the whole op (K.swiglu on a tiny tensor: checks, output allocation, autograd
+    Function, launch) with raw-pointer arguments (the default) and with DLPack arguments, and launch.launch
+    alone (the bare kernel launch path) with pointers."""
     if cfg.device.type != "cuda":
         return "n/a on CPU"
+    import numpy as np
     from tokenmill import kernels as K
     from tokenmill.kernels import launch
 
     g = torch.randn(1024, device=cfg.device, dtype=torch.bfloat16)
+    y = torch.empty_like(g)
     res = {}
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 500 * 1e6
+
     saved = launch.ARGS_VIA_POINTERS
     try:
-        for mode in (False, True):
+        for mode in (True, False):
             launch.ARGS_VIA_POINTERS = mode
-            K.swiglu(g, g)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(200):
-                K.swiglu(g, g)
-            torch.cuda.synchronize()
-            res["pointer" if mode else "dlpack"] = (time.perf_counter() - t) / 200 * 1e6
+            res["swiglu op, pointer" if mode else "swiglu op, dlpack"] = per_call(lambda: K.swiglu(g, g))
+        launch.ARGS_VIA_POINTERS = True
+        args = (g, g, y, np.int64(g.numel()))
+        dev = cfg.device.index or 0
+        res["launch.launch alone"] = per_call(
+            lambda: launch.launch("swiglu", "swiglu_fwd_bf16_v8", dev, 1, 256, args)
+        )
     finally:
         launch.ARGS_VIA_POINTERS = saved
     return ", ".join(f"{k} {v:.1f} us/call" for k, v in res.items())

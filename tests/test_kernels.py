@@ -256,6 +256,24 @@ def test_linear_cross_entropy_only_hidden_grad_and_second_backward_refused():
         torch.autograd.grad(loss, (h,))
 
 
+def test_linear_cross_entropy_no_grad_skips_gradients(monkeypatch):
+    seen = []
+    real = reference.linear_cross_entropy_fwd
+
+    def spy(*args):
+        seen.append(args[-2:])  # (grad_hidden, grad_weight)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "linear_cross_entropy_fwd", spy)
+    h, w = randn(4, 3, requires_grad=True), randn(5, 3, seed=1, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        a = K.linear_cross_entropy(h, w, t)
+    b = K.linear_cross_entropy(h, w, t)
+    assert seen == [(False, False), (True, True)]
+    assert a.item() == b.item() and not a.requires_grad and b.requires_grad
+
+
 def test_default_chunk_rows_bounds_the_logits_buffer():
     assert reference.default_chunk_rows(16384, 128256) == 2048
     assert reference.default_chunk_rows(10, 128256) == 10
@@ -390,9 +408,14 @@ def test_ops_launch_only_kernels_that_exist():
     text = inspect.getsource(ops) + inspect.getsource(adamw8bit)
     launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn,)', text)
     prefixes = set(re.findall(r'f"(\w+?)_\{_TYPE_NAME', text)) | {"adamw8bit"}
-    assert len(launched) >= 9
+    assert len(launched) >= 8
     for p in prefixes:
         assert any(k.startswith(p + "_") for names in EXPECTED_KERNELS.values() for k in names), p
+    # rope's kernel name is f"rope_{kind}_..." with the kind passed to ops._rope_launch
+    kinds = set(re.findall(r'_rope_launch\(\s*"(\w+)"', text))
+    assert kinds == {"table", "positions"}
+    for kind in kinds:
+        assert f"rope_{kind}_bf16_v8" in EXPECTED_KERNELS["rope"]
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -20,14 +20,19 @@ __device__ __forceinline__ unsigned char tm_quantize(const float *code, float x)
   return (unsigned char)lo;
 }
 
+// Multi-tensor step: one launch updates every tensor of a list (same dtype and hyper-parameters). Tensor t's
+// quantisation blocks are numbered qb_start[t] .. qb_start[t + 1] - 1 in one global range (qb_start has
+// n_tensors + 1 entries); table[6t .. 6t + 5] holds its device pointers p, g, q1, q2, absmax1, absmax2 and
+// sizes[t] its element count. Each element is read once (p, g, two uint8 codes) and written once (p, codes);
+// absmax once per 256 elements.
 // Thread k of a quantisation block handles elements k, k + 64, k + 128, k + 192: coalesced, no alignment needs.
 template <typename T>
-__device__ __forceinline__ void adamw8bit_step(T *__restrict__ p, const T *__restrict__ g,
-                                               unsigned char *__restrict__ q1, unsigned char *__restrict__ q2,
-                                               float *__restrict__ absmax1, float *__restrict__ absmax2,
-                                               const float *__restrict__ code1, const float *__restrict__ code2,
-                                               long long n, float beta1, float beta2, float eps, float step_size,
-                                               float bc2_sqrt, float decay) {
+__device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__restrict__ table,
+                                                const long long *__restrict__ sizes,
+                                                const long long *__restrict__ qb_start, int n_tensors,
+                                                const float *__restrict__ code1, const float *__restrict__ code2,
+                                                float beta1, float beta2, float eps, float step_size,
+                                                float bc2_sqrt, float decay) {
   __shared__ float c1[256], c2[256];
   __shared__ float red1[2 * TM_GROUPS], red2[2 * TM_GROUPS];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
@@ -36,12 +41,34 @@ __device__ __forceinline__ void adamw8bit_step(T *__restrict__ p, const T *__res
   }
   __syncthreads();
   const int group = threadIdx.x >> 6, k = threadIdx.x & 63, warp = threadIdx.x >> 5;
-  const long long n_qb = (n + TM_QBLOCK - 1) / TM_QBLOCK;
+  const long long n_qb = qb_start[n_tensors];
   // Every thread runs the same number of iterations (the loop bound is block-uniform) for __syncthreads.
   for (long long first = (long long)blockIdx.x * TM_GROUPS; first < n_qb;
        first += (long long)gridDim.x * TM_GROUPS) {
-    const long long qb = first + group;
-    const bool active = qb < n_qb;
+    const long long gqb = first + group;
+    const bool active = gqb < n_qb;
+    T *p = nullptr;
+    const T *g = nullptr;
+    unsigned char *q1 = nullptr, *q2 = nullptr;
+    float *absmax1 = nullptr, *absmax2 = nullptr;
+    long long n = 0, qb = 0;
+    if (active) {
+      int lo = 0, hi = n_tensors - 1;  // the last tensor whose range starts at or before gqb
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (qb_start[mid] <= gqb) lo = mid;
+        else hi = mid - 1;
+      }
+      const unsigned long long *e = table + 6 * (long long)lo;
+      p = reinterpret_cast<T *>(e[0]);
+      g = reinterpret_cast<const T *>(e[1]);
+      q1 = reinterpret_cast<unsigned char *>(e[2]);
+      q2 = reinterpret_cast<unsigned char *>(e[3]);
+      absmax1 = reinterpret_cast<float *>(e[4]);
+      absmax2 = reinterpret_cast<float *>(e[5]);
+      n = sizes[lo];
+      qb = gqb - qb_start[lo];
+    }
     const float a1 = active ? absmax1[qb] : 0.f, a2 = active ? absmax2[qb] : 0.f;
     float m[4], v[4], max1 = 0.f, max2 = 0.f;
 #pragma unroll
@@ -60,6 +87,7 @@ __device__ __forceinline__ void adamw8bit_step(T *__restrict__ p, const T *__res
         max2 = fmaxf(max2, v[e]);
       }
     }
+    // a quantisation block is two whole warps of one group, so the group's absmax needs no other tensor
     max1 = tm_warp_max(max1);
     max2 = tm_warp_max(max2);
     if ((threadIdx.x & 31) == 0) {
@@ -88,12 +116,12 @@ __device__ __forceinline__ void adamw8bit_step(T *__restrict__ p, const T *__res
 }
 
 #define TM_ADAMW8(T, NAME)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(256) adamw8bit_##NAME(T *p, const T *g, unsigned char *q1, unsigned char *q2,        \
-                                              float *absmax1, float *absmax2, const float *code1,           \
-                                              const float *code2, long long n, float beta1, float beta2,    \
-                                              float eps, float step_size, float bc2_sqrt, float decay) {    \
-    adamw8bit_step<T>(p, g, q1, q2, absmax1, absmax2, code1, code2, n, beta1, beta2, eps, step_size,        \
-                      bc2_sqrt, decay);                                                                     \
+  extern "C" __global__ void __launch_bounds__(256)                                                          \
+      adamw8bit_##NAME(const unsigned long long *table, const long long *sizes, const long long *qb_start,    \
+                       int n_tensors, const float *code1, const float *code2, float beta1, float beta2,       \
+                       float eps, float step_size, float bc2_sqrt, float decay) {                            \
+    adamw8bit_multi<T>(table, sizes, qb_start, n_tensors, code1, code2, beta1, beta2, eps, step_size,         \
+                       bc2_sqrt, decay);                                                                     \
   }
 
 TM_ADAMW8(bf16, bf16)

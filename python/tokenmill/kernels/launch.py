@@ -3,8 +3,8 @@
 * Each ``*.cu`` file is compiled once per device with NVRTC (``cupy.RawModule``) and cached.
 * Kernels run on torch's *current* stream (wrapped as a ``cupy.cuda.ExternalStream``), so they order
   correctly with torch work, CUDA graphs aside.
-* Tensors cross to CuPy through DLPack without copies (bf16 travels as an int16 view: kernels take raw
-  pointers, and CuPy has no bfloat16 dtype).
+* Tensors reach the kernels as raw device pointers (kernels take raw pointers; DLPack is an opt-in
+  alternative, see ARGS_VIA_POINTERS).
 * CuPy allocates from torch's caching allocator, so the two memory pools do not starve each other.
 * ``nvrtc_compile`` compiles a source for an explicit architecture without any GPU (used by the tests).
 
@@ -14,6 +14,7 @@ that each kernel writes every element of its outputs (benches/gpu_check.py does 
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import sys
@@ -21,17 +22,22 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("rms_norm", "rope", "swiglu", "linear_ce", "adamw8bit")
 DEBUG_FILL_NAN = False
-# Tensors reach kernels as DLPack-imported CuPy arrays (zero copy). TOKENMILL_KERNEL_ARGS=pointer passes raw
-# device pointers instead (same memory, less host overhead per launch; benches/gpu_check.py measures both).
-ARGS_VIA_POINTERS = os.environ.get("TOKENMILL_KERNEL_ARGS", "dlpack") == "pointer"
+# Tensors reach kernels as raw device pointers (numpy uint64). TOKENMILL_KERNEL_ARGS=dlpack passes
+# DLPack-imported CuPy arrays instead: same memory, but the first H100 run measured 239 us of host time per
+# launch that way against 71.5 us with pointers (benches/gpu_check.py measures both).
+ARGS_VIA_POINTERS = os.environ.get("TOKENMILL_KERNEL_ARGS", "pointer") != "dlpack"
+_PTR = np.uint64
+_NULL = np.uint64(0)
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], Any] = {}
+_functions: dict[tuple[str, str, int], Any] = {}
 _streams: dict[tuple[int, int], Any] = {}
 _allocator_set = False
 _own_bf16: bool | None = None  # True once cuda_bf16.h turned out unusable with this NVRTC
@@ -139,7 +145,7 @@ def _compile_module(name: str, device: int):
         if _own_bf16 is not True:
             try:
                 mod = cupy.RawModule(code=source(name), options=_options(False), backend="nvrtc")
-                mod.compile()  # now, so that a header problem shows up here
+                _compile_now(mod)  # so that a header problem shows up here
                 _own_bf16 = False
                 return mod
             except cupy.cuda.compiler.CompileException:
@@ -147,50 +153,99 @@ def _compile_module(name: str, device: int):
                     raise
                 _own_bf16 = True  # e.g. headers from another CUDA release than this NVRTC
         mod = cupy.RawModule(code=source(name), options=_options(True), backend="nvrtc")
-        mod.compile()
+        _compile_now(mod)
         return mod
+
+
+def _compile_now(mod) -> None:
+    if hasattr(mod, "compile"):
+        mod.compile()
+    else:  # older CuPy compiles on first access to .module
+        _ = mod.module
 
 
 def kernel(source_name: str, function: str, device: int):
     """The compiled function ``function`` from ``<source_name>.cu`` for ``device`` (compiled once)."""
+    fkey = (source_name, function, device)
+    fn = _functions.get(fkey)
+    if fn is not None:
+        return fn
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "tokenmill.kernels runs CUDA tensors through CuPy: pip install cupy-cuda12x (or cupy-cuda13x)"
+        ) from e
     key = (source_name, device)
-    mod = _modules.get(key)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                use_torch_allocator()
-                mod = _compile_module(source_name, device)
-                _modules[key] = mod
-    return mod.get_function(function)
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            use_torch_allocator()
+            mod = _compile_module(source_name, device)
+            _modules[key] = mod
+        fn = _functions[fkey] = mod.get_function(function)
+    return fn
+
+
+def _raw_stream_fallback(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# torch's current stream as a raw pointer without building a torch.cuda.Stream object (~0.2 us instead of
+# several us); the public call is the fallback for a torch without the private binding.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _raw_stream_fallback
 
 
 def _stream(device: int):
-    import cupy
-
-    ptr = torch.cuda.current_stream(device).cuda_stream
+    """CuPy stream object for torch's current stream of ``device`` (cached per (device, pointer))."""
+    ptr = _raw_stream(device)
     s = _streams.get((device, ptr))
     if s is None:
-        s = cupy.cuda.ExternalStream(ptr, device)
+        import cupy
+
+        if ptr == 0:  # torch's default stream is the legacy NULL stream
+            s = cupy.cuda.Stream.null
+        else:
+            try:
+                s = cupy.cuda.ExternalStream(ptr, device)
+            except TypeError:  # CuPy < 12 takes no device id
+                s = cupy.cuda.ExternalStream(ptr)
         _streams[(device, ptr)] = s
     return s
 
 
-def _arg(a: Any) -> Any:
-    import numpy as np
+def _dlpack(t: torch.Tensor) -> Any:
+    import cupy
 
-    if isinstance(a, torch.Tensor):
-        if ARGS_VIA_POINTERS:
-            return np.uint64(a.data_ptr())
-        import cupy
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # CuPy has no bfloat16 dtype; the kernel sees the same bytes
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
 
-        t = a.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        return cupy.from_dlpack(t)
-    if a is None:  # a null pointer
-        return np.uint64(0)
-    return a
+
+def prepare_args(args: Sequence[Any]) -> tuple[Any, ...]:
+    """Kernel arguments as CuPy takes them: tensors -> device pointers (numpy uint64), None -> NULL, numpy
+    scalars unchanged. Anything else is a ValueError (a Python int or float has no fixed C size)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(_PTR(a.data_ptr()) if ARGS_VIA_POINTERS else _dlpack(a))
+        elif a is None:
+            out.append(_NULL)
+        elif isinstance(a, np.generic):
+            out.append(a)
+        else:
+            raise ValueError(
+                f"kernel argument of type {type(a).__name__}: pass a tensor, None or a numpy scalar of the "
+                "kernel parameter's type"
+            )
+    return tuple(out)
+
+
+def _current_device() -> int:
+    from cupy.cuda import runtime
+
+    return runtime.getDevice()
 
 
 def launch(
@@ -202,17 +257,32 @@ def launch(
     args: Sequence[Any],
     shared_mem: int = 0,
 ) -> None:
-    """Launch on torch's current stream of ``device``. Tensors are passed as device pointers (DLPack);
-    scalars must already be numpy scalars of the kernel's parameter types."""
-    import cupy
+    """Launch on torch's current stream of ``device``. Tensors are passed as raw device pointers (or DLPack
+    arrays with TOKENMILL_KERNEL_ARGS=dlpack); scalars must already be numpy scalars of the kernel's
+    parameter types.
 
-    fn = kernel(source_name, function, device)
-    grid = grid if isinstance(grid, tuple) else (int(grid),)
-    block = block if isinstance(block, tuple) else (int(block),)
-    with cupy.cuda.Device(device), _stream(device):
-        if shared_mem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = shared_mem
-        fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+    The hot path is a few dict lookups, one numpy scalar per tensor and CuPy's launch: no stream or device
+    context managers (the stream goes to the launch call, the device is switched only when it differs)."""
+    fn = _functions.get((source_name, function, device))
+    if fn is None:
+        fn = kernel(source_name, function, device)
+    grid = grid if type(grid) is tuple else (int(grid),)
+    block = block if type(block) is tuple else (int(block),)
+    stream = _stream(device)
+    if ARGS_VIA_POINTERS:
+        cargs = prepare_args(args)
+    else:  # DLPack exchange is ordered on CuPy's current stream
+        with stream:
+            cargs = prepare_args(args)
+    if shared_mem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared_mem:
+        fn.max_dynamic_shared_size_bytes = shared_mem
+    if _current_device() == device:
+        fn(grid, block, cargs, shared_mem=shared_mem, stream=stream)
+    else:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            fn(grid, block, cargs, shared_mem=shared_mem, stream=stream)
 
 
 def empty(shape: Sequence[int] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -223,10 +293,26 @@ def empty(shape: Sequence[int] | torch.Size, dtype: torch.dtype, device: torch.d
     return t
 
 
+@functools.cache
 def sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def resident_blocks(source_name: str, function: str, device: int, threads: int) -> int:
+    """Blocks of ``threads`` threads of a kernel that fit on one SM at once, from its register count (the
+    kernels here use little shared memory); at least 1. A grid-stride kernel launched with
+    ``sm_count * resident_blocks`` blocks runs in one wave, so no block waits for another to finish."""
+    fn = kernel(source_name, function, device)
+    try:
+        regs = max(1, int(fn.num_regs))
+    except (AttributeError, TypeError):  # an older CuPy: assume the worst case allowed by launch bounds
+        regs = 255
+    regs = -(-regs // 8) * 8  # allocation granularity
+    return max(1, min(2048 // threads, 32, 65536 // (regs * threads)))
+
+
+@functools.cache
 def max_shared_mem(device: int) -> int:
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))

@@ -98,20 +98,26 @@ def _rms_norm_bwd_cuda(
     dw = launch.empty((d,), w.dtype, w.device)
     if n == 0:
         return dx, dw.zero_()
-    smem = 4 * d
+    vec = _vec(x.dtype, d, dy, x, w, dx)
+    threads = _threads_for_row(d, vec)
+    span = threads * vec
+    smem = 4 * (-(-d // span) * span)  # dw accumulator, see rms_norm.cu
     if smem > launch.max_shared_mem(dev):
         raise ValueError(
             f"rms_norm backward: hidden size {d} needs {smem} bytes of shared memory, more than this GPU has"
         )
-    vec = _vec(x.dtype, d, dy, x, w, dx)
-    threads = _threads_for_row(d, vec)
-    grid = min(n, launch.sm_count(dev) * max(1, 2048 // threads))
-    partial = launch.empty((grid, d), torch.float32, x.device)
+    # A grid that is resident at once (registers and shared memory permitting): a block that had to wait
+    # for another to finish would double the time of its share of the rows.
     name = _TYPE_NAME[x.dtype]
+    fn = f"rms_norm_bwd_{name}_v{vec}"
+    by_smem = max(1, launch.max_shared_mem(dev) // (smem + 2048))
+    per_sm = min(launch.resident_blocks("rms_norm", fn, dev, threads), by_smem)
+    grid = min(n, launch.sm_count(dev) * per_sm)
+    partial = launch.empty((grid, d), torch.float32, x.device)
     args = (dy, x, w, rstd, dx, partial, np.int64(n), np.int32(d))
-    launch.launch("rms_norm", f"rms_norm_bwd_{name}_v{vec}", dev, grid, threads, args, shared_mem=smem)
+    launch.launch("rms_norm", fn, dev, grid, threads, args, shared_mem=smem)
     args2 = (partial, np.int32(grid), np.int32(d), dw)
-    launch.launch("rms_norm", f"rms_norm_dw_reduce_{name}", dev, math.ceil(d / 256), 256, args2)
+    launch.launch("rms_norm", f"rms_norm_dw_reduce_{name}", dev, math.ceil(d / 32), 256, args2)
     return dx, dw
 
 
@@ -183,28 +189,57 @@ def _table_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> int:
     return t.numel() // d
 
 
-def _rope_table_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    n_tok, heads, d = _rope_dims("x", x)
-    y = launch.empty(x.shape, x.dtype, x.device)
-    if x.numel() == 0:
-        return y
-    dev, vec = x.device.index, _vec(x.dtype, d // 2, x, y, cos, sin)
-    total = n_tok * heads * (d // 2 // vec)
+_ROPE_HEADS = 8  # TM_ROPE_HEADS in rope.cu: heads per work item (they share the item's cos/sin)
+
+
+def _rope_launch(
+    kind: str,
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    angles: tuple[torch.Tensor, torch.Tensor],
+    rows: int,
+    direction: np.generic,
+) -> tuple:
+    """One launch rotating q and (optionally) k. ``angles``: (cos, sin) tables or (positions, inv_freq) with
+    ``rows`` rows; ``direction``: the kernel's backward flag / sign. Returns (yq, yk or None)."""
+    n_tok, hq, d = _rope_dims("x", q)
+    hk = k.shape[-2] if k is not None else 0
+    yq = launch.empty(q.shape, q.dtype, q.device)
+    yk = launch.empty(k.shape, k.dtype, k.device) if k is not None else None
+    if n_tok == 0 or hq + hk == 0 or d == 0:
+        return yq, yk
+    # vector accesses need 16-byte alignment of every tensor read or written with them (cos/sin tables; the
+    # positions and inv_freq are read element by element)
+    vec_tensors = [q, yq] + ([k, yk] if k is not None else []) + (list(angles) if kind == "table" else [])
+    dev, vec = q.device.index, _vec(q.dtype, d // 2, *vec_tensors)
+    total = n_tok * (d // 2 // vec) * math.ceil((hq + hk) / _ROPE_HEADS)
     args = (
-        x,
-        y,
-        cos,
-        sin,
+        q,
+        yq,
+        k,
+        yk,
+        *angles,
         np.int64(n_tok),
-        np.int32(heads),
+        np.int32(hq),
+        np.int32(hk),
         np.int32(d),
-        np.int64(cos.numel() // d),
-        np.int32(backward),
+        np.int64(rows),
+        direction,
     )
-    launch.launch(
-        "rope", f"rope_table_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args
-    )
-    return y
+    fn = f"rope_{kind}_{_TYPE_NAME[q.dtype]}_v{vec}"
+    # Few items per thread (each covers 8 heads): a grid of about one item per thread, so that no thread
+    # does two items while others do one (16 blocks per SM would leave 1.2 items per thread on average at
+    # 16k tokens x 40 heads, i.e. a 2-item critical path).
+    launch.launch("rope", fn, dev, _grid_stride(total, 256, dev, per_sm=64), 256, args)
+    return yq, yk
+
+
+def _rope_table_cuda(
+    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, k: torch.Tensor | None = None
+):
+    """apply_rope's kernel for q (and k in the same launch); returns yq alone when k is None."""
+    yq, yk = _rope_launch("table", q, k, (cos, sin), cos.numel() // q.shape[-1], np.int32(backward))
+    return yq if k is None else (yq, yk)
 
 
 class ApplyRopeFunction(torch.autograd.Function):
@@ -212,20 +247,19 @@ class ApplyRopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
         if q.is_cuda:
-            return _rope_table_cuda(q, cos, sin, False), _rope_table_cuda(k, cos, sin, False)
+            return _rope_table_cuda(q, cos, sin, False, k)
         return reference.rope_table_fwd(q, cos, sin), reference.rope_table_fwd(k, cos, sin)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        out = []
-        for g in (dq, dk):
-            g = g.contiguous()
-            out.append(
-                _rope_table_cuda(g, cos, sin, True) if g.is_cuda else reference.rope_table_bwd(g, cos, sin)
-            )
-        return out[0], out[1], None, None
+        dq, dk = dq.contiguous(), dk.contiguous()
+        if dq.is_cuda:
+            gq, gk = _rope_table_cuda(dq, cos, sin, True, dk)
+        else:
+            gq, gk = reference.rope_table_bwd(dq, cos, sin), reference.rope_table_bwd(dk, cos, sin)
+        return gq, gk, None, None
 
 
 def apply_rope(
@@ -262,32 +296,17 @@ def apply_rope(
 _INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
 
 
-def _rope_positions_cuda(x: torch.Tensor, positions: torch.Tensor, theta: float, sign: float) -> torch.Tensor:
-    n_tok, heads, d = _rope_dims("x", x)
-    y = launch.empty(x.shape, x.dtype, x.device)
-    if x.numel() == 0:
-        return y
+def _rope_positions_cuda(
+    x: torch.Tensor, positions: torch.Tensor, theta: float, sign: float, k: torch.Tensor | None = None
+):
+    """rope()'s kernel (angles from positions) for x (and k in the same launch); yx alone when k is None."""
+    d = x.shape[-1]
     key = (d, theta, x.device)
     inv_freq = _INV_FREQ.get(key)
     if inv_freq is None:
         inv_freq = _INV_FREQ[key] = reference.rope_inv_freq(d, theta).to(x.device)
-    dev, vec = x.device.index, _vec(x.dtype, d // 2, x, y)
-    total = n_tok * heads * (d // 2 // vec)
-    args = (
-        x,
-        y,
-        positions,
-        inv_freq,
-        np.int64(n_tok),
-        np.int32(heads),
-        np.int32(d),
-        np.int64(positions.numel()),
-        np.float32(sign),
-    )
-    launch.launch(
-        "rope", f"rope_positions_{_TYPE_NAME[x.dtype]}_v{vec}", dev, _grid_stride(total, 256, dev), 256, args
-    )
-    return y
+    yx, yk = _rope_launch("positions", x, k, (positions, inv_freq), positions.numel(), np.float32(sign))
+    return yx if k is None else (yx, yk)
 
 
 class RopeFunction(torch.autograd.Function):
@@ -454,11 +473,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     backward would cost a fourth matmul) and scaled by the upstream gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, grad_enabled):
         shape = hidden.shape
         h2 = hidden.view(-1, shape[-1])
         t1 = targets.view(-1)
-        need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad is True under torch.no_grad() too: only pay for gradients when a graph is built
+        need_gh = grad_enabled and ctx.needs_input_grad[0]
+        need_gw = grad_enabled and ctx.needs_input_grad[1]
         fwd = _linear_ce_fwd_cuda if hidden.is_cuda else reference.linear_cross_entropy_fwd
         loss, gh, gw = fwd(h2, weight, t1, ignore_index, reduction, chunk_rows, need_gh, need_gw)
         ctx.grads = (gh.view(shape) if gh is not None else None, gw)
@@ -478,7 +499,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gh.mul_(grad_out.to(gh.dtype))
         if gw is not None:
             gw.mul_(grad_out.to(gw.dtype))
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -527,4 +548,6 @@ def linear_cross_entropy(
         chunk_rows = reference.default_chunk_rows(n_tok, vocab)
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, chunk_rows)
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, targets, ignore_index, reduction, chunk_rows, torch.is_grad_enabled()
+    )

@@ -32,9 +32,12 @@ __device__ __forceinline__ void rms_norm_fwd(const T *__restrict__ x, const T *_
 }
 
 // dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd.
-// dw = sum over rows of dy * xhat: each block accumulates its rows in shared memory (d floats, dynamic),
-// then writes one partial row to dw_partial[blockIdx.x, :]; rms_norm_dw_reduce sums the partials in a fixed
-// order, so the weight gradient is deterministic and needs no atomics.
+// dw = sum over rows of dy * xhat: each block (a fixed, fully resident grid looping over rows) accumulates
+// its rows in shared memory, then writes one partial row to dw_partial[blockIdx.x, :]; rms_norm_dw_reduce sums
+// the partials in a fixed order, so the weight gradient is deterministic and needs no atomics.
+// Shared layout: thread t's element i of its vector at column c = it*B*V + t*V + i lives at it*B*V + i*B + t
+// (B = blockDim.x), so a warp's accumulations hit 32 consecutive words (no bank conflicts; the plain
+// layout c would be an 8-way conflict for bf16 vectors). dw_acc holds round_up(d, B*V) floats.
 template <typename T, int V>
 __device__ __forceinline__ void rms_norm_bwd(const T *__restrict__ dy, const T *__restrict__ x,
                                              const T *__restrict__ w, const float *__restrict__ rstd,
@@ -42,7 +45,9 @@ __device__ __forceinline__ void rms_norm_bwd(const T *__restrict__ dy, const T *
                                              int d) {
   extern __shared__ float dw_acc[];
   __shared__ float scratch[32];
-  for (int c = threadIdx.x; c < d; c += blockDim.x) dw_acc[c] = 0.f;
+  const int B = blockDim.x, span = B * V;
+  const int n_acc = (d + span - 1) / span * span;
+  for (int s = threadIdx.x; s < n_acc; s += B) dw_acc[s] = 0.f;
   __syncthreads();
   for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const T *xr = x + row * d;
@@ -50,7 +55,7 @@ __device__ __forceinline__ void rms_norm_bwd(const T *__restrict__ dy, const T *
     T *dxr = dx + row * d;
     const float r = rstd[row];
     float dot = 0.f;
-    for (int c = threadIdx.x * V; c < d; c += blockDim.x * V) {
+    for (int c = threadIdx.x * V; c < d; c += span) {
       float xv[V], gv[V], wv[V];
       tm_load<T, V>(xr + c, xv);
       tm_load<T, V>(dyr + c, gv);
@@ -59,7 +64,7 @@ __device__ __forceinline__ void rms_norm_bwd(const T *__restrict__ dy, const T *
       for (int i = 0; i < V; ++i) dot += gv[i] * wv[i] * xv[i];
     }
     const float mean_gx = tm_block_sum(dot, scratch) * r / (float)d;
-    for (int c = threadIdx.x * V; c < d; c += blockDim.x * V) {
+    for (int c = threadIdx.x * V, base = 0; c < d; c += span, base += span) {  // second read hits L1/L2
       float xv[V], gv[V], wv[V], out[V];
       tm_load<T, V>(xr + c, xv);
       tm_load<T, V>(dyr + c, gv);
@@ -68,23 +73,38 @@ __device__ __forceinline__ void rms_norm_bwd(const T *__restrict__ dy, const T *
       for (int i = 0; i < V; ++i) {
         const float xhat = xv[i] * r;
         out[i] = r * (gv[i] * wv[i] - xhat * mean_gx);
-        dw_acc[c + i] += gv[i] * xhat;  // column c + i always belongs to this thread
+        dw_acc[base + i * B + threadIdx.x] += gv[i] * xhat;  // only this thread touches these words
       }
       tm_store<T, V>(dxr + c, out);
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < d; c += blockDim.x) dw_partial[(long long)blockIdx.x * d + c] = dw_acc[c];
+  for (int c = threadIdx.x; c < d; c += B) {
+    const int it = c / span, rem = c - it * span, t = rem / V, i = rem - t * V;
+    dw_partial[(long long)blockIdx.x * d + c] = dw_acc[it * span + i * B + t];
+  }
 }
 
+// dw[c] = sum of dw_partial[p, c] over p. One block of 256 threads (8 warps) per 32 columns: lane = column
+// (coalesced 128-byte reads), warp w sums parts w, w + 8, ...; warp 0 adds the 8 warp sums in order.
 template <typename T>
 __device__ __forceinline__ void rms_norm_dw_reduce(const float *__restrict__ partial, int n_parts, int d,
                                                    T *__restrict__ dw) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= d) return;
+  __shared__ float sums[32][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  const int c = blockIdx.x * 32 + lane;
   float acc = 0.f;
-  for (int p = 0; p < n_parts; ++p) acc += partial[(long long)p * d + c];
-  tm_from_float(acc, dw[c]);
+  if (c < d) {
+#pragma unroll 4
+    for (int p = warp; p < n_parts; p += n_warps) acc += partial[(long long)p * d + c];
+  }
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && c < d) {
+    float total = 0.f;
+    for (int k = 0; k < n_warps; ++k) total += sums[k][lane];
+    tm_from_float(total, dw[c]);
+  }
 }
 
 #define TM_RMS_NORM(T, NAME, V)                                                                              \
@@ -103,9 +123,9 @@ TM_RMS_NORM(bf16, bf16, 1)
 TM_RMS_NORM(float, f32, 4)
 TM_RMS_NORM(float, f32, 1)
 
-extern "C" __global__ void rms_norm_dw_reduce_bf16(const float *partial, int n_parts, int d, bf16 *dw) {
+extern "C" __global__ void __launch_bounds__(256) rms_norm_dw_reduce_bf16(const float *partial, int n_parts, int d, bf16 *dw) {
   rms_norm_dw_reduce<bf16>(partial, n_parts, d, dw);
 }
-extern "C" __global__ void rms_norm_dw_reduce_f32(const float *partial, int n_parts, int d, float *dw) {
+extern "C" __global__ void __launch_bounds__(256) rms_norm_dw_reduce_f32(const float *partial, int n_parts, int d, float *dw) {
   rms_norm_dw_reduce<float>(partial, n_parts, d, dw);
 }

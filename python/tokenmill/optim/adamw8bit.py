@@ -5,12 +5,13 @@ the first moment, unsigned for the second) plus one fp32 absmax per block of 256
 of state per parameter instead of torch AdamW's 8. Tensors smaller than ``min_8bit_size`` keep fp32 moments,
 as bitsandbytes does (norm weights and biases are few and sensitive).
 
-CUDA parameters run one fused kernel per tensor (kernels/adamw8bit.cu); CPU parameters run
-``reference_step``, the same algorithm in torch.
+CUDA parameters with 8-bit state run one fused multi-tensor kernel launch per (param group, device, dtype)
+(kernels/adamw8bit.cu); CPU parameters run ``reference_step``, the same algorithm in torch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 BLOCK = 256
+_TYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _CODES: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
@@ -42,6 +44,11 @@ def _code(signed: bool, device: torch.device) -> torch.Tensor:
     if key not in _CODES:
         _CODES[key] = dynamic_code(signed).to(device)
     return _CODES[key]
+
+
+@functools.cache
+def _zero_index(signed: bool) -> int:
+    return int(torch.searchsorted(dynamic_code(signed), torch.tensor(0.0)))
 
 
 def quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,27 +112,64 @@ def _fp32_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
     p.detach().copy_(pf)
 
 
-def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
+def _cuda_multi_step(
+    items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    tables: dict[Any, tuple[np.ndarray, torch.Tensor]],
+    key: Any = None,
+) -> None:
+    """One kernel launch for (param, grad, state) triples of one device and dtype at the same step, with
+    8-bit state. The kernel finds each tensor through a device table of pointers (kernels/adamw8bit.cu); the
+    table is uploaded (pinned memory, asynchronously) only when a pointer or size changed, else reused from
+    ``tables[key]``. No host synchronisation."""
     from tokenmill.kernels import launch
 
-    n = p.numel()
-    if n == 0:
+    items = [it for it in items if it[0].numel() > 0]
+    if not items:
         return
-    step = state["step"]
-    dev = p.device.index
-    name = {torch.float32: "f32", torch.bfloat16: "bf16"}[p.dtype]
-    n_groups = (n + BLOCK - 1) // BLOCK
-    grid = max(1, min((n_groups + 3) // 4, launch.sm_count(dev) * 8))
+    p0 = items[0][0]
+    n_t = len(items)
+    meta = np.empty(8 * n_t + 1, dtype=np.int64)  # [pointers 6n | sizes n | qb_start n + 1]
+    qb = 0
+    for t, (p, g, st) in enumerate(items):
+        meta[6 * t : 6 * t + 6] = (
+            p.data_ptr(),
+            g.data_ptr(),
+            st["state1"].data_ptr(),
+            st["state2"].data_ptr(),
+            st["absmax1"].data_ptr(),
+            st["absmax2"].data_ptr(),
+        )
+        meta[6 * n_t + t] = p.numel()
+        meta[7 * n_t + t] = qb
+        qb += (p.numel() + BLOCK - 1) // BLOCK
+    meta[8 * n_t] = qb
+    cached = tables.get(key)
+    if cached is not None and np.array_equal(cached[0], meta):
+        table = cached[1]
+    else:
+        table = torch.from_numpy(meta.copy())
+        if p0.is_cuda:  # the pinned staging buffer is released only after the copy ran (torch tracks it)
+            table = table.pin_memory().to(p0.device, non_blocking=True)
+        tables[key] = (meta, table)
+    dev = p0.device.index
+    fn = f"adamw8bit_{_TYPE_NAME[p0.dtype]}"
+    grid = max(
+        1, min((qb + 3) // 4, launch.sm_count(dev) * launch.resident_blocks("adamw8bit", fn, dev, 256))
+    )
+    base = table.data_ptr()
     args = (
-        p.detach(),
-        g,
-        state["state1"],
-        state["state2"],
-        state["absmax1"],
-        state["absmax2"],
-        _code(True, p.device),
-        _code(False, p.device),
-        np.int64(n),
+        np.uint64(base),
+        np.uint64(base + 8 * 6 * n_t),
+        np.uint64(base + 8 * 7 * n_t),
+        np.int32(n_t),
+        _code(True, p0.device),
+        _code(False, p0.device),
         np.float32(beta1),
         np.float32(beta2),
         np.float32(eps),
@@ -133,7 +177,17 @@ def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
         np.float32(math.sqrt(1 - beta2**step)),
         np.float32(1 - lr * weight_decay),
     )
-    launch.launch("adamw8bit", f"adamw8bit_{name}", dev, grid, 256, args)
+    launch.launch("adamw8bit", fn, dev, grid, 256, args)
+
+
+def _runs_kernel(p: torch.Tensor) -> bool:
+    """Whether ``p`` is stepped by the CUDA kernel (the emulator tests make CPU tensors take this path)."""
+    return p.is_cuda
+
+
+def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
+    """The multi-tensor kernel on a single tensor (no table cache)."""
+    _cuda_multi_step([(p.detach(), g, state)], lr, beta1, beta2, eps, weight_decay, state["step"], {})
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -166,13 +220,19 @@ class AdamW8bit(torch.optim.Optimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
         )
         super().__init__(params, defaults)
+        # device pointer tables of the multi-tensor kernel, one per launch of a step (see _cuda_multi_step)
+        self._tables: dict[Any, tuple[np.ndarray, torch.Tensor]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickling / deepcopy keep torch's fields only; the pointer tables are rebuilt on the next step
+        super().__setstate__(state)
+        self._tables = {}
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], min_8bit_size: int) -> None:
         state["step"] = 0
         if p.numel() >= min_8bit_size:
             n_blocks = (p.numel() + BLOCK - 1) // BLOCK
-            zero1 = int(torch.searchsorted(dynamic_code(True), torch.tensor(0.0)))
-            zero2 = int(torch.searchsorted(dynamic_code(False), torch.tensor(0.0)))
+            zero1, zero2 = _zero_index(True), _zero_index(False)
             state["state1"] = torch.full((p.numel(),), zero1, dtype=torch.uint8, device=p.device)
             state["state2"] = torch.full((p.numel(),), zero2, dtype=torch.uint8, device=p.device)
             state["absmax1"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
@@ -187,9 +247,10 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            batches: dict[tuple[torch.device, torch.dtype, int], list] = {}
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -213,10 +274,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 if "state1" not in state:
                     _fp32_step(p, g, state, lr, beta1, beta2, eps, wd)
-                elif p.is_cuda:
-                    _cuda_step(p, g, state, lr, beta1, beta2, eps, wd)
+                elif _runs_kernel(p):  # one launch per (device, dtype, step) below
+                    batches.setdefault((p.device, p.dtype, state["step"]), []).append((p.detach(), g, state))
                 else:
                     reference_step(p, g, state, lr, beta1, beta2, eps, wd)
+            for k, ((dev, dtype, step), items) in enumerate(batches.items()):
+                _cuda_multi_step(items, lr, beta1, beta2, eps, wd, step, self._tables, (gi, dev, dtype, k))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

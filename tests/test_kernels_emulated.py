@@ -1,0 +1,277 @@
+"""The CUDA kernels and their host launch code (ops.py, optim) run on CPU through tests/cuda_emu.py: index
+math, reductions, vectorised and scalar paths, grid-stride loops, argument order and types. Outputs are
+pre-filled with NaN (launch.DEBUG_FILL_NAN), so an element a kernel does not write fails the comparison."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cuda_emu
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenmill.kernels import launch, ops, reference
+from tokenmill.optim import adamw8bit as A
+
+pytestmark = pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ to build the CPU emulator")
+
+BF16, F32 = torch.bfloat16, torch.float32
+TOL = {BF16: 1e-2, F32: 1e-5}
+
+
+@pytest.fixture(scope="module")
+def emu(pytestconfig):
+    # libraries are keyed by a hash of their source: rebuilt only when a kernel changes
+    return cuda_emu.Emulator(cuda_emu.build(Path(pytestconfig.cache.mkdir("cuda_emu"))))
+
+
+@pytest.fixture(autouse=True)
+def emulated(emu, monkeypatch):
+    monkeypatch.setattr(launch, "launch", emu.launch)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 2)  # small grids: grid-stride loops run
+    monkeypatch.setattr(launch, "max_shared_mem", lambda device: 48 * 1024)
+    monkeypatch.setattr(launch, "resident_blocks", lambda source, function, device, threads: 1)
+    monkeypatch.setattr(launch, "DEBUG_FILL_NAN", True)
+    emu.launches.clear()
+    yield emu
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    if not torch.isfinite(a).all():
+        return math.inf
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rnd(*shape, dtype=F32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("rows,d", [(5, 64), (9, 40), (3, 37)])
+def test_rms_norm(emulated, dtype, rows, d):
+    x, w, dy = rnd(rows, d, dtype=dtype), rnd(d, dtype=dtype, seed=1), rnd(rows, d, dtype=dtype, seed=2)
+    y, rstd = ops._rms_norm_fwd_cuda(x, w, 1e-5)
+    y_ref, rstd_ref = reference.rms_norm_fwd(x.double(), w.double(), 1e-5)
+    assert rel(y, y_ref) < TOL[dtype] and rel(rstd, rstd_ref) < 1e-6
+    dx, dw = ops._rms_norm_bwd_cuda(dy, x, w, rstd)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    gx, gw = torch.autograd.grad(reference.rms_norm(xr, wr, 1e-5), (xr, wr), dy.double())
+    assert rel(dx, gx) < TOL[dtype] and rel(dw, gw) < TOL[dtype]
+    vec = {F32: 4, BF16: 8}[dtype] if d % {F32: 4, BF16: 8}[dtype] == 0 else 1
+    assert [f for _, f, _, _ in emulated.launches[:2]] == [
+        f"rms_norm_fwd_{ops._TYPE_NAME[dtype]}_v{vec}",
+        f"rms_norm_bwd_{ops._TYPE_NAME[dtype]}_v{vec}",
+    ]
+
+
+@pytest.mark.parametrize("dtype,d,rows", [(F32, 4100, 5), (BF16, 1100, 5), (BF16, 16, 40)])
+def test_rms_norm_backward_rows_per_block(emulated, monkeypatch, dtype, d, rows):
+    # a 1-SM grid: blocks loop over many rows and accumulate dw; d = 4100 (f32, 4-wide) and 1100 (scalar)
+    # need two passes of 1024 threads per row (the second partial), exercising the transposed accumulator
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1)
+    x, w, dy = rnd(rows, d, dtype=dtype), rnd(d, dtype=dtype, seed=1), rnd(rows, d, dtype=dtype, seed=2)
+    _, rstd = ops._rms_norm_fwd_cuda(x, w, 1e-5)
+    dx, dw = ops._rms_norm_bwd_cuda(dy, x, w, rstd)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    gx, gw = torch.autograd.grad(reference.rms_norm(xr, wr, 1e-5), (xr, wr), dy.double())
+    assert rel(dx, gx) < TOL[dtype] and rel(dw, gw) < TOL[dtype]
+    bwd = [(f, g) for _, f, g, _ in emulated.launches if "bwd" in f or "reduce" in f]
+    assert bwd[0][1] < rows and bwd[1] == (f"rms_norm_dw_reduce_{ops._TYPE_NAME[dtype]}", math.ceil(d / 32))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("head_dim,h,kvh", [(16, 3, 1), (6, 3, 1), (16, 9, 3), (32, 8, 0)])
+def test_rope_table_and_positions(emulated, dtype, head_dim, h, kvh):
+    # 9 + 3 heads: two slices of ops._ROPE_HEADS heads per work item, the second one partial and spanning the
+    # q/k boundary; kvh = 0: a single tensor
+    b, s = 2, 7
+    q, k = rnd(b, s, h, head_dim, dtype=dtype), rnd(b, s, kvh, head_dim, dtype=dtype, seed=1)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
+    for cos, sin in (
+        ops.rope_cos_sin(pos, head_dim, 500.0, dtype),
+        ops.rope_cos_sin(pos[0], head_dim, 500.0, dtype),
+    ):
+        cd, sd = cos.double(), sin.double()
+        for backward, ref in ((False, reference.rope_table_fwd), (True, reference.rope_table_bwd)):
+            yq, yk = ops._rope_table_cuda(q, cos, sin, backward, k)  # one launch for both
+            assert rel(yq, ref(q.double(), cd, sd)) < TOL[dtype]
+            if kvh:
+                assert rel(yk, ref(k.double(), cd, sd)) < TOL[dtype]
+            else:
+                assert yk.shape == k.shape
+            for x in (q, k) if kvh else (q,):
+                assert rel(ops._rope_table_cuda(x, cos, sin, backward), ref(x.double(), cd, sd)) < TOL[dtype]
+    arbitrary_cos, arbitrary_sin = (
+        rnd(s, head_dim, dtype=dtype, seed=5),
+        rnd(s, head_dim, dtype=dtype, seed=6),
+    )
+    g = ops._rope_table_cuda(q, arbitrary_cos, arbitrary_sin, True)  # exact transpose for any table
+    assert (
+        rel(g, reference.rope_table_bwd(q.double(), arbitrary_cos.double(), arbitrary_sin.double()))
+        < TOL[dtype]
+    )
+    for p in (pos, pos[1]):
+        y = ops._rope_positions_cuda(q, p, 500.0, 1.0)
+        assert rel(y, reference.rope(q.double(), p, 500.0)) < TOL[dtype]
+        g = ops._rope_positions_cuda(q, p, 500.0, -1.0)
+        assert rel(g, reference.rope_positions_bwd(q.double(), p, 500.0)) < TOL[dtype]
+        if kvh:
+            yq, yk = ops._rope_positions_cuda(q, p, 500.0, 1.0, k)
+            assert rel(yq, reference.rope(q.double(), p, 500.0)) < TOL[dtype]
+            assert rel(yk, reference.rope(k.double(), p, 500.0)) < TOL[dtype]
+
+
+def test_rope_grid_stride_and_launch_count(emulated, monkeypatch):
+    # more work items than the (patched, 1-SM: 64 blocks of 256) grid covers: the grid-stride loop must
+    # reach them all
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1)
+    q, k = rnd(4, 1100, 9, 16), rnd(4, 1100, 2, 16, seed=1)
+    cos, sin = ops.rope_cos_sin(torch.arange(1100), 16, 500.0, F32)
+    yq, yk = ops._rope_table_cuda(q, cos, sin, False, k)
+    assert rel(yq, reference.rope_table_fwd(q.double(), cos.double(), sin.double())) < 1e-5
+    assert rel(yk, reference.rope_table_fwd(k.double(), cos.double(), sin.double())) < 1e-5
+    assert [f for _, f, _, _ in emulated.launches] == ["rope_table_f32_v4"]
+    _, _, grid, block = emulated.launches[0]
+    assert grid * block < 4 * 1100 * 2 * 2  # items: tokens * groups * slices
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("n", [4096, 1000, 333])
+def test_swiglu(emulated, dtype, n):
+    g, u, dy = rnd(n, dtype=dtype, scale=4), rnd(n, dtype=dtype, seed=1), rnd(n, dtype=dtype, seed=2)
+    y = ops._swiglu_fwd_cuda(g, u)
+    assert rel(y, F.silu(g.double()) * u.double()) < TOL[dtype]
+    dg, du = ops._swiglu_bwd_cuda(dy, g, u)
+    gr, ur = g.double().requires_grad_(), u.double().requires_grad_()
+    rg, ru = torch.autograd.grad(F.silu(gr) * ur, (gr, ur), dy.double())
+    assert rel(dg, rg) < TOL[dtype] and rel(du, ru) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("vocab,chunk,reduction", [(200, 7, "mean"), (200, 7, "sum"), (203, 64, "mean")])
+def test_linear_cross_entropy(emulated, dtype, vocab, chunk, reduction):
+    tokens, hidden = 40, 16
+    h, w = rnd(tokens, hidden, dtype=dtype), rnd(vocab, hidden, dtype=dtype, seed=1, scale=0.5)
+    t = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(2))
+    t[::5] = -100
+    loss, gh, gw = ops._linear_ce_fwd_cuda(h, w, t, -100, reduction, chunk, True, True)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, reduction=reduction)
+    rh, rw = torch.autograd.grad(ref, (hr, wr))
+    tol = 2e-2 if dtype == BF16 else 1e-5
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert rel(gh, rh) < tol and rel(gw, rw) < tol
+    loss_only, none_h, none_w = ops._linear_ce_fwd_cuda(h, w, t, -100, reduction, chunk, False, False)
+    assert (
+        none_h is None and none_w is None and abs(loss_only.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    )
+
+
+def test_linear_cross_entropy_extreme_logits(emulated):
+    # large logits: the online log-sum-exp must not overflow; -inf-like rows must not produce NaN
+    h = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.9, 0.0], [-1.0, 0.0]])
+    t = torch.tensor([0, 1, 2])
+    loss, gh, gw = ops._linear_ce_fwd_cuda(h, w, t, -100, "sum", 2, True, True)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, reduction="sum")
+    rh, rw = torch.autograd.grad(ref, (hr, wr))
+    assert abs(loss.item() - ref.item()) < 1e-4 * ref.item()
+    assert rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize(
+    "n", [3000, 256 * 4 * 2 * 3 + 17]
+)  # grid-stride over quantisation blocks, partial tail
+def test_adamw8bit_step(emulated, dtype, n):
+    p = rnd(n, dtype=dtype)
+    pc = p.clone()
+    st, stc = {}, {}
+    opt = A.AdamW8bit([torch.nn.Parameter(p)], min_8bit_size=0)
+    opt._init_state(p, st, 0)
+    opt._init_state(pc, stc, 0)
+    for step in range(1, 4):
+        g = rnd(n, dtype=dtype, seed=step)
+        st["step"] = stc["step"] = step
+        A._cuda_step(p, g, st, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        A.reference_step(pc, g, stc, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        assert torch.isfinite(p.float()).all()
+        diff = ((p.double() - pc.double()).abs() / (pc.double().abs() + 1)).max().item()
+        assert diff < (1e-2 if dtype == BF16 else 1e-5), diff
+        torch.testing.assert_close(
+            st["absmax1"], stc["absmax1"], rtol=1e-3, atol=0
+        )  # a moment may sit on a neighbouring code
+        torch.testing.assert_close(st["absmax2"], stc["absmax2"], rtol=1e-3, atol=0)
+        assert (st["state1"] != stc["state1"]).float().mean() < 1e-3
+        assert (st["state2"] != stc["state2"]).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_adamw8bit_multi_tensor_one_launch(emulated, monkeypatch, dtype):
+    # tensors of 300 (a partial quantisation block), 1 (a block of one element), 1024 + 5 and 2000 elements
+    # in one launch; the grid (2 SMs x 1 block) is smaller than the blocks, so the grid-stride loop and the
+    # tensor lookup cross tensor boundaries inside one CUDA block (4 quantisation blocks per CUDA block)
+    monkeypatch.setattr(A, "_runs_kernel", lambda p: True)
+    sizes = [300, 1, 1029, 2000]
+    opt = A.AdamW8bit([torch.nn.Parameter(rnd(n, dtype=dtype, seed=n)) for n in sizes], min_8bit_size=0)
+    params = opt.param_groups[0]["params"]
+    copies = [p.detach().clone() for p in params]
+    ref_states = []
+    for c in copies:
+        st = {}
+        opt._init_state(c, st, 0)
+        ref_states.append(st)
+    tables_seen = []
+    for step in range(1, 4):
+        for p, n in zip(params, sizes):
+            p.grad = rnd(n, dtype=dtype, seed=100 * step + n)
+        emulated.launches.clear()
+        opt.step()
+        assert [f for _, f, _, _ in emulated.launches] == [f"adamw8bit_{A._TYPE_NAME[dtype]}"]
+        tables_seen.append(next(iter(opt._tables.values()))[1])
+        for c, st, p in zip(copies, ref_states, params):
+            st["step"] = step
+            A.reference_step(c, p.grad, st, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+            diff = ((p.detach().double() - c.double()).abs() / (c.double().abs() + 1)).max().item()
+            assert diff < (1e-2 if dtype == BF16 else 1e-5), diff
+            got = opt.state[p]
+            torch.testing.assert_close(got["absmax1"], st["absmax1"], rtol=1e-3, atol=0)
+            torch.testing.assert_close(got["absmax2"], st["absmax2"], rtol=1e-3, atol=0)
+            # a moment may sit on a neighbouring code (fp32 rounding order): a few per tensor at most
+            for name in ("state1", "state2"):
+                assert (got[name] != st[name]).sum().item() <= max(2, 5e-3 * p.numel()), name
+    # new gradient tensors every step (as after zero_grad(set_to_none=True)): a new pointer table each time
+    assert len({id(t) for t in tables_seen}) == 3
+
+
+def test_adamw8bit_pointer_table_reused(emulated, monkeypatch):
+    monkeypatch.setattr(A, "_runs_kernel", lambda p: True)
+    p = torch.nn.Parameter(rnd(700))
+    opt = A.AdamW8bit([p], min_8bit_size=0)
+    p.grad = rnd(700, seed=1)
+    opt.step()
+    first = next(iter(opt._tables.values()))[1]
+    p.grad.copy_(rnd(700, seed=2))  # same tensors: the table is not rebuilt
+    opt.step()
+    assert next(iter(opt._tables.values()))[1] is first
+
+
+def test_adamw8bit_copy_rebuilds_tables(emulated, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(A, "_runs_kernel", lambda p: True)
+    p = torch.nn.Parameter(rnd(700))
+    opt = A.AdamW8bit([p], min_8bit_size=0)
+    p.grad = rnd(700, seed=1)
+    opt.step()
+    clone = copy.deepcopy(opt)  # torch's __getstate__ drops the tables; __setstate__ starts empty ones
+    assert clone._tables == {}
+    q = clone.param_groups[0]["params"][0]
+    q.grad = rnd(700, seed=2)
+    clone.step()
+    assert len(clone._tables) == 1 and torch.isfinite(q).all()
