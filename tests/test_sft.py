@@ -141,7 +141,7 @@ def test_templates_and_mask_by_hand(tmp_path, tok, template):
     manifest = prepare_sft(src, tmp_path / "sft", tok, template=template)
     ds = TokenDataset(tmp_path / "sft")
     assert ds.mask is not None and len(ds) == 3 == manifest["documents"]
-    assert manifest["tokenizer_fingerprint"] == tok.fingerprint == ds.tokenizer_fingerprint
+    assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint == ds.tokenizer_fingerprint
     for i, record in enumerate(expected(tok, template)):
         toks, mask = flatten(tok, record)
         assert ds[i].tolist() == toks

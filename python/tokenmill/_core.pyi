@@ -31,7 +31,7 @@ _DType = Literal["uint8", "uint16", "int32", "int64"]
 def write_token_file(prefix: str, docs: Sequence[Sequence[int]], dtype_name: _DType) -> None:
     """Write documents to PREFIX.bin/.idx (Megatron MMIDIDX) atomically."""
 
-def open_token_file(prefix: str) -> tuple[str, "numpy.ndarray", "numpy.ndarray"]:
+def open_token_file(prefix: str) -> tuple[str, numpy.ndarray, numpy.ndarray]:
     """Validate PREFIX.bin/.idx; (dtype name, int64 lengths, int64 token offsets) per document."""
 
 class Loader:
@@ -55,19 +55,31 @@ class Loader:
     def samples_per_epoch(self) -> list[int]: ...
     def mixture_counts(self) -> list[int]:
         """Samples of each source per mixing block of 65,536."""
-    def sources(self, start: int, n: int) -> "numpy.ndarray":
+    def sources(self, start: int, n: int) -> numpy.ndarray:
         """Source index (int64) of global samples start..start+n."""
     def sample(self, g: int) -> tuple[int, int, list[tuple[int, int, int]]]:
         """(source, epoch, [(document, start, length), ...]) of global sample g."""
     def fill(
         self,
         start: int,
-        input_ids: "numpy.ndarray",
-        labels: "numpy.ndarray",
-        position_ids: "numpy.ndarray",
-        cu_seqlens: "numpy.ndarray",
+        input_ids: numpy.ndarray,
+        labels: numpy.ndarray,
+        position_ids: numpy.ndarray,
+        cu_seqlens: numpy.ndarray,
     ) -> tuple[int, int]:
         """Render samples start..start+B into [B, T] int64 buffers; (cu_seqlens entries, max_seqlen)."""
+    def prefetch(self, first: int, stride: int, rows: int, count: Optional[int], depth: int) -> Prefetcher:
+        """Render batches first + j * stride (j < count; endless when None) on a Rust thread, depth ahead."""
+
+class Prefetcher:
+    """A Rust thread rendering batches ahead into Rust-owned arrays."""
+
+    def next(
+        self,
+    ) -> Optional[tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray, int]]:
+        """(input_ids, labels, position_ids, cu_seqlens, max_seqlen) or None when done; waits without the GIL."""
+    def close(self) -> None:
+        """Stop the thread now."""
 
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 

@@ -41,6 +41,18 @@ def read_manifest(prefix: PathLike) -> Optional[dict[str, Any]]:
     return manifest
 
 
+def manifest_fingerprint(manifest: Optional[dict[str, Any]]) -> Optional[str]:
+    """The tokenizer fingerprint a manifest records: ``{"tokenizer": {"fingerprint": ...}}`` (what
+    ``prepare`` and ``prepare_sft`` write) or a top-level ``"tokenizer_fingerprint"``."""
+    if not manifest:
+        return None
+    tok = manifest.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("fingerprint") is not None:
+        return str(tok["fingerprint"])
+    fp = manifest.get("tokenizer_fingerprint")
+    return None if fp is None else str(fp)
+
+
 def mask_prefix(prefix: PathLike) -> Optional[str]:
     """The loss-mask dataset beside ``prefix``, if there is one."""
     p = normalize_prefix(prefix) + MASK_SUFFIX
@@ -72,7 +84,7 @@ class TokenDataset:
 
     @property
     def tokenizer_fingerprint(self) -> Optional[str]:
-        return (self.manifest or {}).get("tokenizer_fingerprint")
+        return manifest_fingerprint(self.manifest)
 
     @property
     def num_documents(self) -> int:

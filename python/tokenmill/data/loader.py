@@ -35,9 +35,11 @@ With ``document_mask=False``: plain causal rows (positions ``0..T-1``, one segme
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -46,7 +48,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenmill import _core
-from tokenmill.data.dataset import PathLike, mask_prefix, normalize_prefix, read_manifest
+from tokenmill.data.dataset import (
+    PathLike,
+    manifest_fingerprint,
+    mask_prefix,
+    normalize_prefix,
+    read_manifest,
+)
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
@@ -83,9 +91,9 @@ def _normalize_sources(sources: Sources) -> tuple[list[str], list[float]]:
 def _check_fingerprints(prefixes: list[str]) -> Optional[str]:
     seen: dict[str, str] = {}
     for p in prefixes:
-        fp = (read_manifest(p) or {}).get("tokenizer_fingerprint")
+        fp = manifest_fingerprint(read_manifest(p))
         if fp is not None:
-            seen[p] = str(fp)
+            seen[p] = fp
     if len(set(seen.values())) > 1:
         listing = ", ".join(f"{p}: {fp}" for p, fp in seen.items())
         raise ValueError(f"sources were tokenized with different tokenizers ({listing})")
@@ -115,8 +123,10 @@ class DataLoader(IterableDataset):
         epochs: ``None`` repeats every source forever; ``n`` ends after the first source's n-th pass.
         drop_last: with a finite stream, drop the last incomplete global batch (default; keeps ranks in step).
         pad_id: input id at padded positions (their labels are -100).
-        prefetch: batches rendered ahead in a background thread (0: render on demand).
-        pin_memory: render straight into page-locked tensors (for asynchronous ``.cuda(non_blocking=True)``).
+        prefetch: batches rendered ahead in a background thread (0: render on demand). Unpinned, a Rust
+            thread renders into Rust-owned arrays that torch.from_numpy wraps without a copy.
+        pin_memory: render straight into page-locked torch tensors (for ``.cuda(non_blocking=True)``); the
+            prefetch thread is then a Python thread that calls Rust (GIL released while rendering).
         num_threads: Rust threads rendering the rows of a batch.
     """
 
@@ -157,6 +167,11 @@ class DataLoader(IterableDataset):
             world_size = dworld if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn(
+                "pin_memory=True but no CUDA device is available: batches are not pinned", stacklevel=2
+            )
+            pin_memory = False
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
@@ -227,20 +242,21 @@ class DataLoader(IterableDataset):
             return n // g
         return max(0, -(-(n - self.rank * self.batch_size) // g))
 
-    def _batch_starts(self, base: int, first: int, step: int) -> Iterator[tuple[int, int]]:
-        """(first global sample, rows) of this rank's batches: global batches first, first + step, ...
-        counted from global sample ``base``."""
+    def _schedule(self, base: int, first: int, step: int) -> tuple[int, int, Optional[int]]:
+        """This rank's batches are global batches first, first + step, ... counted from global sample
+        ``base``: their (first sample, sample stride, count or None when endless)."""
         n, g, b = self.num_samples, self.global_batch_size, self.batch_size
-        i = first
-        while True:
-            start = base + i * g + self.rank * b
-            rows = b
-            if n is not None:
-                if base + (i + 1) * g > n and (self.drop_last or start >= n):
-                    return
-                rows = min(b, n - start)
-            yield start, rows
-            i += step
+        count = None
+        if n is not None:
+            last = (n - base) // g - 1 if self.drop_last else -(-(n - base - self.rank * b) // g) - 1
+            count = 0 if last < first else (last - first) // step + 1
+        return base + first * g + self.rank * b, step * g, count
+
+    def _batch_starts(self, first: int, stride: int, count: Optional[int]) -> Iterator[tuple[int, int]]:
+        n = self.num_samples
+        for j in itertools.count() if count is None else range(count):
+            start = first + j * stride
+            yield start, self.batch_size if n is None else min(self.batch_size, n - start)
 
     def _render(self, core: Any, start: int, rows: int) -> dict[str, Any]:
         t, pin = self.seq_len, self.pin_memory
@@ -262,35 +278,60 @@ class DataLoader(IterableDataset):
         worker = get_worker_info()
         first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         core = self._core()
-        starts = self._batch_starts(self.position, first, step)
-        batches = (
-            self._prefetched(core, starts) if self.prefetch else (self._render(core, s, r) for s, r in starts)
-        )
+        schedule = self._schedule(self.position, first, step)
+        if self.prefetch and not self.pin_memory:
+            batches = self._prefetched_rust(core, schedule)
+        elif self.prefetch:
+            batches = self._prefetched(core, self._batch_starts(*schedule))
+        else:
+            batches = (self._render(core, s, r) for s, r in self._batch_starts(*schedule))
         for batch in batches:
             # Position advances when a batch is handed over (prefetched ones do not count).
             self.position += self.global_batch_size
             yield batch
 
+    def _prefetched_rust(
+        self, core: Any, schedule: tuple[int, int, Optional[int]]
+    ) -> Iterator[dict[str, Any]]:
+        """A Rust thread renders ahead into Rust-owned arrays; torch.from_numpy wraps them (no copy)."""
+        first, stride, count = schedule
+        pre = core.prefetch(first, stride, self.batch_size, count, self.prefetch)
+        try:
+            while (item := pre.next()) is not None:
+                inp, lab, pos, cu, max_seqlen = item
+                yield {
+                    "input_ids": torch.from_numpy(inp),
+                    "labels": torch.from_numpy(lab),
+                    "position_ids": torch.from_numpy(pos),
+                    "cu_seqlens": torch.from_numpy(cu),
+                    "max_seqlen": max_seqlen,
+                }
+        finally:
+            pre.close()
+
     def _prefetched(self, core: Any, starts: Iterator[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+        """A Python thread renders ahead into torch-allocated (pinned) tensors."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
 
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce() -> None:
             try:
                 for s, r in starts:
-                    item = self._render(core, s, r)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not offer(self._render(core, s, r)):
                         return
-                q.put(done)
+                offer(done)
             except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
+                offer(e)
 
         thread = threading.Thread(target=produce, name="tokenmill-prefetch", daemon=True)
         thread.start()

@@ -12,7 +12,7 @@ Outputs (all written atomically, the manifest last):
   part of a response the model must learn (assistant content and its end-of-turn token), 0 elsewhere
   (template text, system and user turns). ``DataLoader`` finds it beside the tokens and sets
   ``labels`` to -100 wherever the *predicted* token has mask 0;
-* ``PREFIX.json``: template, tokenizer fingerprint, counts, checksums.
+* ``PREFIX.json``: template, tokenizer (fingerprint, n_vocab) as ``prepare`` records it, counts, checksums.
 
 Templates (``S`` = a special token of the tokenizer, encoded by id; ``[...]`` = learned):
 
@@ -222,12 +222,11 @@ def prepare_sft(
     _core.write_token_file(prefix, docs, dtype)
     _core.write_token_file(prefix + MASK_SUFFIX, masks, "uint8")
     manifest = {
-        "format": "megatron-mmidx",
-        "kind": "sft",
+        "format": "tokenmill.sft",
+        "version": 1,
         "template": template,
         "inputs": [os.fspath(p) for p in paths],
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "n_vocab": tokenizer.n_vocab,
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "n_vocab": tokenizer.n_vocab},
         "dtype": dtype,
         "documents": len(docs),
         "tokens": sum(map(len, docs)),

@@ -3,11 +3,15 @@
 
 use crate::error::to_py;
 use crate::utils::detach;
-use numpy::{PyArray1, PyReadwriteArray1, PyReadwriteArray2};
+use numpy::ndarray::{ArrayView1, ArrayView2};
+use numpy::{PyArray1, PyArray2, PyReadwriteArray1, PyReadwriteArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
-use tokenmill_core::data::loader::{self, Config, SourceSpec};
+use std::sync::{Arc, Mutex};
+use tokenmill_core::data::loader::{
+    self, Batch, BufferPool, Config, Prefetcher, Schedule, SourceSpec,
+};
 use tokenmill_core::data::mmidx::{DType, IndexedDataset};
 use tokenmill_core::data::packing::Packing;
 
@@ -62,7 +66,7 @@ pub fn open_token_file<'py>(
 
 #[pyclass(module = "tokenmill._core", name = "Loader", frozen)]
 pub struct PyLoader {
-    inner: loader::Loader,
+    inner: Arc<loader::Loader>,
 }
 
 #[pymethods]
@@ -118,7 +122,34 @@ impl PyLoader {
             num_threads,
         };
         let inner = detach(py, move || loader::Loader::new(&specs, cfg))?;
-        Ok(PyLoader { inner })
+        Ok(PyLoader {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Start rendering batches first + j * stride (j < count; endless when None) on a Rust thread,
+    /// `depth` batches ahead.
+    #[pyo3(signature = (first, stride, rows, count, depth))]
+    fn prefetch(
+        &self,
+        first: u64,
+        stride: u64,
+        rows: usize,
+        count: Option<u64>,
+        depth: usize,
+    ) -> PyResult<PyPrefetcher> {
+        let schedule = Schedule {
+            first,
+            stride,
+            rows,
+            count,
+        };
+        let p = Prefetcher::start(self.inner.clone(), schedule, depth).map_err(to_py)?;
+        Ok(PyPrefetcher {
+            pool: p.pool(),
+            inner: Mutex::new(Some(p)),
+            seq_len: self.inner.seq_len(),
+        })
     }
 
     /// Samples in the global stream, or None when it is endless.
@@ -135,7 +166,12 @@ impl PyLoader {
     }
 
     /// Source index of global samples start..start+n.
-    fn sources<'py>(&self, py: Python<'py>, start: u64, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    fn sources<'py>(
+        &self,
+        py: Python<'py>,
+        start: u64,
+        n: u64,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let v = detach(py, || {
             Ok((start..start + n)
                 .map(|g| self.inner.locate(g).0 as i64)
@@ -177,9 +213,118 @@ impl PyLoader {
     }
 }
 
+type BatchArrays<'py> = (
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<i32>>,
+    usize,
+);
+
+#[pyclass(module = "tokenmill._core", name = "Prefetcher", frozen)]
+pub struct PyPrefetcher {
+    inner: Mutex<Option<Prefetcher>>,
+    pool: Arc<BufferPool>,
+    seq_len: usize,
+}
+
+/// Owns one rendered buffer while numpy arrays borrow it; on release (the last array/tensor gone)
+/// the buffer goes back to the prefetcher's pool for the next batch.
+#[pyclass(module = "tokenmill._core", name = "_BatchBuffer", frozen)]
+struct BatchBuffer {
+    wide: Option<Vec<i64>>,
+    narrow: Option<Vec<i32>>,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for BatchBuffer {
+    fn drop(&mut self) {
+        if let Some(v) = self.wide.take() {
+            self.pool.give_wide(v);
+        }
+        if let Some(v) = self.narrow.take() {
+            self.pool.give_narrow(v);
+        }
+    }
+}
+
+fn matrix<'py>(
+    py: Python<'py>,
+    v: Vec<i64>,
+    rows: usize,
+    cols: usize,
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            wide: Some(v),
+            narrow: None,
+            pool: pool.clone(),
+        },
+    )?;
+    let data = owner.get().wide.as_deref().unwrap_or_default();
+    let view = ArrayView2::from_shape((rows, cols), data)
+        .map_err(|e| PyValueError::new_err(format!("batch shape: {e}")))?;
+    // SAFETY: `owner` keeps the Vec alive and unmoved for as long as the array exists (it is the
+    // array's base object), and nothing writes to it until the owner is dropped.
+    Ok(unsafe { PyArray2::borrow_from_array(&view, owner.clone().into_any()) })
+}
+
+fn vector<'py>(
+    py: Python<'py>,
+    v: Vec<i32>,
+    len: usize,
+    pool: &Arc<BufferPool>,
+) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            wide: None,
+            narrow: Some(v),
+            pool: pool.clone(),
+        },
+    )?;
+    let data = owner.get().narrow.as_deref().unwrap_or_default();
+    let view = ArrayView1::from(&data[..len]);
+    // SAFETY: as in `matrix`.
+    Ok(unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) })
+}
+
+#[pymethods]
+impl PyPrefetcher {
+    /// The next batch as numpy arrays owned by Rust memory (input_ids, labels, position_ids,
+    /// cu_seqlens, max_seqlen), or None when the schedule is done. Waits with the GIL released.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
+        let got: Option<Batch> = detach(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut().and_then(|p| p.recv()) {
+                None => Ok(None),
+                Some(r) => r.map(Some),
+            }
+        })?;
+        let Some(b) = got else { return Ok(None) };
+        let (t, pool) = (self.seq_len, &self.pool);
+        Ok(Some((
+            matrix(py, b.input_ids, b.rows, t, pool)?,
+            matrix(py, b.labels, b.rows, t, pool)?,
+            matrix(py, b.position_ids, b.rows, t, pool)?,
+            vector(py, b.cu_seqlens, b.cu_len, pool)?,
+            b.max_seqlen,
+        )))
+    }
+
+    /// Stop the thread now (also happens when the object is dropped).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| drop(self.inner.lock().unwrap_or_else(|e| e.into_inner()).take()));
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(open_token_file, m)?)?;
     m.add_class::<PyLoader>()?;
+    m.add_class::<PyPrefetcher>()?;
+    m.add_class::<BatchBuffer>()?;
     Ok(())
 }

@@ -153,7 +153,9 @@ impl Layout {
                 });
             }
             Kind::BestFit { bins, chunks } => {
-                for &(d, start, len) in &chunks[bins[unit as usize] as usize..bins[unit as usize + 1] as usize] {
+                for &(d, start, len) in
+                    &chunks[bins[unit as usize] as usize..bins[unit as usize + 1] as usize]
+                {
                     let end = start + len;
                     out.push(Piece {
                         doc: d,
@@ -302,6 +304,10 @@ mod tests {
         assert_eq!(chunks.len() as u32, n_chunks);
         chunks.dedup();
         assert_eq!(chunks.len() as u32, n_chunks);
-        assert_eq!(rows.len(), 8, "best-fit decreasing reaches the optimum here");
+        assert_eq!(
+            rows.len(),
+            8,
+            "best-fit decreasing reaches the optimum here"
+        );
     }
 }

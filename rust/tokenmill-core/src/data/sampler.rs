@@ -108,10 +108,7 @@ impl Mixture {
                 "mixing weights must sum to a positive number, got {total}"
             )));
         }
-        let quotas: Vec<f64> = weights
-            .iter()
-            .map(|w| w / total * BLOCK as f64)
-            .collect();
+        let quotas: Vec<f64> = weights.iter().map(|w| w / total * BLOCK as f64).collect();
         let mut counts: Vec<u64> = quotas.iter().map(|q| q.floor() as u64).collect();
         let mut left = BLOCK - counts.iter().sum::<u64>();
         let mut order: Vec<usize> = (0..weights.len()).collect();

@@ -32,7 +32,7 @@ pub fn b64_encode(data: &[u8]) -> String {
 /// Standard base64 with padding; None if malformed.
 pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let val = |c: u8| -> Option<u32> {
