@@ -7,12 +7,12 @@ import random
 
 import numpy as np
 import pytest
+import tokenmill as tm
 from hypothesis import given
 from hypothesis import strategies as st
-
-import tokenmill as tm
 from tokenmill import corpus
 from tokenmill.tokenizer import PATTERNS as NAMES
+from tokenmill.tokenizer import pattern_string
 
 tiktoken = pytest.importorskip("tiktoken")
 rustbpe = pytest.importorskip("rustbpe")
@@ -97,7 +97,7 @@ _PAIRS: dict = {}
 def pair(name: str, texts: list[str]):
     """(ours, tiktoken's) on the same rustbpe-trained ranks for the named pattern."""
     if name not in _PAIRS:
-        pattern = tm.tokenizer.pattern_string(name)
+        pattern = pattern_string(name)
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), 1500, pattern=pattern)
         ranks = dict(trainer.get_mergeable_ranks())
@@ -140,7 +140,7 @@ def tiktoken_pattern(function: str) -> str:
 @pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k"])
 def test_pattern_strings_are_tiktokens(name):
     function = {"gpt2": "r50k_base", "cl100k": "cl100k_base", "o200k": "o200k_base"}[name]
-    assert tm.tokenizer.pattern_string(name) == tiktoken_pattern(function)
+    assert pattern_string(name) == tiktoken_pattern(function)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -308,3 +308,50 @@ def test_user_pattern_with_lookbehind_uses_fallback():
     )
     for text in ["ab ab", "cab", "b ab!"]:
         assert tok.encode(text) == enc.encode(text)
+
+
+def test_cli_encode(tmp_path, texts):
+    from tokenmill import cli
+
+    ours, _ = pair("cl100k", texts)
+    ours.save(tmp_path / "tok")
+    (tmp_path / "in.txt").write_text("hello world<|endoftext|>", encoding="utf-8")
+    out = tmp_path / "ids.npy"
+    assert (
+        cli.main(
+            [
+                "tokenizer",
+                "encode",
+                str(tmp_path / "in.txt"),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--allow-special",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    arr = np.load(out)
+    assert arr.dtype == np.uint32
+    assert arr.tolist() == ours.encode("hello world<|endoftext|>", allowed_special="all")
+    # Without --allow-special the special token is an error naming it (exit status 1).
+    assert (
+        cli.main(["tokenizer", "encode", str(tmp_path / "in.txt"), "--tokenizer", str(tmp_path / "tok")]) == 1
+    )
+
+
+def test_docstring_examples():
+    import doctest
+
+    import tokenmill.tokenizer as module
+    from tokenmill import _core
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    ran = 0
+    for test in doctest.DocTestFinder().find(module):
+        if ".train" in test.name and not hasattr(_core, "train_bpe"):
+            continue  # training lives on the bpetrain branch
+        ran += len(test.examples)
+        runner.run(test)
+    assert ran > 5 and runner.failures == 0

@@ -5,6 +5,8 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 
 import numpy
 
+import numpy
+
 __version__: str
 
 _Unit = Literal["word", "char"]

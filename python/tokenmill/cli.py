@@ -219,6 +219,56 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+
+
+def _load_tokenizer(path: str, pattern: str):
+    """By extension: tokenizer.json (Hugging Face), .model (SentencePiece), .tiktoken (+ --pattern),
+    anything else tokenmill's own format."""
+    from tokenmill.tokenizer import Tokenizer
+
+    if path.endswith(".json"):
+        return Tokenizer.from_huggingface(path)
+    if path.endswith(".model"):
+        return Tokenizer.from_sentencepiece(path)
+    if path.endswith(".tiktoken"):
+        return Tokenizer.from_tiktoken(path, pattern=pattern)
+    return Tokenizer.load(path)
+
+
+def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    tok = _load_tokenizer(args.tokenizer, args.pattern)
+    if args.text is not None:
+        text = args.text
+    elif args.input in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        with open(args.input, encoding="utf-8") as f:
+            text = f.read()
+    ids = tok.encode_to_numpy(text, allowed_special="all" if args.allow_special else ())
+    if args.out:
+        # Atomic: a temporary beside the target, then rename.
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tokenmill-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, ids)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, args.out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        print(f"{len(ids)} tokens -> {args.out}", file=sys.stderr)
+    else:
+        print(" ".join(map(str, ids.tolist())))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tokenmill import demo
 
@@ -276,9 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer or encode text with one")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    for action in ("train", "encode"):
-        t = tok_sub.add_parser(action, help=f"tokenizer {action}")
-        t.set_defaults(func=_not_built(f"tokenizer {action}"))
+    t = tok_sub.add_parser("train", help="tokenizer train")
+    t.set_defaults(func=_not_built("tokenizer train"))
+    enc = tok_sub.add_parser("encode", help="encode text to token ids (printed, or a uint32 .npy file)")
+    enc.add_argument("input", nargs="?", help="UTF-8 text file ('-' or omitted: stdin)")
+    enc.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer file: tokenmill format, tokenizer.json, .model or .tiktoken",
+    )
+    enc.add_argument("--pattern", default="cl100k", help="pattern for a .tiktoken file (default cl100k)")
+    enc.add_argument("--text", help="encode this string instead of a file")
+    enc.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="encode special-token text as special tokens (default: it is an error)",
+    )
+    enc.add_argument("--out", help="write the ids as a uint32 .npy file instead of printing them")
+    enc.set_defaults(func=_cmd_tokenizer_encode)
     tok.set_defaults(func=lambda a: (tok.print_help(), NOT_BUILT)[1])
 
     pr = sub.add_parser("prepare", help="tokenize corpora into Megatron-compatible .bin/.idx token files")

@@ -57,6 +57,22 @@ def _specials_dict(
     return {s: first_id + i for i, s in enumerate(special_tokens)}
 
 
+def _train_args(vocab_size: int, special_tokens: Sequence[str], min_frequency: int) -> list[str]:
+    """Check the arguments of :meth:`Tokenizer.train`; returns the special tokens as a list."""
+    if isinstance(special_tokens, str):
+        raise TypeError("special_tokens must be a list of strings, not a str")
+    specials = list(special_tokens)
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"special_tokens has duplicates: {specials}")
+    if vocab_size < 256 + len(specials):
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than 256 byte tokens + {len(specials)} special tokens"
+        )
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
+    return specials
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer (or a SentencePiece BPE model loaded with :meth:`from_sentencepiece`).
 
@@ -91,11 +107,8 @@ class Tokenizer:
         >>> tok.n_vocab
         260
         """
-        specials = list(special_tokens)
-        n_merge = vocab_size - len(specials)
-        if n_merge < 256:
-            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
-        tokens = _core.train_bpe(iter(texts), n_merge, pattern, specials, min_frequency, show_progress)
+        specials = _train_args(vocab_size, special_tokens, min_frequency)
+        tokens = _core.train_bpe(iter(texts), vocab_size, pattern, specials, min_frequency, show_progress)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -109,12 +122,11 @@ class Tokenizer:
         show_progress: bool = True,
     ) -> Tokenizer:
         """Like :meth:`train`, reading text files (one document per file) in parallel in Rust."""
-        specials = list(special_tokens)
-        n_merge = vocab_size - len(specials)
-        if n_merge < 256:
-            raise ValueError(f"vocab_size {vocab_size} leaves fewer than 256 ids for the byte tokens")
+        specials = _train_args(vocab_size, special_tokens, min_frequency)
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
         tokens = _core.train_bpe_files(
-            [os.fspath(p) for p in paths], n_merge, pattern, specials, min_frequency, show_progress
+            [os.fspath(p) for p in paths], vocab_size, pattern, specials, min_frequency, show_progress
         )
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 

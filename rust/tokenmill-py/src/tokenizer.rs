@@ -62,7 +62,12 @@ impl PyTokenizer {
     ) -> PyResult<Self> {
         detach(py, move || {
             let tokens = formats::tiktoken::read(&path)?;
-            Tokenizer::from_ranks(tokens, &pattern, specials)
+            Tokenizer::from_ranks(tokens, &pattern, specials).map_err(|e| match e {
+                tokenmill_core::Error::InvalidArgument(m) => {
+                    tokenmill_core::Error::format(&path, m)
+                }
+                other => other,
+            })
         })
         .map(Self::wrap)
     }

@@ -4,10 +4,17 @@
 //! is split by the [`Pretokenizer`]; each piece that is itself a token is emitted directly, others
 //! are merged by [`merge::merge`]. Ids of mergeable tokens are their ranks.
 //!
-//! Performance notes (2-core box, stdlib corpus, see benches/RESULTS.md):
-//! - A whole-piece lookup before merging skips the merge for ~85% of pieces.
-//! - Rejected: caching piece -> ids in a per-call FxHashMap. Most pieces are one token already,
-//!   so the cache costs a hash + clone for little saving (slower on prose, see RESULTS.md).
+//! Performance notes (2-core shared box, 12 MB stdlib corpus, 32k cl100k vocab; best of 5 in
+//! `cargo run --release --example tokbench`; the box was heavily loaded, so figures are rough):
+//! - A whole-piece lookup before merging (tiktoken does the same) skips the merge for most pieces.
+//! - Long pieces: one BinaryHeap of (rank, position) over all pairs took 0.80 s for a 1 MiB run of
+//!   one letter (cache misses in a 1M-entry heap); buckets per rank drained left to right
+//!   (merge.rs) took 0.12 s, then 0.09 s with a 256x256 byte-pair table and an array of current
+//!   pair ranks for the stale check (no hashing there).
+//! - Short pieces: per-piece Vec allocations in the scan replaced by stack arrays.
+//! - The regex's own cache pool is taken once per `split` call, not once per piece.
+//! - Not done: a piece -> ids cache. Pieces that need merging are mostly unique identifiers in the
+//!   per-document calls measured here, so there was little to reuse.
 
 pub mod merge;
 pub mod spm;
@@ -54,8 +61,7 @@ pub struct Tokenizer {
     pre: Pretokenizer,
     /// Mergeable token bytes -> id.
     encoder: FxHashMap<Vec<u8>, u32>,
-    pairs: PairMap,
-    byte_ids: [u32; 256],
+    ranks: merge::Ranks,
     /// id -> bytes it decodes to (mergeable and special); None for unused ids.
     decoder: Vec<Option<Vec<u8>>>,
     /// Mergeable token ids, ascending.
@@ -250,8 +256,7 @@ impl Tokenizer {
         let mut tok = Tokenizer {
             pre,
             encoder,
-            pairs,
-            byte_ids,
+            ranks: merge::Ranks::new(byte_ids, pairs),
             decoder,
             mergeable_ids: tokens.iter().map(|(id, _)| *id).collect(),
             options,
@@ -405,7 +410,7 @@ impl Tokenizer {
                     continue;
                 }
             }
-            merge::merge(piece, &self.byte_ids, &self.pairs, out);
+            merge::merge(piece, &self.ranks, out);
         }
     }
 

@@ -93,14 +93,22 @@ fn pre_tokenizer(p: &Value) -> std::result::Result<(String, bool), String> {
                 _ => Err("unsupported pre-tokenizer Sequence; expected [Split(Regex), ByteLevel] or [ByteLevel]".into()),
             }
         }
-        t => Err(format!("unsupported pre-tokenizer {t:?}; byte-level BPE needs ByteLevel")),
+        t => Err(format!(
+            "unsupported pre-tokenizer {t:?}; byte-level BPE needs ByteLevel"
+        )),
     }
 }
 
 pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
     let model = v.get("model").ok_or("no \"model\" object")?;
-    if !matches!(model.get("type").and_then(Value::as_str), Some("BPE") | None) {
-        return Err(format!("model type {:?} is not supported; only BPE is", type_of(model)));
+    if !matches!(
+        model.get("type").and_then(Value::as_str),
+        Some("BPE") | None
+    ) {
+        return Err(format!(
+            "model type {:?} is not supported; only BPE is",
+            type_of(model)
+        ));
     }
     for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
         if !matches!(model.get(key), None | Some(Value::Null)) {
@@ -111,14 +119,27 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
         return Err("byte_fallback BPE is not byte-level; load SentencePiece models with from_sentencepiece".into());
     }
     if !matches!(v.get("normalizer"), None | Some(Value::Null)) {
-        return Err(format!("normalizer {:?} is not supported", type_of(&v["normalizer"])));
+        return Err(format!(
+            "normalizer {:?} is not supported",
+            type_of(&v["normalizer"])
+        ));
     }
-    let (pattern, add_prefix_space) = pre_tokenizer(v.get("pre_tokenizer").ok_or("no pre_tokenizer")?)?;
+    let (pattern, add_prefix_space) =
+        pre_tokenizer(v.get("pre_tokenizer").ok_or("no pre_tokenizer")?)?;
     let ignore_merges = get_bool(model, "ignore_merges", false)?;
 
     let mut specials: Vec<(String, u32)> = Vec::new();
-    for (i, a) in v.get("added_tokens").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        let content = a.get("content").and_then(Value::as_str).ok_or(format!("added token {i} has no content"))?;
+    for (i, a) in v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let content = a
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or(format!("added token {i} has no content"))?;
         let id = a
             .get("id")
             .and_then(Value::as_u64)
@@ -126,15 +147,24 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
             .ok_or(format!("added token {content:?} has no valid id"))?;
         for key in ["lstrip", "rstrip", "single_word"] {
             if get_bool(a, key, false)? {
-                return Err(format!("added token {content:?}: {key}=true is not supported"));
+                return Err(format!(
+                    "added token {content:?}: {key}=true is not supported"
+                ));
             }
         }
         specials.push((content.to_string(), id));
     }
     let special_ids: FxHashMap<u32, ()> = specials.iter().map(|(_, id)| (*id, ())).collect();
 
-    let inverse: FxHashMap<char, u8> = byte_to_char().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-    let vocab = model.get("vocab").and_then(Value::as_object).ok_or("model has no vocab object")?;
+    let inverse: FxHashMap<char, u8> = byte_to_char()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or("model has no vocab object")?;
     let mut tokens = Vec::with_capacity(vocab.len());
     let mut by_text: FxHashMap<&str, u32> = FxHashMap::default();
     for (text, id) in vocab {
@@ -151,20 +181,37 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
             .chars()
             .map(|c| inverse.get(&c).copied())
             .collect::<Option<Vec<u8>>>()
-            .ok_or(format!("vocab entry {text:?} is not byte-level encoded (not a ByteLevel BPE model)"))?;
+            .ok_or(format!(
+                "vocab entry {text:?} is not byte-level encoded (not a ByteLevel BPE model)"
+            ))?;
         tokens.push((id, bytes));
     }
     let mut merges = Vec::new();
-    for (i, m) in model.get("merges").and_then(Value::as_array).ok_or("model has no merges list")?.iter().enumerate() {
+    for (i, m) in model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or("model has no merges list")?
+        .iter()
+        .enumerate()
+    {
         let (a, b) = match m {
-            Value::String(s) => s.split_once(' ').ok_or(format!("merge {i} {s:?} is not `left right`"))?,
+            Value::String(s) => s
+                .split_once(' ')
+                .ok_or(format!("merge {i} {s:?} is not `left right`"))?,
             Value::Array(p) if p.len() == 2 => (
-                p[0].as_str().ok_or(format!("merge {i} is not two strings"))?,
-                p[1].as_str().ok_or(format!("merge {i} is not two strings"))?,
+                p[0].as_str()
+                    .ok_or(format!("merge {i} is not two strings"))?,
+                p[1].as_str()
+                    .ok_or(format!("merge {i} is not two strings"))?,
             ),
             _ => return Err(format!("merge {i} is neither \"a b\" nor [a, b]")),
         };
-        let id = |t: &str| by_text.get(t).copied().ok_or(format!("merge {i} uses {t:?}, which is not in the vocab"));
+        let id = |t: &str| {
+            by_text
+                .get(t)
+                .copied()
+                .ok_or(format!("merge {i} uses {t:?}, which is not in the vocab"))
+        };
         merges.push((id(a)?, id(b)?));
     }
     let options = BpeOptions {
@@ -207,14 +254,25 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
     }
     let map = byte_to_char();
     let toks = tok.mergeable_tokens();
-    let text_of: FxHashMap<u32, String> = toks.iter().map(|(id, b)| (*id, encode_bytes(&map, b))).collect();
+    let text_of: FxHashMap<u32, String> = toks
+        .iter()
+        .map(|(id, b)| (*id, encode_bytes(&map, b)))
+        .collect();
     let mut vocab = Map::new();
     for (id, _) in &toks {
         vocab.insert(text_of[id].clone(), json!(id));
     }
+    // `tokenizers` gives an added token the id its content has in the model vocab (else a new one),
+    // so the specials must be there too, unencoded, as its trainer writes them.
+    for (s, id) in tok.special_tokens() {
+        vocab.entry(s.clone()).or_insert(json!(id));
+    }
     let o = tok.options();
     let merges: Vec<Value> = match &o.merges {
-        Some(m) => m.iter().map(|(a, b)| json!([text_of[a], text_of[b]])).collect(),
+        Some(m) => m
+            .iter()
+            .map(|(a, b)| json!([text_of[a], text_of[b]]))
+            .collect(),
         None => {
             // tiktoken semantics: every split of a token whose halves are tokens is a merge, in
             // token-id order (ties: the halves' ids), as transformers' TikTokenConverter writes them.
@@ -225,7 +283,11 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
                     .filter_map(|k| Some((*ids.get(&t[..k])?, *ids.get(&t[k..])?)))
                     .collect();
                 local.sort();
-                out.extend(local.into_iter().map(|(a, b)| json!([text_of[&a], text_of[&b]])));
+                out.extend(
+                    local
+                        .into_iter()
+                        .map(|(a, b)| json!([text_of[&a], text_of[&b]])),
+                );
             }
             out
         }
@@ -240,16 +302,20 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
         .collect();
     let pattern = match tok.pattern() {
         p if p == BYTELEVEL_REGEX => None,
-        p => Some(onig_pattern(p)),
+        p => Some(onig_pattern(&crate::pretokenize::without_possessives(p))),
     };
     let pre = match pattern {
-        None => json!({"type": "ByteLevel", "add_prefix_space": o.add_prefix_space, "trim_offsets": true, "use_regex": true}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": o.add_prefix_space, "trim_offsets": true, "use_regex": true})
+        }
         Some(p) if !o.add_prefix_space => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-        Some(_) => return Err(Error::invalid(
-            "add_prefix_space with a custom pattern cannot be expressed in tokenizer.json",
-        )),
+        Some(_) => {
+            return Err(Error::invalid(
+                "add_prefix_space with a custom pattern cannot be expressed in tokenizer.json",
+            ))
+        }
     };
     Ok(json!({
         "version": "1.0",
@@ -270,7 +336,7 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
 
 pub fn save(tok: &Tokenizer, path: impl AsRef<Path>) -> Result<()> {
     let v = to_json(tok)?;
-    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(format!("JSON: {e}")))?;
+    let text =
+        serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(format!("JSON: {e}")))?;
     fsutil::write_atomic(path, text.as_bytes())
 }
-

@@ -29,7 +29,11 @@ pub fn to_string(tok: &Tokenizer) -> String {
     let _ = writeln!(out, "{MAGIC}");
     match tok.spm() {
         None => {
-            let _ = writeln!(out, "kind bytelevel {} {}", o.ignore_merges as u8, o.add_prefix_space as u8);
+            let _ = writeln!(
+                out,
+                "kind bytelevel {} {}",
+                o.ignore_merges as u8, o.add_prefix_space as u8
+            );
         }
         Some(m) => {
             let _ = writeln!(
@@ -64,7 +68,13 @@ pub fn to_string(tok: &Tokenizer) -> String {
         Some(m) => {
             let _ = writeln!(out, "tokens {}", m.pieces.len());
             for (id, p) in m.pieces.iter().enumerate() {
-                let _ = writeln!(out, "{id} {} {} {}", b64_encode(p.piece.as_bytes()), p.score, p.kind as i32);
+                let _ = writeln!(
+                    out,
+                    "{id} {} {} {}",
+                    b64_encode(p.piece.as_bytes()),
+                    p.score,
+                    p.kind as i32
+                );
             }
             out.push_str("merges none\nspecials 0\n");
         }
@@ -188,7 +198,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         let (id, s) = l
             .split_once(' ')
             .and_then(|(id, s)| {
-                Some((id.parse::<u32>().ok()?, String::from_utf8(b64_decode(s)?).ok()?))
+                Some((
+                    id.parse::<u32>().ok()?,
+                    String::from_utf8(b64_decode(s)?).ok()?,
+                ))
             })
             .ok_or_else(|| bad(ln, "expected `<id> <base64 UTF-8 text>`".into()))?;
         specials.push((s, id));
@@ -198,7 +211,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         .strip_prefix("fingerprint ")
         .ok_or_else(|| bad(ln, "expected `fingerprint <hash>`".into()))?;
     if let Some((ln, _)) = lines.next() {
-        return Err(bad(ln + 1, "unexpected content after the fingerprint".into()));
+        return Err(bad(
+            ln + 1,
+            "unexpected content after the fingerprint".into(),
+        ));
     }
     let tok = if sp {
         SpModel::new(pieces, flags[0], flags[1], flags[2])

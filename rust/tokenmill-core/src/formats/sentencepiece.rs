@@ -53,7 +53,12 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| format!("truncated: field of {n} bytes at byte {} runs past the end", self.pos))?;
+            .ok_or_else(|| {
+                format!(
+                    "truncated: field of {n} bytes at byte {} runs past the end",
+                    self.pos
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -83,7 +88,12 @@ impl<'a> Reader<'a> {
                 let b = self.take(4)?;
                 Value::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
-            w => return Err(format!("unsupported protobuf wire type {w} (field {num}) at byte {}", self.pos)),
+            w => {
+                return Err(format!(
+                    "unsupported protobuf wire type {w} (field {num}) at byte {}",
+                    self.pos
+                ))
+            }
         };
         Ok(Some((num, v)))
     }
@@ -118,9 +128,16 @@ pub fn parse(buf: &[u8]) -> std::result::Result<SpModel, String> {
                             kind = i32::try_from(t)
                                 .ok()
                                 .and_then(PieceType::from_i32)
-                                .ok_or_else(|| format!("piece {} has unknown type {t}", pieces.len()))?
+                                .ok_or_else(|| {
+                                    format!("piece {} has unknown type {t}", pieces.len())
+                                })?
                         }
-                        (1..=3, _) => return Err(format!("piece {} has a field of the wrong wire type", pieces.len())),
+                        (1..=3, _) => {
+                            return Err(format!(
+                                "piece {} has a field of the wrong wire type",
+                                pieces.len()
+                            ))
+                        }
                         _ => {}
                     }
                 }
@@ -151,7 +168,11 @@ pub fn parse(buf: &[u8]) -> std::result::Result<SpModel, String> {
                     }
                 }
             }
-            (1..=3, _) => return Err(format!("top-level field {num} has the wrong wire type; not a SentencePiece model")),
+            (1..=3, _) => {
+                return Err(format!(
+                    "top-level field {num} has the wrong wire type; not a SentencePiece model"
+                ))
+            }
             _ => {}
         }
     }
@@ -165,7 +186,9 @@ pub fn parse(buf: &[u8]) -> std::result::Result<SpModel, String> {
             4 => "CHAR",
             _ => "unknown",
         };
-        return Err(format!("model type {name} ({model_type}) is not supported; only BPE models are"));
+        return Err(format!(
+            "model type {name} ({model_type}) is not supported; only BPE models are"
+        ));
     }
     if charsmap_len > 0 || !(norm_name.is_empty() || norm_name == "identity") {
         return Err(format!(
