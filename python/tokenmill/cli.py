@@ -269,6 +269,28 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from tokenmill.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    tok = Tokenizer.train_files(
+        args.files,
+        vocab_size=args.vocab_size,
+        pattern=args.pattern,
+        special_tokens=args.special_token,
+        min_frequency=args.min_frequency,
+        show_progress=not args.quiet,
+    )
+    tok.save(args.out)
+    print(
+        f"trained {tok.n_vocab} tokens ({len(tok.special_tokens)} special) on {len(args.files)} file(s) "
+        f"in {time.perf_counter() - start:.1f}s -> {args.out}"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tokenmill import demo
 
@@ -326,8 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer or encode text with one")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    t = tok_sub.add_parser("train", help="tokenizer train")
-    t.set_defaults(func=_not_built("tokenizer train"))
+    t = tok_sub.add_parser("train", help="train a byte-level BPE vocabulary on UTF-8 text files")
+    t.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, each one document")
+    t.add_argument("--vocab-size", type=int, required=True, help="total ids: 256 bytes + merges + specials")
+    t.add_argument("--out", required=True, help="where to save the tokenizer (Tokenizer.save format)")
+    t.add_argument(
+        "--pattern", default="llama3", help="gpt2, cl100k, o200k, llama3 or a regex (default llama3)"
+    )
+    t.add_argument(
+        "--special-token", action="append", default=[], metavar="T", help="a special token (repeatable)"
+    )
+    t.add_argument(
+        "--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)"
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_tokenizer_train)
     enc = tok_sub.add_parser("encode", help="encode text to token ids (printed, or a uint32 .npy file)")
     enc.add_argument("input", nargs="?", help="UTF-8 text file ('-' or omitted: stdin)")
     enc.add_argument(

@@ -66,6 +66,14 @@ struct Delta {
     words: Vec<u32>,
 }
 
+/// The deltas of one merge step, and their keys in first-touched order (so the heap and the
+/// word lists are updated in an order that does not depend on hashing).
+#[derive(Default)]
+struct Local {
+    map: FxHashMap<u64, Delta>,
+    order: Vec<u64>,
+}
+
 /// Distinct words as symbol runs in one flat buffer; merges shrink a word in place.
 struct Words {
     syms: Vec<u32>,
@@ -124,7 +132,7 @@ pub fn train_words<B: AsRef<[u8]>>(
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
     let mut merges = Vec::new();
-    let mut local: FxHashMap<u64, Delta> = FxHashMap::default();
+    let mut local = Local::default();
     let mut new_tokens = 0;
 
     while new_tokens < num_tokens {
@@ -166,7 +174,8 @@ pub fn train_words<B: AsRef<[u8]>>(
         for &wi in &stat.words {
             merge_word(&mut w, wi, a, b, id, &mut local);
         }
-        for (pk, d) in local.drain() {
+        for pk in local.order.drain(..) {
+            let d = local.map.remove(&pk).unwrap_or_default();
             if pk == k {
                 continue;
             }
@@ -190,13 +199,16 @@ pub fn train_words<B: AsRef<[u8]>>(
 /// Rewrite every occurrence of (a, b) in word `wi` as `c`, greedily left to right, and record the
 /// count changes of the neighbouring pairs in `local`.
 #[inline]
-fn merge_word(w: &mut Words, wi: u32, a: u32, b: u32, c: u32, local: &mut FxHashMap<u64, Delta>) {
+fn merge_word(w: &mut Words, wi: u32, a: u32, b: u32, c: u32, local: &mut Local) {
     let i0 = wi as usize;
     let n = w.len[i0] as usize;
     let cnt = w.count[i0];
     let s = &mut w.syms[w.start[i0]..w.start[i0] + n];
     let mut add = |k: u64, d: i64| {
-        let e = local.entry(k).or_default();
+        let e = local.map.entry(k).or_insert_with(|| {
+            local.order.push(k);
+            Delta::default()
+        });
         e.delta += d;
         if d > 0 && e.words.last() != Some(&wi) {
             e.words.push(wi);

@@ -35,6 +35,14 @@ pub struct TrainOptions {
 impl TrainOptions {
     /// How many tokens to learn on top of the 256 bytes.
     pub fn num_merges(&self) -> Result<usize> {
+        let mut sorted: Vec<&String> = self.special_tokens.iter().collect();
+        sorted.sort();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::invalid(format!(
+                "special token {:?} given twice",
+                w[0]
+            )));
+        }
         let floor = 256 + self.special_tokens.len();
         if self.vocab_size < floor {
             return Err(Error::invalid(format!(

@@ -227,7 +227,9 @@ fn file_errors_name_the_file() {
     let mut bar = Progress::new("", "", None, false);
     let missing = d.join("missing.txt");
     let mut c = WordCounter::new(pre, &[]).unwrap();
-    let e = c.add_files(&[missing.clone()], &mut bar).unwrap_err();
+    let e = c
+        .add_files(std::slice::from_ref(&missing), &mut bar)
+        .unwrap_err();
     assert!(
         matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     );
@@ -240,7 +242,7 @@ fn file_errors_name_the_file() {
     for block in [1, 5, BLOCK] {
         let mut c = WordCounter::new(pre, &[]).unwrap().with_block_size(block);
         let e = c
-            .add_files(&[bad.clone()], &mut bar)
+            .add_files(std::slice::from_ref(&bad), &mut bar)
             .unwrap_err()
             .to_string();
         assert!(
@@ -255,7 +257,10 @@ fn file_errors_name_the_file() {
         e.contains("truncated.txt") && e.contains("byte offset 3"),
         "{e}"
     );
-    let e = c.add_files(&[d.clone()], &mut bar).unwrap_err().to_string();
+    let e = c
+        .add_files(std::slice::from_ref(&d), &mut bar)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("is a directory"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
