@@ -26,8 +26,13 @@ counted per kind and reported as ``file:line: reason``; with ``on_error="skip"``
 skipped and summarised, with ``on_error="fail"`` the first one (in input order) raises ValueError.
 
 Scale-out: ``num_shards=N, shard_index=I`` prepares shard I of a deterministic partition of the
-input files (contiguous runs of files of similar total size); ``merge`` concatenates all N shards,
-checking tokenizer fingerprints and checksums, into a dataset byte-identical to a single run.
+input files (contiguous runs of whole files of similar total size, so a single huge file is not
+split); every shard must be given the same input list (paths and sizes; the manifest records a
+digest of it). ``merge`` concatenates all N shards, checking tokenizer fingerprints, settings, the
+input digest and checksums, into a dataset byte-identical to a single run.
+
+A rerun at the same prefix restarts from scratch: it first removes the old manifest, index and data
+(in that order) and any temporaries left by killed runs.
 """
 
 from __future__ import annotations

@@ -524,6 +524,30 @@ mod tests {
     }
 
     #[test]
+    fn chunks_stay_bounded() {
+        let d = tmpdir("bounded");
+        let p = d.join("big.jsonl");
+        let line = format!("{{\"text\": \"{}\"}}\n", "x".repeat(90));
+        std::fs::write(&p, line.repeat(20_000)).unwrap();
+        let inputs = vec![Input {
+            path: p,
+            format: InputFormat::JsonLines,
+        }];
+        let mut r = ChunkReader::new(&inputs, None, 4096);
+        let (mut n, mut chunks) = (0, 0);
+        while let Some(c) = r.next().unwrap() {
+            // A chunk ends at the first record that reaches the size: at most one line over.
+            assert!(c.data.len() < 4096 + line.len(), "{}", c.data.len());
+            assert!(c.data.capacity() <= 2 * 4096 + 2 * line.len());
+            n += c.records.len();
+            chunks += 1;
+        }
+        assert_eq!(n, 20_000);
+        assert!(chunks > 400);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn shards_partition_inputs_in_order() {
         let sizes = [10u64, 0, 500, 3, 3, 3, 1000, 0, 7];
         for n in 1..12 {

@@ -27,8 +27,8 @@ pub struct TokenizerInfo {
 pub struct ShardInfo {
     pub index: usize,
     pub count: usize,
-    /// xxh3-128 of the whole input list (paths, sizes, mtimes, formats) before sharding, so that a
-    /// merge can check that its shards partition the same inputs.
+    /// xxh3-128 of the whole input list (paths, formats, sizes) before sharding, so that a merge
+    /// can check that its shards partition the same inputs.
     pub inputs_digest: String,
 }
 
