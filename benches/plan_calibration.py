@@ -7,9 +7,10 @@ the peak of allocated memory (CUDA: torch.cuda.max_memory_allocated; CPU: the ru
 Allocated" of torch.profiler's memory events). Used by tests/test_plan.py (CPU) and
 benches/gpu_plan_check.py (GPU); `python benches/plan_calibration.py` prints the CPU table.
 
-The model is tokenmill.model.Llama when the trainer has added it, else `ReferenceLlama` below: the same
-architecture (RMSNorm with a fused-kernel backward that saves x and rstd, RoPE, GQA through SDPA,
-SwiGLU, untied head), parameter names as Meta's checkpoints.
+The model is tokenmill.model.Llama (with tokenmill.kernels) when present, else `ReferenceLlama` below:
+the same architecture and the same saved tensors (RMSNorm saving x and rstd, RoPE, GQA through SDPA,
+SwiGLU saving gate and up, untied head), parameter names as Meta's checkpoints. Set
+TOKENMILL_CALIBRATION_MODEL=reference to measure ReferenceLlama even when Llama exists.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ class _RMSNormFn(torch.autograd.Function):
         gn = gy.float() * weight.float()
         gx = rstd * (gn - n * (gn * n).mean(-1, keepdim=True))
         return gx.to(x.dtype), gw.to(weight.dtype), None
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up saving only gate and up, as tokenmill.kernels.swiglu does."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, gy):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return gy * up * sig * (1 + gate * (1 - sig)), gy * silu
 
 
 class RMSNorm(nn.Module):
@@ -95,7 +112,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_SwiGLUFn.apply(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
@@ -144,7 +161,7 @@ def build_model(cfg: LlamaConfig, checkpointing: bool = False, device="cpu") -> 
     from tokenmill import model as tm_model
 
     Llama = getattr(tm_model, "Llama", None)
-    if Llama is None:
+    if Llama is None or os.environ.get("TOKENMILL_CALIBRATION_MODEL") == "reference":
         return ReferenceLlama(cfg, checkpointing).to(device)
     m = Llama(cfg).to(device)
     if checkpointing:
@@ -285,8 +302,18 @@ CPU_CASES = [
     dict(model="small", seq_len=256, micro_batch=8, optimizer="adamw-fused", checkpointing=True),
     dict(model="wide", seq_len=128, micro_batch=4, optimizer="adamw-fused", checkpointing=False),
     dict(model="wide", seq_len=128, micro_batch=4, optimizer="adamw", checkpointing=True),
-    dict(model="small", seq_len=128, micro_batch=4, optimizer="adamw-fused", checkpointing=False, precision="bf16"),
+    dict(
+        model="small",
+        seq_len=128,
+        micro_batch=4,
+        optimizer="adamw-fused",
+        checkpointing=False,
+        precision="bf16",
+    ),
     dict(model="small", seq_len=128, micro_batch=4, optimizer="adamw", checkpointing=True, precision="bf16"),
+    # dim 64: per-token temporaries of the backward kernels weigh most here
+    dict(model="tiny", seq_len=128, micro_batch=4, optimizer="adamw", checkpointing=False),
+    dict(model="tiny", seq_len=128, micro_batch=4, optimizer="adamw-fused", checkpointing=True),
 ]
 EXTRA_SHAPES = {
     # MHA (no GQA), larger dim than vocab share: the weights dominate

@@ -106,7 +106,7 @@ def summary() -> str:
         "sharding hops, which is how it earns a higher MFU. Eight RTX 4090s hold a 13B training step only "
         "with activation checkpointing and 8-bit AdamW (or CPU offload), which makes pre-training a "
         "multi-year job, but fine-tuning 13B on them takes hours: a full fine-tune fits on eight, LoRA on "
-        f"{lora[1]['gpus']} (the frozen bf16 base alone is 26 GB; a 4-bit base is not modelled)."
+        f"{lora[1]['gpus']} cards (the frozen bf16 base alone is 26 GB; a 4-bit base is not modelled)."
     )
 
 

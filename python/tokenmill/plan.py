@@ -33,11 +33,13 @@ Memory per GPU (bytes), the strategy of FSDP / ZeRO-3 (Rajbhandari et al. 2020) 
     unsharded gradient of one unit before its reduce-scatter (a unit = one block, the embedding or
     the head).
   activations (Korthikanti et al. 2022 style bookkeeping, written out for LLaMA's block with flash
-    attention, fused RMSNorm and no dropout; per token per layer, in activation elements):
+    attention, fused RMSNorm and SwiGLU (tokenmill.kernels) and no dropout; per token per layer, in
+    activation elements):
       attention: norm input d, norm output d, q d, k kv, v kv, attention output d (flash attention
         writes it in (batch, seq, heads, head_dim) layout, so it is also wo's input, no copy)
-      SwiGLU MLP: norm input d, norm output d, gate f, silu(gate) f, up f, w2 input f
-      = 6 d + 2 kv + 4 f elements, plus fp32: 2 norm rstd + n_heads logsumexp.
+      SwiGLU MLP: norm input d, norm output d, gate f, up f, w2 input f (the fused SwiGLU saves only
+        gate and up and recomputes silu(gate) in backward; unfused autograd also keeps silu(gate), +f)
+      = 6 d + 2 kv + 3 f elements, plus fp32: 2 norm rstd + n_heads logsumexp.
       Without flash attention the softmax probabilities add n_heads * s elements (Korthikanti's
       5 a s^2 b counts dropout too; LLaMA has none).
     head: final-norm input and output (2 d) + the fp32 log-probabilities the cross-entropy saves (4 V
@@ -45,8 +47,8 @@ Memory per GPU (bytes), the strategy of FSDP / ZeRO-3 (Rajbhandari et al. 2020) 
     Full (per-block) checkpointing keeps only each block's input (d elements per layer).
   backward workspace, on top of the activations, at the larger of two moments: the loss backward
     (incoming and outgoing fp32 logit gradients, 8 V bytes per token) or a block's backward (the
-    gradient between blocks and the largest intermediate ones, 2 d + 2 f elements per token, plus the
-    recomputed block when checkpointing, minus the head's tensors already freed).
+    gradient between blocks, and those of w2's input, gate and up: 2 d + 3 f elements per token, plus
+    the recomputed block when checkpointing, minus the head's tensors already freed).
   peak = weights + grads + master + optimizer state + FSDP buffers
          + max(activations + backward workspace, optimizer transient)
   (gradients counted throughout: they persist across micro-batches under gradient accumulation).
@@ -144,16 +146,48 @@ def gpus() -> list[GPU]:
     return list({id(g): g for g in _GPUS.values()}.values())
 
 
+# CUDA / ROCm device names (torch.cuda.get_device_name, as `tokenmill train` logs them) -> table names;
+# first match wins, so the more specific names come first.
+_DEVICE_NAMES = (
+    ("h100 pcie", "H100-PCIe"),
+    ("h100", "H100-SXM"),
+    ("h200", "H200"),
+    ("b200", "B200"),
+    ("a100-sxm4-40gb", "A100-40GB"),
+    ("a100-pcie-40gb", "A100-40GB"),
+    ("a100", "A100-80GB"),
+    ("l40s", "L40S"),
+    ("l4", "L4"),
+    ("rtx 4090", "RTX-4090"),
+    ("rtx 3090", "RTX-3090"),
+    ("rtx 5090", "RTX-5090"),
+    ("mi300x", "MI300X"),
+)
+
+
 def get_gpu(name: Union[str, GPU]) -> GPU:
+    """A GPU by table name or alias (case and punctuation ignored) or by CUDA device name
+    ("NVIDIA H100 80GB HBM3")."""
     if isinstance(name, GPU):
         return name
     try:
         return _GPUS[_key(name)]
     except KeyError:
+        lower = name.lower()
+        for pattern, table_name in _DEVICE_NAMES:
+            if pattern in lower:
+                return _GPUS[_key(table_name)]
         known = ", ".join(g.name for g in gpus())
         raise ValueError(
             f"unknown GPU {name!r}; known: {known} (add one with plan.register_gpu or a table file)"
         ) from None
+
+
+def _known_gpu(name: str) -> Optional[GPU]:
+    try:
+        return get_gpu(name)
+    except ValueError:
+        return None
 
 
 def load_gpu_table(path: Union[str, Path]) -> list[GPU]:
@@ -306,7 +340,7 @@ class Memory:
 
 def _activation_bytes(cfg: LlamaConfig, seq_len: int, act: int, flash: bool, lora_rank: Optional[int]):
     d, kv, f, a = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
-    per_token_layer = (6 * d + 2 * kv + 4 * f) * act + 2 * 4  # + fp32 rstd of both norms
+    per_token_layer = (6 * d + 2 * kv + 3 * f) * act + 2 * 4  # + fp32 rstd of both norms
     # flash: fp32 logsumexp; math attention: the softmax probabilities and the copy of the output for wo
     per_token_layer += a * 4 if flash else (a * seq_len + d) * act
     if lora_rank:
@@ -376,7 +410,7 @@ def memory(
     # (the gradient between blocks and the largest intermediate ones, plus the recomputed block when
     # checkpointing; the head's tensors are freed by then).
     loss_phase = activations + (0 if fused_loss else 8 * cfg.vocab_size * tokens)
-    block_phase = stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 2 * cfg.hidden_dim) * act
+    block_phase = stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 3 * cfg.hidden_dim) * act
     workspace = max(loss_phase, block_phase) - activations
     offloaded = 0.0
     if offload:
@@ -501,8 +535,7 @@ def estimate(
             abs(log.n_params - n_params) <= 0.01 * n_params
             and log.seq_len == seq_len
             and log.gpu is not None
-            and _key(log.gpu) in _GPUS
-            and get_gpu(log.gpu) is g
+            and _known_gpu(log.gpu) is g
         )
         if same:
             tps, source = log.tokens_per_s_per_gpu, f"measured: {from_log} (median of {log.n_steps} steps)"
@@ -651,7 +684,7 @@ def parse_setup(text: str, default_gpus: int = 1) -> tuple[str, int]:
 @dataclass(frozen=True)
 class TrainLog:
     tokens_per_s_per_gpu: float
-    mfu: float
+    mfu: float  # under the planner's FLOP count (the trainer logs PaLM's; converted)
     n_params: int
     seq_len: int
     gpu: Optional[str]
@@ -691,17 +724,26 @@ def read_train_log(path: Union[str, Path], warmup: Optional[int] = None) -> Trai
     tps = statistics.median(r["tokens_per_s_per_gpu"] for r in used)
     mfus = [r["mfu"] for r in used if isinstance(r.get("mfu"), (int, float)) and r["mfu"] > 0]
     gpu = last.get("gpu")
+    n_params, seq_len = int(last["n_params"]), int(last["seq_len"])
+    # The log carries no shape: take the preset with this parameter count, else a LLaMA-like shape.
+    cfg = next((c for c in PRESETS.values() if c.num_params() == n_params), None) or shape_for_params(
+        n_params
+    )
+    ours = flops_per_token(cfg, seq_len, n_params)
     if mfus:
-        mfu = statistics.median(mfus)
-    else:  # 6N approximation: the log carries no shape
-        if gpu is None or _key(str(gpu)) not in _GPUS:
+        # `tokenmill train` counts PaLM's unmasked 12 L d s attention term; convert to ours (6 L d s).
+        palm = ours + 3 * 2 * cfg.n_layers * cfg.dim * seq_len
+        mfu = statistics.median(mfus) * ours / palm
+    else:
+        g = _known_gpu(str(gpu)) if gpu is not None else None
+        if g is None:
             raise ValueError(f"{path}: no mfu field and GPU {gpu!r} is not in the table")
-        mfu = tps * 6 * last["n_params"] / get_gpu(str(gpu)).peak_flops("bf16")
+        mfu = tps * ours / g.peak_flops("bf16")
     return TrainLog(
         tokens_per_s_per_gpu=float(tps),
         mfu=float(mfu),
-        n_params=int(last["n_params"]),
-        seq_len=int(last["seq_len"]),
+        n_params=n_params,
+        seq_len=seq_len,
         gpu=None if gpu is None else str(gpu),
         world_size=int(last.get("world_size", 1)),
         n_steps=len(used),
