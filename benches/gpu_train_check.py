@@ -171,7 +171,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             rows[name] = {"error": f"timed out after {spec[-1]} s"}
         print(f"   {rows[name]}", flush=True)
-    print("\n| section | GPU | params | tokens/s | MFU | peak mem GiB | loss first -> last |")
+    print("\n| section | GPU | params | tokens/s | MFU (PaLM count) | peak mem GiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "tokens_per_s" in r:

@@ -135,8 +135,8 @@ def test_schedules():
 
 def test_flops_and_peak():
     c = LlamaConfig.preset("llama-7b")
-    # 6N + 6 L T d (causal attention), N without the embedding table, as tokenmill.plan counts.
-    assert T.flops_per_token(c, 2048) == 6 * (c.num_params() - 32000 * 4096) + 6 * 32 * 4096 * 2048
+    # PaLM: 6N + 12 L d T, N without the embedding table.
+    assert T.flops_per_token(c, 2048) == 6 * (c.num_params() - 32000 * 4096) + 12 * 32 * 4096 * 2048
     assert T.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert T.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert T.peak_flops("cpu") is None

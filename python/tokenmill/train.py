@@ -233,41 +233,21 @@ def lr_at(step: int, o: OptimSection, total_steps: int) -> float:
 
 
 def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token, the planner's convention (so its ``from_log`` reads our MFU as its
-    own): 6 x matmul parameters + 6 x layers x seq_len x dim (causal attention, forward + backward);
-    activation recomputation does not count, as MFU requires."""
-    from tokenmill import plan
-
-    return plan.flops_per_token(c, seq_len)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order against the name.
-PEAK_FLOPS = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-)
+    """Model FLOPs per trained token as PaLM's MFU counts them (Chowdhery et al. 2022, App. B):
+    6 x matmul parameters + 12 x layers x dim x seq_len (attention without the causal discount, as
+    nanoGPT and torchtitan report it; ``tokenmill.plan`` converts from this). Recomputation is not counted."""
+    matmul_params = c.num_params(include_embeddings=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
+    return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
 
 
 def peak_flops(device_name: str) -> Optional[float]:
-    for key, peak in PEAK_FLOPS:
-        if key in device_name:
-            return peak
-    return None
+    """Dense bf16 peak FLOP/s of a CUDA device name, from the planner's GPU table (None when unknown)."""
+    from tokenmill import plan
+
+    try:
+        return plan.get_gpu(device_name).peak_flops("bf16")
+    except ValueError:
+        return None
 
 
 def _dtype(name: str) -> torch.dtype:
