@@ -23,7 +23,9 @@ def test_typed_package():
     stub = (root / "_core.pyi").read_text()
     for name in dir(tokenmill._core):
         if not name.startswith("_"):
-            assert f"def {name}(" in stub or f"class {name}" in stub, f"_core.{name} is missing from _core.pyi"
+            assert f"def {name}(" in stub or f"class {name}" in stub, (
+                f"_core.{name} is missing from _core.pyi"
+            )
 
 
 def run_cli(*args):

@@ -5,8 +5,6 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 
 import numpy
 
-import numpy
-
 __version__: str
 
 _Unit = Literal["word", "char"]
@@ -165,7 +163,6 @@ def train_bpe_files(
     """
 
 # ----- corpus preparation (tokenmill.data.prepare) -----
- (tokenmill.data.prepare)
 
 def prepare_corpus(
     inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],

@@ -219,8 +219,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-
-
 def _load_tokenizer(path: str, pattern: str):
     """By extension: tokenizer.json (Hugging Face), .model (SentencePiece), .tiktoken (+ --pattern),
     anything else tokenmill's own format."""

@@ -36,7 +36,10 @@ impl PyTokenizer {
         specials: Vec<(String, u32)>,
     ) -> PyResult<Self> {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        detach(py, move || Tokenizer::from_ranks(tokens, &pattern, specials)).map(Self::wrap)
+        detach(py, move || {
+            Tokenizer::from_ranks(tokens, &pattern, specials)
+        })
+        .map(Self::wrap)
     }
 
     /// Our own format (see tokenmill_core::formats::native).
@@ -105,7 +108,11 @@ impl PyTokenizer {
     ) -> PyResult<Vec<u32>> {
         let t = self.inner.clone();
         detach(py, move || {
-            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
+            t.encode_with(
+                &text,
+                &refs(&allowed),
+                disallowed.as_deref().map(refs).as_deref(),
+            )
         })
     }
 
@@ -119,7 +126,11 @@ impl PyTokenizer {
     ) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let t = self.inner.clone();
         let ids = detach(py, move || {
-            t.encode_with(&text, &refs(&allowed), disallowed.as_deref().map(refs).as_deref())
+            t.encode_with(
+                &text,
+                &refs(&allowed),
+                disallowed.as_deref().map(refs).as_deref(),
+            )
         })?;
         Ok(PyArray1::from_vec(py, ids))
     }

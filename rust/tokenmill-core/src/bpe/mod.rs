@@ -571,10 +571,7 @@ impl Tokenizer {
 }
 
 /// Run `f` on a rayon pool of `n` threads (None or 0: the global pool).
-pub fn with_threads<R: Send>(
-    n: Option<usize>,
-    f: impl FnOnce() -> Result<R> + Send,
-) -> Result<R> {
+pub fn with_threads<R: Send>(n: Option<usize>, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
     match n {
         None | Some(0) => f(),
         Some(n) => rayon::ThreadPoolBuilder::new()

@@ -199,7 +199,11 @@ impl SpModel {
         while pos < norm.len() {
             start.push(pos);
             let rest = &norm[pos..];
-            match self.user_defined.iter().find(|u| rest.starts_with(u.as_str())) {
+            match self
+                .user_defined
+                .iter()
+                .find(|u| rest.starts_with(u.as_str()))
+            {
                 Some(u) => {
                     frozen.push(true);
                     pos += u.len();
@@ -217,7 +221,12 @@ impl SpModel {
         let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
         next[n - 1] = usize::MAX;
         let mut heap = BinaryHeap::new();
-        let push = |heap: &mut BinaryHeap<Pair>, l: usize, r: usize, start: &[usize], end: &[usize], frozen: &[bool]| {
+        let push = |heap: &mut BinaryHeap<Pair>,
+                    l: usize,
+                    r: usize,
+                    start: &[usize],
+                    end: &[usize],
+                    frozen: &[bool]| {
             if frozen[l] || frozen[r] {
                 return;
             }

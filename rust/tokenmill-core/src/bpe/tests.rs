@@ -87,7 +87,12 @@ fn reference_encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
 fn hand_checked_merges() {
     // vocab: bytes, then "ab", "bc", "abc"; "abc" merges a+b first (lower rank), then ab+c.
     let mut v: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    v.extend([b"ab".to_vec(), b"bc".to_vec(), b"abc".to_vec(), b"cc".to_vec()]);
+    v.extend([
+        b"ab".to_vec(),
+        b"bc".to_vec(),
+        b"abc".to_vec(),
+        b"cc".to_vec(),
+    ]);
     let t = Tokenizer::from_ranks(v, r"\S+", vec![]).unwrap();
     assert_eq!(t.encode_ordinary("abc"), vec![258]);
     assert_eq!(t.encode_ordinary("abcc"), vec![258, 99]);
@@ -100,7 +105,9 @@ fn special_tokens_follow_tiktoken() {
     let t = &*TOK;
     let err = t.encode("hi <|endoftext|>", &[]).unwrap_err().to_string();
     assert!(err.contains("<|endoftext|>"), "{err}");
-    let ids = t.encode("hi<|endoftext|>there", &["<|endoftext|>"]).unwrap();
+    let ids = t
+        .encode("hi<|endoftext|>there", &["<|endoftext|>"])
+        .unwrap();
     let mut want = t.encode_ordinary("hi");
     want.push(1000);
     want.extend(t.encode_ordinary("there"));
@@ -109,7 +116,10 @@ fn special_tokens_follow_tiktoken() {
     let ids = t.encode_with("a<|endoftext|>", &[], Some(&[])).unwrap();
     assert_eq!(ids, t.encode_ordinary("a<|endoftext|>"));
     // Longest allowed special wins; a longer unallowed one does not hide a shorter allowed one.
-    assert_eq!(t.encode("<|fim|>x", &["<|fim|>", "<|fim|>x"]).unwrap(), vec![1002]);
+    assert_eq!(
+        t.encode("<|fim|>x", &["<|fim|>", "<|fim|>x"]).unwrap(),
+        vec![1002]
+    );
     let ids = t.encode_with("<|fim|>x", &["<|fim|>"], Some(&[])).unwrap();
     assert_eq!(ids[0], 1001);
     assert_eq!(t.n_vocab(), 1003);
@@ -126,7 +136,9 @@ fn decode_unknown_id_is_an_error() {
 #[test]
 fn bad_vocabularies_are_rejected() {
     let v: Vec<Vec<u8>> = (0..=254u8).map(|b| vec![b]).collect();
-    let e = Tokenizer::from_ranks(v, "gpt2", vec![]).unwrap_err().to_string();
+    let e = Tokenizer::from_ranks(v, "gpt2", vec![])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("0xFF"), "{e}");
     let mut v: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
     v.push(b"a".to_vec());

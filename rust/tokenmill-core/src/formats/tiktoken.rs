@@ -18,12 +18,17 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Vec<u8>>> {
             continue;
         }
         let bad = |what: &str| Error::format(path, format!("line {}: {what}: {line:.60?}", i + 1));
-        let (tok, rank) = line.split_once(' ').ok_or_else(|| bad("expected `base64 rank`"))?;
+        let (tok, rank) = line
+            .split_once(' ')
+            .ok_or_else(|| bad("expected `base64 rank`"))?;
         let tok = b64_decode(tok).ok_or_else(|| bad("invalid base64 token"))?;
         if tok.is_empty() {
             return Err(bad("empty token"));
         }
-        let rank: u64 = rank.trim().parse().map_err(|_| bad("rank is not a non-negative integer"))?;
+        let rank: u64 = rank
+            .trim()
+            .parse()
+            .map_err(|_| bad("rank is not a non-negative integer"))?;
         ranked.push((rank, tok));
     }
     if ranked.is_empty() {
@@ -88,6 +93,9 @@ mod tests {
             let e = parse(text, p).unwrap_err().to_string();
             assert!(e.contains("x.tiktoken") && e.contains(want), "{e}");
         }
-        assert_eq!(parse("Ig== 1\nIQ== 0\n", p).unwrap(), vec![b"!".to_vec(), b"\"".to_vec()]);
+        assert_eq!(
+            parse("Ig== 1\nIQ== 0\n", p).unwrap(),
+            vec![b"!".to_vec(), b"\"".to_vec()]
+        );
     }
 }
