@@ -136,22 +136,19 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim, self.theta = (
-            cfg.n_heads,
-            cfg.kv_heads,
-            cfg.head_dim,
-            cfg.rope_theta,
-        )
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor]):
         b, t, _ = x.shape
-        q = K.rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), positions, self.theta)
-        k = K.rope(self.wk(x).view(b, t, self.n_kv, self.head_dim), positions, self.theta)
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
+        cos, sin = (c.to(q.dtype) for c in rope)  # fp32 tables, in the compute dtype (as Hugging Face)
+        q, k = K.apply_rope(q, k, cos, sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, head_dim]
         gqa = self.n_kv != self.n_heads
         if mask is None:  # flash attention takes GQA as is
@@ -185,8 +182,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions, mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor]):
+        x = x + self.attention(self.attention_norm(x), rope, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -248,12 +245,14 @@ class Llama(nn.Module):
         else:
             position_ids = position_ids.contiguous()
             mask = document_mask(position_ids)
+        # Rotary tables once per forward, shared by every layer: [T, head_dim] or [B, T, head_dim].
+        rope = K.rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, position_ids, mask, use_reentrant=False)
+                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
             else:
-                h = layer(h, position_ids, mask)
+                h = layer(h, rope, mask)
         h = self.norm(h)
         if labels is None:
             return self.output(h)
