@@ -528,3 +528,41 @@ def test_tokenizer_and_vocab_mismatch_fail_before_any_step(tmp_path):
     # the matching tokenizer trains
     T.train(config(tmp_path, *base, f"--data.tokenizer={tmp_path / 'a.json'}", "--train.steps=1"))
     assert not called
+
+
+def test_sft_end_to_end_with_prepare_sft(tmp_path):
+    """Pre-train on plain text, then instruction-tune from that checkpoint on tm.data.prepare_sft data: the
+    batches carry -100 on every prompt token, and the response loss falls."""
+    import tokenmill as tm
+
+    qa = [(f"What is {i} plus {i}?", f"{2 * i}") for i in range(60)]
+    texts = [f"Instruction: {q}\nResponse: {a}\n" for q, a in qa]
+    tok = tm.Tokenizer.train(
+        texts, vocab_size=320, pattern="gpt2", special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tm.data.prepare([str(tmp_path / "plain.jsonl")], str(tmp_path / "plain"), str(tmp_path / "tok.json"))
+    (tmp_path / "sft.jsonl").write_text(
+        "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa)
+    )
+    tm.data.prepare_sft(str(tmp_path / "sft.jsonl"), str(tmp_path / "sft"), tok)
+    tokf = f"--data.tokenizer={tmp_path / 'tok.json'}"
+    T.train(config(tmp_path / "pre", f"--data.train=['{tmp_path / 'plain'}']", tokf, "--train.steps=4"))
+    ckpt = T.latest_checkpoint(str(tmp_path / "pre" / "run"))
+    loader = tm.data.DataLoader(str(tmp_path / "sft"), seq_len=128, batch_size=4, packing="best_fit", seed=1)
+    batch = next(iter(loader))
+    labelled = batch["labels"] != -100
+    assert 0 < labelled.float().mean() < 0.2  # only the short responses (and their EOS) carry a loss
+    sft_opts = [f"--data.train=['{tmp_path / 'sft'}']", tokf, "--data.sft=true", "--data.packing=best_fit"]
+    sft_opts += ["--data.seq_len=128", "--data.batch_size=2"]  # one Alpaca record (~115 tokens) per row
+    h = T.train(config(tmp_path / "sft", *sft_opts, f"--train.init_from={ckpt}", "--train.steps=12"))
+    assert h[-1]["loss"] < h[0]["loss"]
+
+
+def test_batch_without_labels_is_skipped_not_counted(tmp_path):
+    data = make_batches(3)
+    data[1] = {"input_ids": data[1]["input_ids"], "labels": torch.full_like(data[1]["labels"], -100)}
+    h = T.train(config(tmp_path, "--train.steps=4", "--train.max_bad_steps=0"), Batches(data))
+    assert math.isnan(h[1]["loss"]) and h[1]["grad_norm"] == 0.0
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(h) if i != 1)

@@ -746,7 +746,10 @@ def train(
         step += 1
         batch_tokens = sum(b["input_ids"].numel() for b in micro) * world
         tokens_seen += batch_tokens
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if n_tok == 0:  # every label masked (e.g. SFT chunks of prompt only): nothing to learn, not an error
+            if rank == 0:
+                tqdm.write(f"step {step}: no labelled tokens in the batch; step skipped")
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
         else:
             bad_steps += 1
