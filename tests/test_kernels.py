@@ -487,3 +487,61 @@ def test_gpu_rope_swiglu_ce(dtype):
             assert torch.isfinite(a).all() and ((a.double() - b).norm() / b.norm()).item() < 2 * tol
     finally:
         launch.DEBUG_FILL_NAN = False
+
+
+# ---------------------------------------------------------------------------------------------- launch path
+
+
+class _FakeKernel:
+    max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        self.calls.append((grid, block, args, shared_mem, stream))
+
+
+def test_launch_fast_path_passes_pointers_and_stream(monkeypatch):
+    import numpy as np
+
+    fake, stream = _FakeKernel(), object()
+    monkeypatch.setattr(launch, "_functions", {("swiglu", "f", 0): fake})
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "_streams", {(0, 1234): stream})
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "ARGS_VIA_POINTERS", True)
+    t = torch.arange(6, dtype=torch.bfloat16)
+    launch.launch("swiglu", "f", 0, 5, 256, (t, None, np.int64(3), np.float32(0.5)), shared_mem=64 * 1024)
+    ((grid, block, args, smem, s),) = fake.calls
+    assert grid == (5,) and block == (256,) and smem == 64 * 1024 and s is stream
+    assert [type(a) for a in args] == [np.uint64, np.uint64, np.int64, np.float32]
+    assert int(args[0]) == t.data_ptr() and int(args[1]) == 0 and int(args[2]) == 3
+    assert fake.max_dynamic_shared_size_bytes == 64 * 1024  # raised for more than 48 KiB
+    with pytest.raises(ValueError, match="numpy scalar"):
+        launch.launch("swiglu", "f", 0, 1, 32, (t, 3))  # a Python int has no fixed C size
+
+
+def test_launch_switches_device_only_when_needed(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    entered = []
+
+    class _Device:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            entered.append(self.d)
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = _FakeKernel()
+    monkeypatch.setattr(cupy.cuda, "Device", _Device)
+    monkeypatch.setattr(launch, "_functions", {("swiglu", "f", 0): fake, ("swiglu", "f", 1): fake})
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(launch, "_streams", {(0, 0): "s0", (1, 0): "s1"})
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    launch.launch("swiglu", "f", 0, 1, 32, ())
+    launch.launch("swiglu", "f", 1, 1, 32, ())
+    assert entered == [1] and [c[4] for c in fake.calls] == ["s0", "s1"]
