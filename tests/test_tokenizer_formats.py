@@ -78,12 +78,17 @@ def test_tiktoken_vocab_exported_to_tokenizers(name, tmp_path):
     path = tmp_path / "tokenizer.json"
     ours.save_huggingface(path)
     hf = tokenizers.Tokenizer.from_file(str(path))
+    back = tm.Tokenizer.from_huggingface(path)  # Split(regex) + ByteLevel, explicit merges
+    assert back.special_tokens == ours.special_tokens
     sample = "".join(corpus_texts()[:30])
     assert hf.encode(sample, add_special_tokens=False).ids == ours.encode(sample, allowed_special="all")
+    assert back.encode(sample, allowed_special="all") == ours.encode(sample, allowed_special="all")
 
     @given(text_strategy())
     def check(text):
-        assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
+        want = ours.encode(text, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False).ids == want
+        assert back.encode(text, allowed_special="all") == want
 
     check()
 
