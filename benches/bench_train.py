@@ -7,7 +7,9 @@ Corpus: every Python stdlib source file of this interpreter (tokenmill.corpus.st
 same pre-tokenization regex (LLaMA-3's: it means the same in fancy-regex, Oniguruma and our DFA).
 Each run is a fresh subprocess, so each trainer's peak RSS (ru_maxrss) is its own; "above base"
 subtracts the RSS the process had with the corpus loaded, before training. Times are best-of-N wall
-times of the training call alone; runs of the three trainers are interleaved to spread noise.
+times of the training call alone; runs of the three trainers are interleaved to spread noise. CPU
+seconds (user + system, all threads) are printed too: on a shared, loaded machine they move less
+than wall times.
 
 Asserted: tokenmill's tokens equal rustbpe's, in order. BpeTrainer breaks count ties with other ids
 (see tests/test_train.py), so its merges are compared as a set (printed as the overlap).
@@ -38,6 +40,11 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def worker(name: str, vocab: int, pattern_name: str) -> None:
     from tokenmill import corpus
     from tokenmill.tokenizer import pattern_string
@@ -45,6 +52,7 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
     texts = [t for _, t in corpus.stdlib_sources()]
     pattern = pattern_string(pattern_name)
     base = rss_mib()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     if name == "tokenmill":
         from tokenmill import _core
@@ -75,6 +83,7 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
         )
         tok.train_from_iterator(texts, trainer)
         seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu0
         bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
         cs, n = bs[:], 0
         for b in range(256):
@@ -88,11 +97,20 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
         merged = [bytes(char_byte[c] for c in a + b).hex() for a, b in pairs]
     if name != "tokenizers":
         seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mb = sum(len(t.encode()) for t in texts) / 1e6
     print(
         json.dumps(
-            {"seconds": seconds, "peak": peak, "base": base, "merged": merged, "mb": mb, "docs": len(texts)}
+            {
+                "seconds": seconds,
+                "cpu": cpu,
+                "peak": peak,
+                "base": base,
+                "merged": merged,
+                "mb": mb,
+                "docs": len(texts),
+            }
         )
     )
 
@@ -131,15 +149,18 @@ def main() -> None:
     overlap = len(set(hf) & set(ours)) / len(ours)
 
     best = {name: min(r["seconds"] for r in rs) for name, rs in results.items()}
+    cpu = {name: min(r["cpu"] for r in rs) for name, rs in results.items()}
     peak = {name: min(r["peak"] for r in rs) for name, rs in results.items()}
     above = {name: min(r["peak"] - r["base"] for r in rs) for name, rs in results.items()}
     print(
-        f"{'trainer':11} {'seconds':>8} {'speedup':>8} {'peak RSS MiB':>13} {'above base':>11} {'mem ratio':>10}"
+        f"{'trainer':11} {'seconds':>8} {'speedup':>8} {'CPU s':>7} {'CPU ratio':>9} "
+        f"{'peak RSS MiB':>13} {'above base':>11} {'mem ratio':>10}"
     )
     for name in TRAINERS:
         print(
-            f"{name:11} {best[name]:8.2f} {best[name] / best['tokenmill']:7.2f}x {peak[name]:13.0f} "
-            f"{above[name]:11.0f} {peak['tokenmill'] / peak[name]:9.2f}x"
+            f"{name:11} {best[name]:8.2f} {best[name] / best['tokenmill']:7.2f}x {cpu[name]:7.2f} "
+            f"{cpu[name] / cpu['tokenmill']:8.2f}x {peak[name]:13.0f} {above[name]:11.0f} "
+            f"{peak['tokenmill'] / peak[name]:9.2f}x"
         )
     print(
         f"tokenmill vs rustbpe: {best['rustbpe'] / best['tokenmill']:.2f}x faster (goal >= 2x), identical tokens"

@@ -45,6 +45,11 @@ pub fn train_bpe<'py>(
     min_frequency: u64,
     show_progress: bool,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    if texts.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "texts must be an iterable of str, not a str",
+        ));
+    }
     let opts = options(vocab_size, special_tokens, min_frequency, show_progress)?;
     let pre = Pretokenizer::new(pattern).map_err(to_py)?;
     let mut counter = WordCounter::new(&pre, &opts.special_tokens).map_err(to_py)?;

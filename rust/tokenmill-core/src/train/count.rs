@@ -11,6 +11,10 @@
 //!
 //! Special tokens are cut out of the text first and never counted, as `encode` with the special
 //! allowed would treat them; pieces never span a special token.
+//!
+//! Counting 11.4 MB (2.6M pieces, 61k distinct) costs 0.21 CPU s, 0.12 s of it pretokenizing.
+//! Rejected: keying pieces of up to 7 bytes by a packed u64 instead of `&str` (no faster:
+//! 0.210-0.217 s vs 0.205-0.221 s; the table probes, not hashing or comparing, dominate).
 
 use super::progress::Progress;
 use crate::pretokenize::Pretokenizer;

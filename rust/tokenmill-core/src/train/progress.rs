@@ -50,7 +50,7 @@ impl Progress {
     fn draw(&self, done: u64) {
         let secs = self.start.elapsed().as_secs_f64();
         let (done_s, total_s) = match self.unit {
-            "B" => (mib(done), self.total.map(mib)),
+            "B" => (human(done), self.total.map(human)),
             _ => (done.to_string(), self.total.map(|t| t.to_string())),
         };
         let line = match (self.total, total_s) {
@@ -70,6 +70,10 @@ impl Progress {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b if b < 1 << 30 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+    }
 }

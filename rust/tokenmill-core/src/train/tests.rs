@@ -155,6 +155,16 @@ fn overlapping_pairs_count_windows() {
 }
 
 #[test]
+fn counts_beyond_32_bits() {
+    let big = 3u64 << 40;
+    let words: BTreeMap<Vec<u8>, u64> = [(b"ab".to_vec(), big), (b"abc".to_vec(), big)].into();
+    let t = fast(&words, 2, 1);
+    assert_eq!(t.merges[0].count, 2 * big);
+    assert_eq!(t.merges[1].count, big);
+    assert_eq!(t, reference(&words, 2, 1));
+}
+
+#[test]
 fn min_frequency_stops() {
     let words: BTreeMap<Vec<u8>, u64> = [(b"xy".to_vec(), 3), (b"zw".to_vec(), 1)].into();
     assert_eq!(fast(&words, 10, 2).tokens.len(), 257);
