@@ -5,7 +5,7 @@
 Corpus: every Python stdlib source file of this interpreter (tokenmill.corpus.stdlib_sources, about
 11 MB on CPython 3.11), given to each trainer as the same list of str (one text per file), with the
 same pre-tokenization regex (LLaMA-3's: it means the same in fancy-regex, Oniguruma and our DFA).
-Each run is a fresh subprocess, so each trainer's peak RSS (ru_maxrss) is its own; "above base"
+Each run is a fresh subprocess, so each trainer's peak RSS (VmHWM) is its own; "above base"
 subtracts the RSS the process had with the corpus loaded, before training. Times are best-of-N wall
 times of the training call alone; runs of the three trainers are interleaved to spread noise. CPU
 seconds (user + system, all threads) are printed too: on a shared, loaded machine they move less
@@ -32,10 +32,12 @@ from common import machine, today  # noqa: E402
 TRAINERS = ("tokenmill", "rustbpe", "tokenizers")
 
 
-def rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. VmHWM rather than ru_maxrss, which a child
+    started by fork inherits from its parent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -51,7 +53,7 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
 
     texts = [t for _, t in corpus.stdlib_sources()]
     pattern = pattern_string(pattern_name)
-    base = rss_mib()
+    base = status_mib("VmRSS")
     cpu0 = cpu_seconds()
     start = time.perf_counter()
     if name == "tokenmill":
@@ -98,7 +100,7 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
     if name != "tokenizers":
         seconds = time.perf_counter() - start
         cpu = cpu_seconds() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     mb = sum(len(t.encode()) for t in texts) / 1e6
     print(
         json.dumps(

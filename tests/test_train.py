@@ -305,6 +305,31 @@ def test_same_merges_whatever_the_thread_count(tmp_path, code_corpus):
     assert len(set(out.values())) == 1, out
 
 
+@pytest.mark.slow
+def test_file_memory_does_not_grow_with_the_corpus(tmp_path, code_corpus):
+    """Files are streamed in bounded batches (16 MiB, the next one read while one is counted): peak
+    RSS for 96 MB of text is about the one for 48 MB (it varies by one batch or so with thread
+    timing); read whole, the extra 48 MB would show in full."""
+    text = "".join(code_corpus)  # ~1.5 MB
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(text * 32, encoding="utf-8")
+    large.write_text(text * 64, encoding="utf-8")
+    # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forked pytest process.
+    script = (
+        "import sys; from tokenmill import _core; "
+        "_core.train_bpe_files([sys.argv[1]], 1000, 'llama3', [], 2, False); "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
+    )
+    peak = {}
+    for path in (small, large):
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=600
+        )
+        assert r.returncode == 0, r.stderr
+        peak[path.name] = int(r.stdout) / 1024
+    assert peak["large.txt"] < peak["small.txt"] + 24, peak
+
+
 def test_progress_bar_on_stderr(tmp_path):
     script = "import sys; from tokenmill import _core; _core.train_bpe(['ab ab cd'] * 9, 260, 'gpt2', [], 1, sys.argv[1] == '1')"
     on = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, text=True, timeout=60)

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 /// Target block size in bytes (a block ends at the first cut point after this many bytes).
 pub const BLOCK: usize = 1 << 20;
 /// Bytes of blocks counted together in one parallel batch.
-const BATCH: usize = 32 << 20;
+const BATCH: usize = 16 << 20;
 
 /// A run of text to pretokenize; only pieces starting before `keep` are counted (the rest is
 /// look-ahead that the next block counts).
