@@ -44,16 +44,25 @@ class TorchOps:
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
     @staticmethod
-    def rope(x, positions, theta):
+    def rope_cos_sin(positions, head_dim, theta=10000.0, dtype=None):
         import torch
 
-        d = x.shape[-1]
-        inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+        inv = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        )
         ang = positions.float()[..., None] * inv
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[..., None, :]
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[..., None, :]
-        x1, x2 = x.chunk(2, dim=-1)
-        return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+        emb = torch.cat([ang, ang], -1)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply_rope(q, k, cos, sin):
+        import torch
+
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return (x * cos[..., None, :] + torch.cat([-x2, x1], -1) * sin[..., None, :]).to(x.dtype)
+
+        return rot(q), rot(k)
 
     @staticmethod
     def swiglu(gate, up):
@@ -171,7 +180,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             rows[name] = {"error": f"timed out after {spec[-1]} s"}
         print(f"   {rows[name]}", flush=True)
-    print("\n| section | GPU | params | tokens/s | MFU | peak mem GiB | loss first -> last |")
+    print("\n| section | GPU | params | tokens/s | MFU (PaLM count) | peak mem GiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "tokens_per_s" in r:

@@ -132,34 +132,6 @@ class CoreTokenizer:
 def resolve_pattern(name: str) -> str:
     """The exact pattern string behind "gpt2", "cl100k", "o200k", "llama3"; other strings unchanged."""
 
-# Corpus preparation (tokenmill.data.prepare)
-
-def prepare_corpus(
-    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
-    prefix: str,
-    tokenizer: object,
-    text_key: str,
-    eos_id: Optional[int],
-    on_error: Literal["skip", "fail"],
-    num_workers: Optional[int],
-    num_shards: int,
-    shard_index: int,
-    progress: bool,
-    chunk_bytes: int,
-    external: Optional[object] = None,
-) -> str:
-    """Tokenize (path, format, delimiter) inputs into prefix.{bin,idx,json}; returns the manifest JSON.
-    ``tokenizer`` is a ``Tokenizer._core``; ``external`` has ``open(path)`` and ``next_batch()``."""
-
-def prepared_stats(prefix: str, top_k: int) -> str:
-    """Documents, tokens, length histogram and top tokens of an MMIDIDX dataset, as JSON."""
-
-def prepared_verify(prefix: str) -> list[str]:
-    """Problems found re-checking a prepared dataset against its manifest (empty: intact)."""
-
-def prepared_merge(shards: Sequence[str], prefix: str) -> str:
-    """Merge all shards of one partition into prefix; returns the merged manifest JSON."""
-
 # ----- BPE training (rust/tokenmill-py/src/train.rs) -----
 
 def train_bpe(
@@ -189,3 +161,31 @@ def train_bpe_files(
 
     FileNotFoundError names a missing file; ValueError names a file that is not UTF-8 and the byte offset.
     """
+
+# ----- corpus preparation (tokenmill.data.prepare) -----
+
+def prepare_corpus(
+    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
+    prefix: str,
+    tokenizer: object,
+    text_key: str,
+    eos_id: Optional[int],
+    on_error: Literal["skip", "fail"],
+    num_workers: Optional[int],
+    num_shards: int,
+    shard_index: int,
+    progress: bool,
+    chunk_bytes: int,
+    external: Optional[object] = None,
+) -> str:
+    """Tokenize (path, format, delimiter) inputs into prefix.{bin,idx,json}; returns the manifest JSON.
+    ``tokenizer`` is a ``Tokenizer._core``; ``external`` has ``open(path)`` and ``next_batch()``."""
+
+def prepared_stats(prefix: str, top_k: int) -> str:
+    """Documents, tokens, length histogram and top tokens of an MMIDIDX dataset, as JSON."""
+
+def prepared_verify(prefix: str) -> list[str]:
+    """Problems found re-checking a prepared dataset against its manifest (empty: intact)."""
+
+def prepared_merge(shards: Sequence[str], prefix: str) -> str:
+    """Merge all shards of one partition into prefix; returns the merged manifest JSON."""

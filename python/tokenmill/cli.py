@@ -53,6 +53,69 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tokenmill import train
+
+    return train.main(args.config, args.overrides)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from tokenmill import hf
+
+    hf.export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out} (load with transformers.LlamaForCausalLM.from_pretrained)")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tokenmill import plan
+
+    for path in args.gpu_table or ():
+        plan.load_gpu_table(path)
+    model = args.model if args.model is not None else plan.parse_count(args.params)
+    setups = [(args.gpu, args.gpus)] if args.gpu else []
+    for item in (args.compare or "").split(","):
+        if item.strip():
+            setups.append(plan.parse_setup(item, default_gpus=args.gpus))
+    if not setups:
+        raise ValueError("give --gpu TYPE or --compare GPU[:K],...")
+    kw = dict(
+        mfu=args.mfu,
+        tokens_per_gpu_s=args.tokens_per_gpu_s,
+        from_log=args.from_log,
+        usd_per_gpu_hour=args.usd_per_gpu_hour,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        precision=args.precision,
+        fp8=args.fp8,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        offload=args.offload,
+        sharding=args.sharding,
+        finetune=args.finetune,
+        lora_rank=args.lora_rank,
+        flash_attention=not args.no_flash_attention,
+        fused_loss=args.fused_loss,
+    )
+    tokens = args.tokens if args.tokens == "chinchilla" else plan.parse_count(args.tokens)
+    estimates = plan.compare(model, tokens, setups, **kw)
+    if args.json:
+        out = [e.to_dict() for e in estimates]
+        print(json.dumps(out[0] if len(out) == 1 and not args.compare else out, indent=2))
+    elif len(estimates) == 1:
+        print(plan.format_estimate(estimates[0]))
+    else:
+        e = estimates[0]
+        print(
+            f"{e.model}: {e.n_params / 1e9:.2f}B parameters, {e.tokens:.4g} tokens, {e.flops:.3e} FLOPs "
+            f"(6N + 6*L*s*d), seq_len {e.seq_len}"
+        )
+        print(plan.format_table(estimates))
+    return 0
+
+
 def _print_manifest_summary(m: dict, output: str) -> None:
     skipped = m["skipped"]
     total = sum(skipped.values())
@@ -157,28 +220,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-
-    from tokenmill.tokenizer import Tokenizer
-
-    start = time.perf_counter()
-    tok = Tokenizer.train_files(
-        args.files,
-        vocab_size=args.vocab_size,
-        pattern=args.pattern,
-        special_tokens=args.special_token,
-        min_frequency=args.min_frequency,
-        show_progress=not args.quiet,
-    )
-    tok.save(args.out)
-    print(
-        f"trained {tok.n_vocab} tokens ({len(tok.special_tokens)} special) on {len(args.files)} file(s) "
-        f"in {time.perf_counter() - start:.1f}s -> {args.out}"
-    )
-    return 0
-
-
 def _load_tokenizer(path: str, pattern: str):
     """By extension: tokenizer.json (Hugging Face), .model (SentencePiece), .tiktoken (+ --pattern),
     anything else tokenmill's own format."""
@@ -227,66 +268,25 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
 
-    from tokenmill import plan
+    from tokenmill.tokenizer import Tokenizer
 
-    for path in args.gpu_table or ():
-        plan.load_gpu_table(path)
-    model = args.model if args.model is not None else plan.parse_count(args.params)
-    setups = [(args.gpu, args.gpus)] if args.gpu else []
-    for item in (args.compare or "").split(","):
-        if item.strip():
-            setups.append(plan.parse_setup(item, default_gpus=args.gpus))
-    if not setups:
-        raise ValueError("give --gpu TYPE or --compare GPU[:K],...")
-    kw = dict(
-        mfu=args.mfu,
-        tokens_per_gpu_s=args.tokens_per_gpu_s,
-        from_log=args.from_log,
-        usd_per_gpu_hour=args.usd_per_gpu_hour,
-        seq_len=args.seq_len,
-        micro_batch=args.micro_batch,
-        precision=args.precision,
-        fp8=args.fp8,
-        optimizer=args.optimizer,
-        checkpointing=args.checkpointing,
-        offload=args.offload,
-        sharding=args.sharding,
-        finetune=args.finetune,
-        lora_rank=args.lora_rank,
-        flash_attention=not args.no_flash_attention,
-        fused_loss=args.fused_loss,
+    start = time.perf_counter()
+    tok = Tokenizer.train_files(
+        args.files,
+        vocab_size=args.vocab_size,
+        pattern=args.pattern,
+        special_tokens=args.special_token,
+        min_frequency=args.min_frequency,
+        show_progress=not args.quiet,
     )
-    tokens = args.tokens if args.tokens == "chinchilla" else plan.parse_count(args.tokens)
-    estimates = plan.compare(model, tokens, setups, **kw)
-    if args.json:
-        out = [e.to_dict() for e in estimates]
-        print(json.dumps(out[0] if len(out) == 1 and not args.compare else out, indent=2))
-    elif len(estimates) == 1:
-        print(plan.format_estimate(estimates[0]))
-    else:
-        e = estimates[0]
-        print(
-            f"{e.model}: {e.n_params / 1e9:.2f}B parameters, {e.tokens:.4g} tokens, {e.flops:.3e} FLOPs "
-            f"(6N + 6*L*s*d), seq_len {e.seq_len}"
-        )
-        print(plan.format_table(estimates))
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from tokenmill import train
-
-    return train.main(args.config, args.overrides)
-
-
-def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from tokenmill import hf
-
-    hf.export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
-    print(f"wrote {args.out} (load with transformers.LlamaForCausalLM.from_pretrained)")
+    tok.save(args.out)
+    print(
+        f"trained {tok.n_vocab} tokens ({len(tok.special_tokens)} special) on {len(args.files)} file(s) "
+        f"in {time.perf_counter() - start:.1f}s -> {args.out}"
+    )
     return 0
 
 
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export_hf)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
-    demo.add_argument("--steps", type=int, help="training steps (default: 250 on CPU, 600 on GPU)")
+    demo.add_argument("--steps", type=int, help="training steps (default: 150 on CPU, 600 on GPU)")
     demo.add_argument(
         "--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint"
     )

@@ -94,7 +94,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         seq, batch, n_steps, lr = 512, 32, steps or 600, 2e-3
     else:
         shape = ["--model.dim=128", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2"]
-        seq, batch, n_steps, lr = 128, 16, steps or 250, 3e-3
+        seq, batch, n_steps, lr = 128, 16, steps or 150, 3e-3
     overrides = [
         f"--run.out_dir={out / 'run'}",
         "--model.preset=small",

@@ -90,7 +90,7 @@ def export(
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
 
-    tok_path = tokenizer or meta.get("tokenizer") or ""
+    tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
     tok = None
     if tok_path:
         import tokenmill
@@ -100,11 +100,9 @@ def export(
             raise ValueError(
                 f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
             )
-    specials = dict(getattr(tok, "special_tokens", {}) or {})
-    bos = next((specials[s] for s in ("<|bos|>", "<s>", "<|begin_of_text|>") if s in specials), None)
-    eos = next(
-        (specials[s] for s in ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>") if s in specials), None
-    )
+    specials = dict(tok.special_tokens) if tok is not None else {}
+    bos = tok.bos_token_id if tok is not None else None
+    eos = tok.eos_token_id if tok is not None else None
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenmill import kernels as K
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -121,41 +123,6 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-# --- Torch stand-ins for tokenmill.kernels, used only until the `kernels` branch is merged (then deleted). ---
-class _TorchKernels:
-    @staticmethod
-    def rms_norm(x, weight, eps):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-    @staticmethod
-    def rope(x, positions, theta):  # x [B, T, H, D], positions [T] or [B, T]; "rotate half" (HF) pairs
-        d = x.shape[-1]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-        ang = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, D/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[..., None, :]
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[..., None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
-
-    @staticmethod
-    def swiglu(gate, up):
-        return F.silu(gate) * up
-
-    @staticmethod
-    def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-        logits = F.linear(hidden, weight)
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-
-
-try:
-    from tokenmill import kernels as K
-except ImportError:
-    K = _TorchKernels
-# --- end of stand-ins ---
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -169,22 +136,19 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim, self.theta = (
-            cfg.n_heads,
-            cfg.kv_heads,
-            cfg.head_dim,
-            cfg.rope_theta,
-        )
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor]):
         b, t, _ = x.shape
-        q = K.rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), positions, self.theta)
-        k = K.rope(self.wk(x).view(b, t, self.n_kv, self.head_dim), positions, self.theta)
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
+        cos, sin = (c.to(q.dtype) for c in rope)  # fp32 tables, in the compute dtype (as Hugging Face)
+        q, k = K.apply_rope(q, k, cos, sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, head_dim]
         gqa = self.n_kv != self.n_heads
         if mask is None:  # flash attention takes GQA as is
@@ -218,8 +182,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions, mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor]):
+        x = x + self.attention(self.attention_norm(x), rope, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -281,12 +245,14 @@ class Llama(nn.Module):
         else:
             position_ids = position_ids.contiguous()
             mask = document_mask(position_ids)
+        # Rotary tables once per forward, shared by every layer: [T, head_dim] or [B, T, head_dim].
+        rope = K.rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, position_ids, mask, use_reentrant=False)
+                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
             else:
-                h = layer(h, position_ids, mask)
+                h = layer(h, rope, mask)
         h = self.norm(h)
         if labels is None:
             return self.output(h)

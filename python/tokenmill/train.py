@@ -233,39 +233,21 @@ def lr_at(step: int, o: OptimSection, total_steps: int) -> float:
 
 
 def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6 x (matmul parameters) + 12 x layers x dim x seq_len
-    (attention scores and values, forward + backward; recomputation is not counted, as MFU requires)."""
+    """Model FLOPs per trained token as PaLM's MFU counts them (Chowdhery et al. 2022, App. B):
+    6 x matmul parameters + 12 x layers x dim x seq_len (attention without the causal discount, as
+    nanoGPT and torchtitan report it; ``tokenmill.plan`` converts from this). Recomputation is not counted."""
     matmul_params = c.num_params(include_embeddings=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
     return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order against the name.
-PEAK_FLOPS = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-)
-
-
 def peak_flops(device_name: str) -> Optional[float]:
-    for key, peak in PEAK_FLOPS:
-        if key in device_name:
-            return peak
-    return None
+    """Dense bf16 peak FLOP/s of a CUDA device name, from the planner's GPU table (None when unknown)."""
+    from tokenmill import plan
+
+    try:
+        return plan.get_gpu(device_name).peak_flops("bf16")
+    except ValueError:
+        return None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -342,7 +324,12 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: di
             {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
         )
         torch.save(osd, tmp / "optimizer.pt")
-        for name in ("model.safetensors", "optimizer.pt"):
+        names = ["model.safetensors", "optimizer.pt"]
+        if meta.get("tokenizer"):  # the checkpoint carries its tokenizer (export-hf, generation)
+            names.append("tokenmill-tokenizer" + Path(meta["tokenizer"]).suffix)
+            shutil.copyfile(meta["tokenizer"], tmp / names[-1])
+            meta = {**meta, "tokenizer": names[-1]}
+        for name in names:
             _fsync(tmp / name)
     _barrier(world)
     if rank == 0:
@@ -478,7 +465,9 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, It
             document_mask=cfg.data.document_mask,
         )
 
-    return make(cfg.data.train, cfg.run.seed), (make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else [])
+    return make(cfg.data.train, cfg.run.seed), (
+        make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
+    )
 
 
 def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
@@ -653,7 +642,9 @@ def train(
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(gpu) if cuda else None
     vocab = model_cfg.vocab_size
-    val_batches = list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data else []
+    val_batches = (
+        list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data is not None else []
+    )
     if rank == 0 and resume is None and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     if rank == 0:
@@ -755,7 +746,10 @@ def train(
         step += 1
         batch_tokens = sum(b["input_ids"].numel() for b in micro) * world
         tokens_seen += batch_tokens
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if n_tok == 0:  # every label masked (e.g. SFT chunks of prompt only): nothing to learn, not an error
+            if rank == 0:
+                tqdm.write(f"step {step}: no labelled tokens in the batch; step skipped")
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             optimizer.step()
         else:
             bad_steps += 1

@@ -17,8 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     eval::register(m)?;
     loader::register(m)?;
     tokenizer::register(m)?;
-    prepare::register(m)?;
-
     train::register(m)?;
+    prepare::register(m)?;
     Ok(())
 }

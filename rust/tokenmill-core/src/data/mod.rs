@@ -1,5 +1,5 @@
 //! Token data: Megatron-compatible indexed datasets, corpus preparation (inputs, manifest, merge),
-//! and the loader core (sampling, packing, batch rendering).
+//! packing, sampling and the loader core.
 
 pub mod inputs;
 pub mod loader;
