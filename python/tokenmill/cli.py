@@ -8,19 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import tokenmill
 
-NOT_BUILT = 2  # exit status of subcommands that do not exist yet
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"tokenmill {name}: not built yet in tokenmill {tokenmill.__version__}", file=sys.stderr)
-        return NOT_BUILT
-
-    return run
+USAGE_ERROR = 2  # as argparse exits on a usage error
 
 
 def _read_lines(path: str) -> list[str]:
@@ -378,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("--out", help="write the ids as a uint32 .npy file instead of printing them")
     enc.set_defaults(func=_cmd_tokenizer_encode)
-    tok.set_defaults(func=lambda a: (tok.print_help(), NOT_BUILT)[1])
+    tok.set_defaults(func=lambda a: (tok.print_help(), USAGE_ERROR)[1])
 
     pr = sub.add_parser("prepare", help="tokenize corpora into Megatron-compatible .bin/.idx token files")
     pr.add_argument(
@@ -463,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return NOT_BUILT
+        return USAGE_ERROR
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
