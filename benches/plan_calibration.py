@@ -15,6 +15,7 @@ TOKENMILL_CALIBRATION_MODEL=reference to measure ReferenceLlama even when Llama 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+if importlib.util.find_spec("tokenmill") is None:  # a source checkout without the package installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from tokenmill import plan  # noqa: E402
 from tokenmill.model import LlamaConfig  # noqa: E402
@@ -282,7 +284,14 @@ def measure(
 
 
 def predicted(
-    cfg: LlamaConfig, *, seq_len, micro_batch, precision="fp32", optimizer="adamw", checkpointing=False
+    cfg: LlamaConfig,
+    *,
+    seq_len,
+    micro_batch,
+    precision="fp32",
+    optimizer="adamw",
+    checkpointing=False,
+    flash_attention=True,
 ):
     return plan.memory(
         cfg,
@@ -292,6 +301,7 @@ def predicted(
         precision=precision,
         optimizer=optimizer,
         checkpointing=checkpointing,
+        flash_attention=flash_attention,
     )
 
 
