@@ -7,6 +7,7 @@ float32 and bfloat16; the CPU path also takes float64 (gradcheck).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,6 +23,13 @@ _VEC = {torch.float32: 4, torch.bfloat16: 8}  # elements per 16-byte access
 
 
 # ---------------------------------------------------------------------------------------------- checks
+
+
+def _eager(fn):
+    """torch.compile runs these ops eagerly (a graph break): dynamo must not trace into the CuPy launcher,
+    whose argument marshalling it would turn into tensors/ndarrays (found on an H200 with run.compile)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return functools.wraps(fn)(disable(fn)) if disable is not None else fn
 
 
 def _check_float(name: str, t: object, device: torch.device | None = None) -> torch.Tensor:
@@ -143,6 +151,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+@_eager
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LLaMA RMSNorm over the last dimension: ``x * rsqrt(mean(x**2) + eps) * weight`` in fp32, rounded once.
 
@@ -262,6 +271,7 @@ class ApplyRopeFunction(torch.autograd.Function):
         return gq, gk, None, None
 
 
+@_eager
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +338,7 @@ class RopeFunction(torch.autograd.Function):
         return reference.rope_positions_bwd(g, positions, ctx.theta), None, None
 
 
+@_eager
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotary embedding from integer positions, angles computed in the kernel (no cos/sin tables).
 
@@ -405,6 +416,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return _swiglu_bwd_cuda(dy, gate, up) if dy.is_cuda else reference.swiglu_bwd(dy, gate, up)
 
 
+@_eager
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (the LLaMA MLP activation); gate and up have the same shape, dtype and device."""
     _check_float("gate", gate)
@@ -502,6 +514,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return gh, gw, None, None, None, None, None
 
 
+@_eager
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
