@@ -142,3 +142,37 @@ def test_binding_never_panics():
     # Big inputs are fine and linear in memory for counts.
     long = "a " * 20_000
     assert tm.eval.wer(long, long + "b") == pytest.approx(1 / 20_000)
+
+
+def test_perplexity_matches_float64_cross_entropy():
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from tokenmill.model import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.preset("tiny"))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        x = torch.randint(0, 512, (2, 17), generator=g)
+        labels = x[:, 1:].clone()
+        labels[0, :5] = -100  # a prompt that is not scored
+        batches.append({"input_ids": x[:, :-1], "labels": labels})
+    got = tm.eval.perplexity(model, batches)
+    with torch.no_grad():
+        logits = torch.cat([model(b["input_ids"]).double().reshape(-1, 512) for b in batches])
+        targets = torch.cat([b["labels"].reshape(-1) for b in batches])
+        want = F.cross_entropy(logits, targets, ignore_index=-100).item()
+    assert got["tokens"] == int((targets != -100).sum()) == 3 * 2 * 16 - 3 * 5
+    assert got["loss"] == pytest.approx(want, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+    assert tm.eval.perplexity(model, batches, max_batches=1)["tokens"] == 2 * 16 - 5
+    assert tm.eval.bits_per_byte(got["loss"], got["tokens"], 4 * got["tokens"]) == pytest.approx(
+        want / math.log(2) / 4, rel=1e-5
+    )
+    with pytest.raises(ValueError, match="no scored tokens"):
+        tm.eval.perplexity(
+            model, [{"input_ids": batches[0]["input_ids"], "labels": torch.full((2, 16), -100)}]
+        )

@@ -1,4 +1,4 @@
-"""Evaluation metrics: word and character error rates (Rust core).
+"""Evaluation metrics: word and character error rates (Rust core), perplexity and bits per byte.
 
 Splitting follows jiwer's defaults, so numbers agree with ``jiwer.wer`` / ``jiwer.cer``:
 
@@ -33,7 +33,16 @@ from tokenmill import _core
 
 Texts = Union[str, Sequence[str]]
 
-__all__ = ["EditOps", "cer", "char_edit_ops", "levenshtein", "wer", "word_edit_ops"]
+__all__ = [
+    "EditOps",
+    "bits_per_byte",
+    "cer",
+    "char_edit_ops",
+    "levenshtein",
+    "perplexity",
+    "wer",
+    "word_edit_ops",
+]
 
 
 @dataclass(frozen=True)
@@ -175,3 +184,51 @@ def char_edit_ops(
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Edit distance between two sequences of token ids (unit costs)."""
     return _core.levenshtein(list(a), list(b))
+
+
+def perplexity(model, batches, max_batches: int | None = None) -> dict:
+    """Token-level perplexity of a causal LM over batches of ``{"input_ids", "labels"[, "position_ids"]}``
+    (what ``tm.data.DataLoader`` yields; labels of -100 are not scored).
+
+    ``model(input_ids, labels, position_ids, reduction="sum")`` must return the summed cross-entropy in
+    nats, as ``tm.model.Llama`` does. Returns ``{"loss": nats/token, "perplexity": exp(loss),
+    "bits_per_token": loss / ln 2, "tokens": scored tokens}``; accumulated in float64.
+    """
+    import math
+
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                labels = b["labels"].to(device)
+                pos = b.get("position_ids")
+                loss_sum = model(
+                    b["input_ids"].to(device),
+                    labels,
+                    None if pos is None else pos.to(device),
+                    reduction="sum",
+                )
+                total += float(loss_sum.double())
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no scored tokens in the batches (every label is -100, or no batch)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2), "tokens": count}
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
+    """Tokenizer-independent compression: total bits over the UTF-8 bytes of the text they encode."""
+    import math
+
+    if text_bytes <= 0 or tokens < 0:
+        raise ValueError(f"need text_bytes > 0 and tokens >= 0, got {text_bytes} and {tokens}")
+    return loss_nats_per_token * tokens / math.log(2) / text_bytes
