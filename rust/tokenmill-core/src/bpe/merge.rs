@@ -24,6 +24,8 @@ pub struct Ranks {
     pub byte_ids: [u32; 256],
     pub pairs: PairMap,
     byte_pairs: Box<[u64]>,
+    /// One more than the largest merge priority (the size of a dense priority-indexed array).
+    n_prio: usize,
 }
 
 impl Ranks {
@@ -36,10 +38,16 @@ impl Ranks {
                 }
             }
         }
+        let n_prio = pairs
+            .values()
+            .map(|&v| (v >> 32) as usize + 1)
+            .max()
+            .unwrap_or(0);
         Ranks {
             byte_ids,
             pairs,
             byte_pairs,
+            n_prio,
         }
     }
 
@@ -116,18 +124,42 @@ pub fn merge_scan(piece: &[u8], r: &Ranks, out: &mut Vec<u32>) {
 }
 
 /// One priority's pending pairs, by left position: the initial ones arrive in position order (a
-/// plain vector with a cursor, O(1) each); pairs created by merges go to a small heap.
-#[derive(Default)]
+/// plain vector with a cursor, O(1) each). Pairs created by merges are mostly created left to right
+/// too, so they are appended to that vector when not below its last entry; only the rest go to a
+/// small heap. `pop` takes the smaller head of the two, so the pop order is the same either way.
 struct Bucket {
+    prio: u32,
     sorted: Vec<u32>,
     head: usize,
     late: BinaryHeap<Reverse<u32>>,
 }
 
 impl Bucket {
+    fn new(prio: u32) -> Self {
+        Bucket {
+            prio,
+            sorted: Vec::new(),
+            head: 0,
+            late: BinaryHeap::new(),
+        }
+    }
+
     #[inline]
     fn is_empty(&self) -> bool {
         self.head == self.sorted.len() && self.late.is_empty()
+    }
+
+    #[inline]
+    fn push(&mut self, pos: u32) {
+        if self.head == self.sorted.len() {
+            self.sorted.clear();
+            self.head = 0;
+            self.sorted.push(pos);
+        } else if pos >= self.sorted[self.sorted.len() - 1] {
+            self.sorted.push(pos);
+        } else {
+            self.late.push(Reverse(pos));
+        }
     }
 
     #[inline]
@@ -145,6 +177,36 @@ impl Bucket {
     }
 }
 
+/// Priority -> bucket index: a dense array when the piece is long enough to pay for clearing one
+/// entry per priority, else a hash map (pieces just above `SCAN_MAX` with a 200k vocabulary).
+enum BucketIndex {
+    Dense(Vec<u32>),
+    Sparse(FxHashMap<u32, u32>),
+}
+
+impl BucketIndex {
+    fn new(n: usize, n_prio: usize) -> Self {
+        if n_prio <= n.saturating_mul(16) {
+            BucketIndex::Dense(vec![NONE; n_prio])
+        } else {
+            BucketIndex::Sparse(FxHashMap::default())
+        }
+    }
+
+    #[inline]
+    fn get(&mut self, prio: u32, buckets: &mut Vec<Bucket>) -> usize {
+        let slot = match self {
+            BucketIndex::Dense(v) => &mut v[prio as usize],
+            BucketIndex::Sparse(m) => m.entry(prio).or_insert(NONE),
+        };
+        if *slot == NONE {
+            *slot = buckets.len() as u32;
+            buckets.push(Bucket::new(prio));
+        }
+        *slot as usize
+    }
+}
+
 /// O(n log n) worst case: pending pairs grouped by priority (a bucket each, in position order)
 /// and a heap over the priorities present. A merge never creates a pair of its own priority
 /// (the new pair yields a longer token), so a bucket is drained left to right until a merge
@@ -159,26 +221,22 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
     let mut next: Vec<u32> = (1..=n as u32).collect();
     let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
     next[n - 1] = NONE;
-    let mut index: FxHashMap<u32, u32> = FxHashMap::default();
+    let mut index = BucketIndex::new(n, ranks.n_prio);
     let mut buckets: Vec<Bucket> = Vec::new();
-    let bucket_of =
-        |prio: u32, index: &mut FxHashMap<u32, u32>, buckets: &mut Vec<Bucket>| -> usize {
-            *index.entry(prio).or_insert_with(|| {
-                buckets.push(Bucket::default());
-                (buckets.len() - 1) as u32
-            }) as usize
-        };
     for i in 0..n - 1 {
         let r = ranks.bytes_rank(piece[i], piece[i + 1]);
         cur.push(r);
         if r != NONE64 {
-            let b = bucket_of((r >> 32) as u32, &mut index, &mut buckets);
+            let b = index.get((r >> 32) as u32, &mut buckets);
             buckets[b].sorted.push(i as u32);
         }
     }
     cur.push(NONE64);
-    let mut active: BinaryHeap<Reverse<(u32, u32)>> =
-        index.iter().map(|(&p, &b)| Reverse((p, b))).collect();
+    let mut active: BinaryHeap<Reverse<(u32, u32)>> = buckets
+        .iter()
+        .enumerate()
+        .map(|(b, k)| Reverse((k.prio, b as u32)))
+        .collect();
     while let Some(&Reverse((prio, b))) = active.peek() {
         let Some(left) = buckets[b as usize].pop() else {
             active.pop();
@@ -200,11 +258,11 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
         next[left] = after;
         let mut queue = |pos: usize, r: u64, active: &mut BinaryHeap<Reverse<(u32, u32)>>| {
             let p = (r >> 32) as u32;
-            let nb = bucket_of(p, &mut index, &mut buckets);
+            let nb = index.get(p, &mut buckets);
             if buckets[nb].is_empty() {
                 active.push(Reverse((p, nb as u32)));
             }
-            buckets[nb].late.push(Reverse(pos as u32));
+            buckets[nb].push(pos as u32);
         };
         cur[left] = NONE64;
         if after != NONE {
