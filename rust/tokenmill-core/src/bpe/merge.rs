@@ -215,47 +215,63 @@ impl BucketIndex {
 pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
     let pairs = &ranks.pairs;
     let n = piece.len();
-    let mut ids: Vec<u32> = piece.iter().map(|&b| ranks.byte_ids[b as usize]).collect();
-    // cur[i]: the pair entry of the pair starting at symbol i (a stale check without hashing).
-    let mut cur: Vec<u64> = Vec::with_capacity(n);
-    let mut next: Vec<u32> = (1..=n as u32).collect();
-    let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
-    next[n - 1] = NONE;
+    // One record per symbol (array of structs): draining a bucket visits positions spread over
+    // the whole piece, so every merge costs cache misses; one record brings a symbol's id, links
+    // and current pair in one line instead of four arrays' worth (1 MiB of random letters
+    // 18 -> 22 MB/s in tokbench, 29 with the prefetch below). `cur` is the pair entry of the pair starting at the symbol
+    // (a stale check without hashing), NONE64 when there is none or the symbol was absorbed.
+    let mut syms: Vec<Sym> = (0..n)
+        .map(|i| Sym {
+            cur: if i + 1 < n {
+                ranks.bytes_rank(piece[i], piece[i + 1])
+            } else {
+                NONE64
+            },
+            id: ranks.byte_ids[piece[i] as usize],
+            next: if i + 1 < n { i as u32 + 1 } else { NONE },
+            prev: (i as u32).wrapping_sub(1),
+        })
+        .collect();
     let mut index = BucketIndex::new(n, ranks.n_prio);
     let mut buckets: Vec<Bucket> = Vec::new();
-    for i in 0..n - 1 {
-        let r = ranks.bytes_rank(piece[i], piece[i + 1]);
-        cur.push(r);
-        if r != NONE64 {
-            let b = index.get((r >> 32) as u32, &mut buckets);
+    for (i, s) in syms.iter().enumerate() {
+        if s.cur != NONE64 {
+            let b = index.get((s.cur >> 32) as u32, &mut buckets);
             buckets[b].sorted.push(i as u32);
         }
     }
-    cur.push(NONE64);
     let mut active: BinaryHeap<Reverse<(u32, u32)>> = buckets
         .iter()
         .enumerate()
         .map(|(b, k)| Reverse((k.prio, b as u32)))
         .collect();
     while let Some(&Reverse((prio, b))) = active.peek() {
-        let Some(left) = buckets[b as usize].pop() else {
+        let bucket = &mut buckets[b as usize];
+        let Some(left) = bucket.pop() else {
             active.pop();
             continue;
         };
+        // A bucket's positions are sorted but sparse (hundreds of symbols apart with random
+        // text): fetch a later one's record now, the hardware prefetcher cannot guess it.
+        if let Some(&ahead) = bucket.sorted.get(bucket.head + PREFETCH) {
+            prefetch(&syms[ahead as usize]);
+        }
         let left = left as usize;
-        let right = next[left];
-        // Stale entry: the left symbol was absorbed, or its pair changed since it was queued.
-        let r = cur[left];
-        if ids[left] == NONE || right == NONE || r == NONE64 || (r >> 32) as u32 != prio {
+        // Stale entry: the left symbol was absorbed, or its pair changed since it was queued. A
+        // live pair's entry is never NONE64 and no priority is u32::MAX, so one compare does.
+        let r = syms[left].cur;
+        if (r >> 32) as u32 != prio {
             continue;
         }
-        let right = right as usize;
+        let right = syms[left].next as usize;
+        debug_assert!(syms[left].id != NONE && right != NONE as usize);
         let merged = r as u32;
-        cur[right] = NONE64;
-        ids[left] = merged;
-        ids[right] = NONE;
-        let after = next[right];
-        next[left] = after;
+        let after = syms[right].next;
+        syms[right].cur = NONE64;
+        syms[right].id = NONE;
+        syms[left].id = merged;
+        syms[left].next = after;
+        syms[left].cur = NONE64;
         let mut queue = |pos: usize, r: u64, active: &mut BinaryHeap<Reverse<(u32, u32)>>| {
             let p = (r >> 32) as u32;
             let nb = index.get(p, &mut buckets);
@@ -264,19 +280,20 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
             }
             buckets[nb].push(pos as u32);
         };
-        cur[left] = NONE64;
         if after != NONE {
-            prev[after as usize] = left as u32;
-            let r2 = rank(pairs, merged, ids[after as usize]);
-            cur[left] = r2;
+            let a = &mut syms[after as usize];
+            a.prev = left as u32;
+            let r2 = rank(pairs, merged, a.id);
+            syms[left].cur = r2;
             if r2 != NONE64 {
                 queue(left, r2, &mut active);
             }
         }
-        let before = prev[left];
+        let before = syms[left].prev;
         if before != NONE {
-            let r2 = rank(pairs, ids[before as usize], merged);
-            cur[before as usize] = r2;
+            let bs = &mut syms[before as usize];
+            let r2 = rank(pairs, bs.id, merged);
+            bs.cur = r2;
             if r2 != NONE64 {
                 queue(before as usize, r2, &mut active);
             }
@@ -284,7 +301,29 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
     }
     let mut i = 0u32;
     while i != NONE {
-        out.push(ids[i as usize]);
-        i = next[i as usize];
+        out.push(syms[i as usize].id);
+        i = syms[i as usize].next;
     }
+}
+
+const PREFETCH: usize = 8;
+
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    // SAFETY: a prefetch is a hint that never faults, and SSE is part of the x86_64 baseline.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            x as *const T as *const i8,
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+struct Sym {
+    cur: u64,
+    id: u32,
+    next: u32,
+    prev: u32,
 }
