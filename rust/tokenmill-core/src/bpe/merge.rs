@@ -185,12 +185,8 @@ enum BucketIndex {
 }
 
 impl BucketIndex {
-    fn new(n: usize, n_prio: usize) -> Self {
-        if n_prio <= n.saturating_mul(16) {
-            BucketIndex::Dense(vec![NONE; n_prio])
-        } else {
-            BucketIndex::Sparse(FxHashMap::default())
-        }
+    fn dense_pays(n: usize, n_prio: usize) -> bool {
+        n_prio <= n.saturating_mul(16)
     }
 
     #[inline]
@@ -213,6 +209,12 @@ impl BucketIndex {
 /// creates a lower priority. On a 1 MiB run of one letter this is ~10x faster than one heap
 /// of (priority, position) over all pairs, which spends its time in cache misses (RESULTS.md).
 pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
+    let dense = BucketIndex::dense_pays(piece.len(), ranks.n_prio);
+    merge_heap_with(piece, ranks, out, dense)
+}
+
+/// `merge_heap` with the priority index's kind chosen by the caller (tests cover both).
+pub(super) fn merge_heap_with(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>, dense: bool) {
     let pairs = &ranks.pairs;
     let n = piece.len();
     // One record per symbol (array of structs): draining a bucket visits positions spread over
@@ -232,7 +234,11 @@ pub fn merge_heap(piece: &[u8], ranks: &Ranks, out: &mut Vec<u32>) {
             prev: (i as u32).wrapping_sub(1),
         })
         .collect();
-    let mut index = BucketIndex::new(n, ranks.n_prio);
+    let mut index = if dense {
+        BucketIndex::Dense(vec![NONE; ranks.n_prio])
+    } else {
+        BucketIndex::Sparse(FxHashMap::default())
+    };
     let mut buckets: Vec<Bucket> = Vec::new();
     for (i, s) in syms.iter().enumerate() {
         if s.cur != NONE64 {
