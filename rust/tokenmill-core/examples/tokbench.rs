@@ -29,8 +29,15 @@ fn main() {
         ids.len(),
         mb(text.len(), t)
     );
+    // xorshift64: uniform random letters like the Python bench (a multiplicative hash repeats).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let letters: String = (0..1u32 << 20)
-        .map(|i| (b'a' + ((i.wrapping_mul(2654435761) >> 7) % 26) as u8) as char)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
         .collect();
     for (name, s) in [
         ("1 MiB a-run", "a".repeat(1 << 20)),

@@ -193,7 +193,13 @@ proptest! {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         merge::merge_scan(&piece, &TOK.ranks, &mut a);
         merge::merge_heap(&piece, &TOK.ranks, &mut b);
-        prop_assert_eq!(a, b);
+        prop_assert_eq!(&a, &b);
+        // Both kinds of priority index (the choice depends on piece and vocabulary size).
+        for dense in [false, true] {
+            let mut c = Vec::new();
+            merge::merge_heap_with(&piece, &TOK.ranks, &mut c, dense);
+            prop_assert_eq!(&a, &c);
+        }
     }
 
     #[test]
