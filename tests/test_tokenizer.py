@@ -227,6 +227,21 @@ def test_batch_errors_name_the_token(texts):
         ours.encode_batch(["fine", "x<|fim_prefix|>"], num_threads=2)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_batch_of_uneven_documents(texts, threads):
+    """Sizes that vary by 1000x finish out of order on several threads; results must come back in
+    order, and an error must be the first offending document's, whatever the thread count."""
+    ours, tt = pair("cl100k", texts)
+    rng = random.Random(threads)
+    docs = [rng.choice(texts)[: rng.choice([5, 50, 5000])] * rng.choice([1, 20]) for _ in range(300)]
+    assert ours.encode_ordinary_batch(docs, num_threads=threads) == tt.encode_ordinary_batch(docs)
+    bad = [d.replace("<|", "< |") for d in docs]  # TRICKY holds special tokens
+    bad[120] += "<|fim|>"
+    bad[250] += "<|endoftext|>"
+    with pytest.raises(ValueError, match=r"<\|fim\|>"):
+        ours.encode_batch(bad, num_threads=threads)
+
+
 def test_encode_to_numpy(texts):
     ours, _ = pair("o200k", texts)
     text = "".join(texts[:3])

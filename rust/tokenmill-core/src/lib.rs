@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod formats;
 pub mod fsutil;
+pub mod par;
 pub mod pretokenize;
 pub mod train;
 

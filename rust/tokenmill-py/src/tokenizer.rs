@@ -62,6 +62,45 @@ impl PyTokenizer {
             Ok(list.cast_into_unchecked())
         }
     }
+
+    /// Batch encode with the GIL released; the calling thread turns finished results into lists
+    /// (taking the GIL per run of ready results) while the other threads go on encoding.
+    fn batch(
+        &self,
+        py: Python<'_>,
+        texts: &[PyBackedStr],
+        allowed: &[String],
+        disallowed: Option<&[String]>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Py<PyList>>> {
+        let mut lists = Vec::with_capacity(texts.len());
+        let mut py_err = None;
+        let r = py.detach(|| {
+            self.inner.encode_batch_with(
+                texts,
+                &refs(allowed),
+                disallowed.map(refs).as_deref(),
+                num_threads,
+                |run| {
+                    Python::attach(|py| {
+                        for ids in run {
+                            lists.push(self.list(py, &ids)?.unbind());
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e: PyErr| {
+                        py_err = Some(e);
+                        tokenmill_core::Error::invalid("converting a result to a list failed")
+                    })
+                },
+            )
+        });
+        match (r, py_err) {
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Err(crate::error::to_py(e)),
+            (Ok(()), None) => Ok(lists),
+        }
+    }
 }
 
 #[pymethods]
@@ -180,36 +219,25 @@ impl PyTokenizer {
     }
 
     #[pyo3(signature = (texts, allowed, disallowed=None, num_threads=None))]
-    fn encode_batch<'py>(
+    fn encode_batch(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         texts: Vec<PyBackedStr>,
         allowed: Vec<String>,
         disallowed: Option<Vec<String>>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Bound<'py, PyList>>> {
-        let t = self.inner.clone();
-        let all = detach(py, move || {
-            t.encode_batch(
-                &texts,
-                &refs(&allowed),
-                disallowed.as_deref().map(refs).as_deref(),
-                num_threads,
-            )
-        })?;
-        all.iter().map(|ids| self.list(py, ids)).collect()
+    ) -> PyResult<Vec<Py<PyList>>> {
+        self.batch(py, &texts, &allowed, disallowed.as_deref(), num_threads)
     }
 
     #[pyo3(signature = (texts, num_threads=None))]
-    fn encode_ordinary_batch<'py>(
+    fn encode_ordinary_batch(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         texts: Vec<PyBackedStr>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Bound<'py, PyList>>> {
-        let t = self.inner.clone();
-        let all = detach(py, move || t.encode_ordinary_batch(&texts, num_threads))?;
-        all.iter().map(|ids| self.list(py, ids)).collect()
+    ) -> PyResult<Vec<Py<PyList>>> {
+        self.batch(py, &texts, &[], Some(&[]), num_threads)
     }
 
     fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {

@@ -23,7 +23,6 @@ use crate::pretokenize::Pretokenizer;
 use crate::{Error, Result};
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use merge::PairMap;
-use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -517,7 +516,7 @@ impl Tokenizer {
         Ok(())
     }
 
-    /// Encode many texts in parallel (rayon) on `num_threads` threads (None: all cores).
+    /// Encode many texts in parallel on `num_threads` threads (None: all cores).
     /// The result does not depend on the thread count.
     pub fn encode_batch<S: AsRef<str> + Sync>(
         &self,
@@ -526,22 +525,38 @@ impl Tokenizer {
         disallowed: Option<&[&str]>,
         num_threads: Option<usize>,
     ) -> Result<Vec<Vec<u32>>> {
+        let mut all = Vec::with_capacity(texts.len());
+        self.encode_batch_with(texts, allowed, disallowed, num_threads, |run| {
+            all.extend(run);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+
+    /// `encode_batch` that hands the results, in order, to `consume` on the calling thread while
+    /// the other threads go on encoding (see [`crate::par::ordered_map`]); the calling thread is
+    /// one of the `num_threads`. The first error in text order is returned.
+    pub fn encode_batch_with<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        allowed: &[&str],
+        disallowed: Option<&[&str]>,
+        num_threads: Option<usize>,
+        consume: impl FnMut(Vec<Vec<u32>>) -> Result<()>,
+    ) -> Result<()> {
         let policy = self.policy(allowed, disallowed);
-        with_threads(num_threads, || {
-            texts
-                .par_iter()
-                // One document per job: documents vary in size by 1000x, and rayon's default
-                // splitting (by count, a few levels deep) left one thread with most of the work when
-                // large files preceded many small ones (1.19x on 2 threads; 1.8x with this).
-                .with_max_len(1)
-                .map(|t| {
-                    let t = t.as_ref();
-                    let mut out = Vec::with_capacity(t.len() / 4 + 1);
-                    self.encode_policy_into(t, &policy, &mut out)?;
-                    Ok(out)
-                })
-                .collect()
-        })
+        let threads = crate::par::thread_count(num_threads);
+        crate::par::ordered_map(
+            texts.len(),
+            threads,
+            |i| {
+                let t = texts[i].as_ref();
+                let mut out = Vec::with_capacity(t.len() / 4 + 1);
+                self.encode_policy_into(t, &policy, &mut out)?;
+                Ok(out)
+            },
+            consume,
+        )
     }
 
     /// `encode_batch` ignoring special tokens.
@@ -550,13 +565,7 @@ impl Tokenizer {
         texts: &[S],
         num_threads: Option<usize>,
     ) -> Result<Vec<Vec<u32>>> {
-        with_threads(num_threads, || {
-            Ok(texts
-                .par_iter()
-                .with_max_len(1) // see encode_batch
-                .map(|t| self.encode_ordinary(t.as_ref()))
-                .collect())
-        })
+        self.encode_batch(texts, &[], Some(&[]), num_threads)
     }
 
     // ----- decoding -----
@@ -572,18 +581,6 @@ impl Tokenizer {
             m.strip_dummy_prefix(ids, &mut out, &self.special_ids);
         }
         Ok(out)
-    }
-}
-
-/// Run `f` on a rayon pool of `n` threads (None or 0: the global pool).
-pub fn with_threads<R: Send>(n: Option<usize>, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
-    match n {
-        None | Some(0) => f(),
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))?
-            .install(f),
     }
 }
 
