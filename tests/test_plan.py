@@ -414,7 +414,7 @@ class _Result:
 
 @pytest.fixture
 def run_cli(capsys):
-    """`tokenmill plan ...` in-process (a subprocess per call would import torch each time)."""
+    """`tokenmill plan ...` in-process (cheaper than a subprocess per call)."""
 
     def run(*args):
         rc = cli.main(["plan", *args])
@@ -445,6 +445,19 @@ def test_cli_subprocess():
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["gpu"] == "H100-SXM"
+
+
+def test_planner_does_not_import_torch():
+    """The planner is a calculator: `tokenmill plan` must start in a fraction of a second, not pay the
+    seconds torch takes to import."""
+    code = (
+        "import sys; from tokenmill import cli; "
+        "cli.main(['plan', '--model', 'llama-13b', '--tokens', '1T', '--gpu', 'H100']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "GPU-hours" in r.stdout and "verdict" in r.stdout
 
 
 def test_cli_json_fields(run_cli):

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from tokenmill.model import PRESETS, LlamaConfig
+from tokenmill.config import PRESETS, LlamaConfig
 
 USABLE_FRACTION = 0.90
 DEFAULT_MFU = 0.40  # a well-tuned FSDP LLaMA run on data-centre GPUs reaches 0.38-0.55 (LLaMA-1: ~0.48)
