@@ -176,3 +176,61 @@ def test_perplexity_matches_float64_cross_entropy():
         tm.eval.perplexity(
             model, [{"input_ids": batches[0]["input_ids"], "labels": torch.full((2, 16), -100)}]
         )
+
+
+def test_perplexity_cli_on_token_files(tmp_path, capsys):
+    """`tokenmill eval perplexity CHECKPOINT DATA` against a float64 cross-entropy over the same batches,
+    and bits per byte against the bytes the scored tokens decode to."""
+    import json
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tokenmill import cli
+    from tokenmill.data import DataLoader
+    from tokenmill.data.dataset import write_token_file
+    from tokenmill.model import Llama, LlamaConfig
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * (i % 5 + 1) + str(i) for i in range(40)]
+    tok = tm.Tokenizer.train(texts, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    eos = tok.special_tokens["<|endoftext|>"]
+    prefix = str(tmp_path / "val")
+    write_token_file(prefix, [tok.encode_ordinary(t) + [eos] for t in texts], dtype="uint16")
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig.preset("tiny")
+    model = Llama(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    tok.save(str(ckpt / "tok.tokenmill"))
+    (ckpt / "meta.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": "tok.tokenmill"}))
+
+    # The run folder resolves to its latest checkpoint; the tokenizer comes from meta.json.
+    argv = ["eval", "perplexity", str(tmp_path / "run"), prefix, "--seq-len", "32", "--batch-size", "3"]
+    assert cli.main([*argv, "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+
+    total, count, nbytes = 0.0, 0, 0
+    loader = DataLoader(prefix, seq_len=32, batch_size=3, epochs=1, drop_last=False, prefetch=0)
+    with torch.no_grad():
+        for b in loader:
+            logits = model(b["input_ids"], position_ids=b["position_ids"]).double()
+            labels = b["labels"].reshape(-1)
+            total += F.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels, reduction="sum").item()
+            scored = labels[labels != -100].tolist()
+            count += len(scored)
+            nbytes += sum(len(tok.decode_bytes([i])) for i in scored if i != eos)
+    # Every token is scored once, except each document's last (its label would be the next document's).
+    assert got["tokens"] == count == sum(len(tok.encode_ordinary(t)) for t in texts)
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got["text_bytes"] == nbytes
+    assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / nbytes, rel=1e-5)
+    assert got["checkpoint"] == str(ckpt)
+
+    assert cli.main([*argv, "--max-batches", "1"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
+    assert cli.main(["eval", "perplexity", str(tmp_path), prefix]) == 1
+    assert "no checkpoints/step_* inside" in capsys.readouterr().err

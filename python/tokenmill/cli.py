@@ -51,6 +51,79 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train.main(args.config, args.overrides)
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from tokenmill import eval as ev
+    from tokenmill.data import DataLoader
+    from tokenmill.model import Llama
+    from tokenmill.train import latest_checkpoint, read_meta
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "meta.json").exists():
+        found = latest_checkpoint(str(ckpt))
+        if found is None:
+            raise ValueError(
+                f"{ckpt}: not a checkpoint folder (no meta.json) and no checkpoints/step_* inside"
+            )
+        ckpt = found
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Llama.from_checkpoint(ckpt, device)
+    seq_len = args.seq_len or model.config.max_seq_len
+    loader = DataLoader(
+        args.data, seq_len=seq_len, batch_size=args.batch_size, epochs=1, drop_last=False, prefetch=1
+    )
+    tok_path = args.tokenizer
+    if tok_path is None and read_meta(ckpt).get("tokenizer"):
+        tok_path = str(ckpt / read_meta(ckpt)["tokenizer"])
+    byte_len, text_bytes = None, 0
+    if tok_path:
+        from tokenmill import Tokenizer
+
+        tok = (
+            Tokenizer.load(tok_path)
+            if not tok_path.endswith(".json")
+            else Tokenizer.from_huggingface(tok_path)
+        )
+        specials = set(tok.special_tokens.values())
+        # Bytes each scored token stands for; special tokens stand for no text.
+        byte_len = np.array(
+            [0 if i in specials else len(tok.id_to_token_bytes(i)) for i in range(tok.n_vocab)],
+            dtype=np.int64,
+        )
+
+    def batches():
+        nonlocal text_bytes
+        for b in loader:
+            if byte_len is not None:
+                labels = b["labels"].numpy()
+                scored = labels[labels != -100]
+                if scored.size and scored.max() >= len(byte_len):
+                    raise ValueError(
+                        f"token id {scored.max()} is outside the tokenizer {tok_path} ({len(byte_len)} ids)"
+                    )
+                text_bytes += int(byte_len[scored].sum())
+            yield b
+
+    r = ev.perplexity(model, batches(), max_batches=args.max_batches)
+    r["checkpoint"] = str(ckpt)
+    if byte_len is not None and text_bytes:
+        r["bits_per_byte"] = ev.bits_per_byte(r["loss"], r["tokens"], text_bytes)
+        r["text_bytes"] = text_bytes
+    if args.json:
+        print(json.dumps(r))
+    else:
+        line = f"perplexity {r['perplexity']:.4f}  loss {r['loss']:.4f} nats/token  {r['tokens']:,} tokens"
+        if "bits_per_byte" in r:
+            line += f"  {r['bits_per_byte']:.4f} bits/byte"
+        print(f"{line}  ({ckpt})")
+    return 0
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from tokenmill import hf
 
@@ -416,14 +489,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_plan_parser(sub)
 
-    ev = sub.add_parser("eval", help="word/character error rate between two line-aligned text files")
-    ev.add_argument("metric", choices=["wer", "cer"])
-    ev.add_argument("reference", help="reference transcript, one utterance per line")
-    ev.add_argument("hypothesis", help="hypothesis transcript, one utterance per line")
-    ev.add_argument("--lowercase", action="store_true", help="case-fold both sides first")
-    ev.add_argument("--remove-punctuation", action="store_true", help="drop Unicode punctuation first")
-    ev.add_argument("--collapse-whitespace", action="store_true", help="split words on any whitespace")
-    ev.set_defaults(func=_cmd_eval)
+    ev = sub.add_parser(
+        "eval", help="error rates between transcripts (wer, cer) or a checkpoint's perplexity on token files"
+    )
+    ev_sub = ev.add_subparsers(dest="metric", required=True, metavar="{wer,cer,perplexity}")
+    for metric, unit in (("wer", "word"), ("cer", "character")):
+        m = ev_sub.add_parser(metric, help=f"{unit} error rate between two line-aligned text files")
+        m.add_argument("reference", help="reference transcript, one utterance per line")
+        m.add_argument("hypothesis", help="hypothesis transcript, one utterance per line")
+        m.add_argument("--lowercase", action="store_true", help="case-fold both sides first")
+        m.add_argument("--remove-punctuation", action="store_true", help="drop Unicode punctuation first")
+        m.add_argument("--collapse-whitespace", action="store_true", help="split words on any whitespace")
+        m.set_defaults(func=_cmd_eval)
+    pp = ev_sub.add_parser("perplexity", help="a checkpoint's perplexity (and bits per byte) on token files")
+    pp.add_argument(
+        "checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N), or a run's out_dir (latest)"
+    )
+    pp.add_argument("data", nargs="+", help="token-file prefixes (from `tokenmill prepare`), each read once")
+    pp.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--max-batches", type=int, help="stop after this many batches (default: all the data)")
+    pp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    pp.add_argument(
+        "--tokenizer",
+        help="tokenizer for bits per byte (default: the one recorded in the checkpoint, if any)",
+    )
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.set_defaults(func=_cmd_perplexity)
 
     tr = sub.add_parser("train", help="pre-train or fine-tune a LLaMA model")
     tr.add_argument("config", help="the run's TOML file (see configs/example.toml)")
