@@ -286,6 +286,27 @@ def test_save_load_round_trip(tmp_path, texts):
         tm.Tokenizer.load(tmp_path / "missing")
 
 
+def test_tiktoken_helpers_match(texts):
+    """tiktoken's other public helpers give tiktoken's answers (drop-in use)."""
+    ours, tt = pair("o200k", texts)
+    sample = [texts[3][:300], "", "x<|fim|>y", "\u4e2d\u6587 \U0001f600"]
+    ids = [tt.encode(t, allowed_special="all") for t in sample]
+    assert ours.decode_batch(ids) == tt.decode_batch(ids)
+    assert ours.decode_bytes_batch(ids) == tt.decode_bytes_batch(ids)
+    assert ours.decode_tokens_bytes(ids[0]) == tt.decode_tokens_bytes(ids[0])
+    assert ours.token_byte_values() == tt.token_byte_values()
+    assert (ours.max_token_value, ours.eot_token) == (tt.max_token_value, tt.eot_token)
+    assert ours.special_tokens_set == tt.special_tokens_set
+    for token in [b"a", b" the", "<|fim|>", ours.decode_single_token_bytes(700)]:
+        assert ours.encode_single_token(token) == tt.encode_single_token(token)
+    for id in [0, 255, 700, tt.eot_token]:
+        assert ours.decode_single_token_bytes(id) == tt.decode_single_token_bytes(id)
+    with pytest.raises(KeyError):
+        ours.encode_single_token(b"not one token, surely")
+    with pytest.raises(KeyError):
+        ours.decode_single_token_bytes(10**6)
+
+
 def test_tiktoken_files(tmp_path, texts):
     from tiktoken.load import load_tiktoken_bpe
 

@@ -334,6 +334,55 @@ class Tokenizer:
             raise ValueError(f"errors must be 'replace' or 'strict', got {errors!r}")
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
+    def decode_batch(
+        self, batch: Iterable[Iterable[int]], errors: Literal["replace", "strict"] = "replace"
+    ) -> list[str]:
+        """``[decode(ids) for ids in batch]`` (tiktoken's name)."""
+        return [self.decode(ids, errors=errors) for ids in batch]
+
+    def decode_bytes_batch(self, batch: Iterable[Iterable[int]]) -> list[bytes]:
+        """``[decode_bytes(ids) for ids in batch]`` (tiktoken's name)."""
+        return [self.decode_bytes(ids) for ids in batch]
+
+    def decode_tokens_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """The bytes of each token, one entry per id (tiktoken's name)."""
+        return [self.id_to_token_bytes(i) for i in ids]
+
+    # ----- tiktoken's single-token helpers -----
+
+    def encode_single_token(self, token: Union[str, bytes]) -> int:
+        """The id of exactly one token (mergeable bytes or special text); KeyError if it is not one, as
+        in tiktoken."""
+        id = self.token_to_id(token)
+        if id is None:
+            raise KeyError(token)
+        return id
+
+    def decode_single_token_bytes(self, id: int) -> bytes:
+        """The bytes of one token; KeyError for an unknown id, as in tiktoken."""
+        try:
+            return self.id_to_token_bytes(id)
+        except ValueError:
+            raise KeyError(id) from None
+
+    def token_byte_values(self) -> list[bytes]:
+        """The bytes of every mergeable token, sorted bytewise (as tiktoken returns them)."""
+        return sorted(t for _, t in self._core.mergeable_tokens())
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self._specials)
+
+    @property
+    def eot_token(self) -> Optional[int]:
+        """tiktoken's name for :attr:`eos_token_id`."""
+        return self.eos_token_id
+
+    @property
+    def max_token_value(self) -> int:
+        """The largest id in use (tiktoken's name)."""
+        return self.n_vocab - 1
+
     def __len__(self) -> int:
         return self.n_vocab
 
