@@ -490,6 +490,9 @@ pub fn prepare<'a>(
         chunk
             .records
             .par_iter()
+            // One record per job: sizes vary by 1000x and splitting by count left one thread
+            // with most of the bytes (the fix encode_batch got, see par.rs).
+            .with_max_len(1)
             .map(|r| process(chunk, r, key, encoder, eos))
             .collect()
     };
