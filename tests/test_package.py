@@ -43,12 +43,24 @@ def test_cli_help_and_version():
     assert r.returncode == 0 and tokenmill.__version__ in r.stdout
 
 
+def _leaf_commands(parser, path=()):
+    """(path, parser) of every subcommand that runs something, nested ones included."""
+    subs = parser._subparsers
+    if subs is None:
+        yield path, parser
+        return
+    for name, sub in subs._group_actions[0].choices.items():
+        yield from _leaf_commands(sub, (*path, name))
+
+
 def test_every_subcommand_is_built():
-    parser = cli.build_parser()
-    for name, sub in parser._subparsers._group_actions[0].choices.items():
-        assert sub.get_default("func") is not None, name
-        r = run_cli(name, "--help")
-        assert r.returncode == 0 and "usage: tokenmill" in r.stdout, (name, r.stderr)
+    leaves = list(_leaf_commands(cli.build_parser()))
+    assert {p[0] for p, _ in leaves} >= {"tokenizer", "prepare", "train", "plan", "eval", "demo"}
+    assert {("eval", "perplexity"), ("tokenizer", "train")} <= {p for p, _ in leaves}
+    for path, sub in leaves:
+        assert sub.get_default("func") is not None, path
+        r = run_cli(*path, "--help")
+        assert r.returncode == 0 and "usage: tokenmill" in r.stdout, (path, r.stderr)
     assert cli.main([]) == 2  # no subcommand: usage error
 
 
