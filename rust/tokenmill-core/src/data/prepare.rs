@@ -2,14 +2,16 @@
 //!
 //! Pipeline: one thread reads the inputs into chunks of a few MiB of raw records (bounded queue, so
 //! memory stays bounded whatever the input size); chunks are validated and tokenized record by record
-//! on a rayon pool; results are written in input order while the pool works on the next chunk.
-//! Output bytes therefore do not depend on the thread count.
+//! on a rayon pool, one job per record; results are written in input order while the pool works
+//! on the next chunks. Output bytes therefore do not depend on the thread count.
 //!
 //! Design notes (2 cores; benches/bench_prepare.py, RESULTS.md):
-//! - One rayon `par_iter` per chunk, joined with writing the previous chunk, keeps both cores on
-//!   tokenization: prepare runs at 1.2-1.4x our own `encode_batch` from Python (which pays for
-//!   building Python lists). With a trivial byte-level encoder the pipeline alone (read, split,
-//!   JSON, write, checksum) does 60-80 MB/s, so it is not the bottleneck of a BPE at ~10 MB/s.
+//! - One job per record with two chunks queued ahead keeps both cores on tokenization. Rejected:
+//!   one rayon `par_iter` per chunk joined with writing the previous chunk: split by count it left
+//!   one thread with most of a chunk's bytes, and the join idled a core at the end of every chunk
+//!   (0.66-0.87x our 2-thread `encode_batch` once that stopped serialising its list building).
+//!   With a trivial byte-level encoder the pipeline alone (read, split, JSON, write, checksum)
+//!   does 60-80 MB/s, so it is not the bottleneck of a BPE at ~10 MB/s.
 //! - JSON lines are parsed on the workers, not the reader: the text under the key is extracted by a
 //!   serde visitor that borrows unescaped strings and skips other values without building them.
 //! - Chunk size 256 KiB .. 4 MiB made no measurable difference; 4 MiB bounds memory to a few chunks.
@@ -22,12 +24,14 @@ use crate::data::manifest::{
 };
 use crate::data::mmidx::{bin_path, idx_path, DType, IndexWriter};
 use crate::{Error, Result};
-use rayon::prelude::*;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Instant, UNIX_EPOCH};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -256,6 +260,55 @@ fn utf8_error(bytes: &[u8], e: std::str::Utf8Error, line: u64) -> Skip {
 }
 
 type Outcome = std::result::Result<Vec<u32>, Skip>;
+
+/// Chunks whose records may be tokenizing at once, besides the one being written.
+const IN_FLIGHT: usize = 2;
+
+/// The outcomes of one chunk's records, filled by the pool's jobs in any order.
+struct ChunkResults {
+    slots: Mutex<(Vec<Option<std::thread::Result<Outcome>>>, usize)>, // (outcomes, records left)
+    done: Condvar,
+}
+
+impl ChunkResults {
+    fn new(n: usize) -> Self {
+        ChunkResults {
+            slots: Mutex::new(((0..n).map(|_| None).collect(), n)),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (Vec<Option<std::thread::Result<Outcome>>>, usize)> {
+        // Panics are caught before the lock is taken, so poisoning cannot hide a bad state.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, i: usize, outcome: std::thread::Result<Outcome>) {
+        let mut g = self.lock();
+        g.0[i] = Some(outcome);
+        g.1 -= 1;
+        if g.1 == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// Every record's outcome, in order, once all are in; a panic in a job is resumed here.
+    fn wait(&self) -> Vec<Outcome> {
+        let mut g = self.lock();
+        while g.1 > 0 {
+            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut g.0)
+            .into_iter()
+            .map(|o| match o.expect("every record has an outcome") {
+                Ok(outcome) => outcome,
+                Err(panic) => resume_unwind(panic),
+            })
+            .collect()
+    }
+}
 
 fn process(
     chunk: &Chunk,
@@ -486,17 +539,6 @@ pub fn prepare<'a>(
         .map_err(|e| Error::invalid(format!("cannot start worker threads: {e}")))?;
     let key = opts.text_key.as_str();
     let eos = opts.eos_id;
-    let tokenize = |chunk: &Chunk| -> Vec<Outcome> {
-        chunk
-            .records
-            .par_iter()
-            // One record per job: sizes vary by 1000x and splitting by count left one thread
-            // with most of the bytes (the fix encode_batch got, see par.rs).
-            .with_max_len(1)
-            .map(|r| process(chunk, r, key, encoder, eos))
-            .collect()
-    };
-
     std::thread::scope(|s| -> Result<()> {
         // Two chunks in flight at most: one being tokenized, one read ahead.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(1);
@@ -516,30 +558,42 @@ pub fn prepare<'a>(
                 }
             }
         });
-        let mut pending: Option<(Chunk, Vec<Outcome>)> = None;
-        for msg in rx {
-            if opts.interrupted.is_some_and(|f| f()) {
-                return Err(Error::invalid("interrupted"));
+        // Every record is its own job on the pool (sizes vary by 1000x), and the records of up to
+        // IN_FLIGHT chunks are queued at once, so a chunk's last large record leaves no thread
+        // idle: the previous design joined the tokenization of each chunk with the writing of the
+        // one before, and the join cost ~10% of prepare on the stdlib corpus. This thread writes
+        // each chunk, in order, as soon as all its records are done.
+        pool.in_place_scope(|s| -> Result<()> {
+            let mut queued: VecDeque<(Arc<Chunk>, Arc<ChunkResults>)> = VecDeque::new();
+            for msg in rx {
+                if opts.interrupted.is_some_and(|f| f()) {
+                    return Err(Error::invalid("interrupted"));
+                }
+                let chunk = Arc::new(msg?);
+                let results = Arc::new(ChunkResults::new(chunk.records.len()));
+                for i in 0..chunk.records.len() {
+                    let (chunk, results) = (chunk.clone(), results.clone());
+                    s.spawn(move |_| {
+                        let r = &chunk.records[i];
+                        results.set(
+                            i,
+                            catch_unwind(AssertUnwindSafe(|| {
+                                process(&chunk, r, key, encoder, eos)
+                            })),
+                        );
+                    });
+                }
+                queued.push_back((chunk, results));
+                if queued.len() > IN_FLIGHT {
+                    let (chunk, results) = queued.pop_front().expect("queued");
+                    sink.write(&chunk, results.wait())?;
+                }
             }
-            let chunk = msg?;
-            let prev = pending.take();
-            let sink = &mut sink;
-            let (written, results) = pool.install(|| {
-                rayon::join(
-                    || match prev {
-                        Some((c, res)) => sink.write(&c, res),
-                        None => Ok(()),
-                    },
-                    || tokenize(&chunk),
-                )
-            });
-            written?;
-            pending = Some((chunk, results));
-        }
-        if let Some((c, res)) = pending {
-            sink.write(&c, res)?;
-        }
-        Ok(())
+            while let Some((chunk, results)) = queued.pop_front() {
+                sink.write(&chunk, results.wait())?;
+            }
+            Ok(())
+        })
     })?;
 
     let Sink {
