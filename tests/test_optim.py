@@ -283,20 +283,25 @@ def _fsdp_optim_worker(rank, world, port, tmp):
         msd, osd = get_state_dict(net, opt, options=full_opts)
         if rank == 0:
             torch.save({"model": msd, "optim": osd}, tmp / "full.pt")
-        dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=tmp / "dcp")
+        dcp.save(
+            {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)},
+            checkpoint_id=tmp / "dcp",
+        )
         dist.barrier()
         p = net.sharded.aligned
         st = opt.state[p]
         out = {
             "aligned_numel": p.to_local().numel(),
             "aligned_bytes": sum(A._local(st[k]).nbytes for k in ("state1", "state2", "absmax1", "absmax2")),
-            "sharded_bytes": opt.state_bytes() - sum(
-                v.nbytes for v in opt.state[net.plain.extra].values() if isinstance(v, torch.Tensor)
-            ),
+            "sharded_bytes": opt.state_bytes()
+            - sum(v.nbytes for v in opt.state[net.plain.extra].values() if isinstance(v, torch.Tensor)),
         }
         _fsdp_steps(net, opt, 4, 6)
         ref = _locals(net, opt)
-        out["params"] = {n: q.detach().full_tensor() if hasattr(q, "full_tensor") else q.detach() for n, q in net.named_parameters()}
+        out["params"] = {
+            n: q.detach().full_tensor() if hasattr(q, "full_tensor") else q.detach()
+            for n, q in net.named_parameters()
+        }
 
         # resume from the full checkpoint, as the trainer does, and from the DCP one: bit-exact
         resumed = {}
@@ -304,7 +309,13 @@ def _fsdp_optim_worker(rank, world, port, tmp):
             net2, opt2 = _sharded_net(mesh)
             if kind == "full":
                 saved = torch.load(tmp / "full.pt", weights_only=True)
-                set_state_dict(net2, opt2, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=StateDictOptions(full_state_dict=True))
+                set_state_dict(
+                    net2,
+                    opt2,
+                    model_state_dict=saved["model"],
+                    optim_state_dict=saved["optim"],
+                    options=StateDictOptions(full_state_dict=True),
+                )
             else:
                 sd = {"model": get_model_state_dict(net2), "optim": get_optimizer_state_dict(net2, opt2)}
                 dcp.load(sd, checkpoint_id=tmp / "dcp")
@@ -336,7 +347,10 @@ def _single_process(split_ragged=False):
     params = dict(net.named_parameters())
     if split_ragged:
         r = params.pop("sharded.ragged").detach()
-        params["top"], params["bottom"] = torch.nn.Parameter(r[:23].clone()), torch.nn.Parameter(r[23:].clone())
+        params["top"], params["bottom"] = (
+            torch.nn.Parameter(r[:23].clone()),
+            torch.nn.Parameter(r[23:].clone()),
+        )
     halves = [p for n, p in params.items() if n in ("top", "bottom")]  # 8-bit, as the shards of "ragged"
     rest = [p for n, p in params.items() if n not in ("top", "bottom")]
     opt = AdamW8bit([{"params": rest}, {"params": halves, "min_8bit_size": 0}], **FSDP_KW)
@@ -350,7 +364,10 @@ def _single_process(split_ragged=False):
             p.grad = grads[name]
         opt.step()
         if step == 3:
-            states = {n: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for n, p in params.items()}
+            states = {
+                n: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+                for n, p in params.items()
+            }
     if split_ragged:
         params["sharded.ragged"] = torch.cat([params.pop("top"), params.pop("bottom")])
     return {n: p.detach() for n, p in params.items()}, states, opt, net
@@ -366,7 +383,9 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
     bound 2%), less than either differs from torch.optim.AdamW (about 1%, bound 2%)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp_optim_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _fsdp_optim_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     two = out[0]["params"]
     single, single_states, single_opt, single_net = _single_process()
@@ -396,7 +415,9 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
     # summed over ranks, the sharded parameters' state is the single process's plus the absmax padding:
     # "ragged" has 12 + 12 blocks on the shards (23 unsplit), "row" an empty shard with a row of 20 blocks
     extra_state = single_opt.state[single_net.plain.extra].values()
-    single_sharded = single_opt.state_bytes() - sum(v.nbytes for v in extra_state if isinstance(v, torch.Tensor))
+    single_sharded = single_opt.state_bytes() - sum(
+        v.nbytes for v in extra_state if isinstance(v, torch.Tensor)
+    )
     assert sum(o["sharded_bytes"] for o in out) == single_sharded + 2 * 4 * (1 + 20)
 
     # checkpoints: resuming from the full and from the DCP checkpoint continues bit for bit
@@ -415,5 +436,8 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
     net = _Net()
     opt = AdamW8bit(net.parameters(), **FSDP_KW)
     full = torch.load(tmp_path / "full.pt", weights_only=True)["optim"]
-    with pytest.raises(ValueError, match=r"'state1' of parameter 0 .* is shape \(64, 96\) unsharded, expected shape \(6144,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'state1' of parameter 0 .* is shape \(64, 96\) unsharded, expected shape \(6144,\)",
+    ):
         set_optimizer_state_dict(net, opt, full, options=StateDictOptions(full_state_dict=True))

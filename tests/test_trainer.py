@@ -246,7 +246,12 @@ def _fsdp_worker(rank, world, port, tmp, data, init, q, optim="adamw"):
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     try:
-        opts = ["--data.batch_size=2", f"--train.init_from={init}", "--checkpoint.every=3", f"--optim.name={optim}"]
+        opts = [
+            "--data.batch_size=2",
+            f"--train.init_from={init}",
+            "--checkpoint.every=3",
+            f"--optim.name={optim}",
+        ]
         h = T.train(config(Path(tmp), *opts), Batches(data[rank::world]))
         if rank == 0:
             q.put(losses(h))
@@ -332,7 +337,9 @@ def test_fsdp2_adamw8bit_resume_equals_uninterrupted(tmp_path):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     oa, ob = (torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (a, b))
-    st = oa["layers.0.feed_forward.w1.weight"]  # sharded 8-bit state, saved whole: codes [256, 64], absmax [2, 32]
+    st = oa[
+        "layers.0.feed_forward.w1.weight"
+    ]  # sharded 8-bit state, saved whole: codes [256, 64], absmax [2, 32]
     assert st["step"] == 8 and st["state1"].dtype == torch.uint8 and st["state1"].shape == (256, 64)
     assert st["absmax2"].shape == (2, 32) and st["absmax2"].min() > 0
     assert oa.keys() == ob.keys()
@@ -340,7 +347,9 @@ def test_fsdp2_adamw8bit_resume_equals_uninterrupted(tmp_path):
         for k, v in oa[name].items():
             assert torch.equal(v, ob[name][k]) if isinstance(v, torch.Tensor) else v == ob[name][k], (name, k)
     cfg = config(tmp_path / "b", "--optim.name=adamw8bit", "--resume=auto")
-    with pytest.raises(ValueError, match="saved by 2 processes, resumed with 1 .*cannot be re-sharded exactly"):
+    with pytest.raises(
+        ValueError, match="saved by 2 processes, resumed with 1 .*cannot be re-sharded exactly"
+    ):
         T.train(cfg, Batches(make_batches(5)))
 
 
