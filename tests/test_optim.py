@@ -260,6 +260,7 @@ def _locals(net, opt):
 def _fsdp_optim_worker(rank, world, port, tmp):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -335,6 +336,16 @@ def _fsdp_optim_worker(rank, world, port, tmp):
             out["refused"] = None
         except ValueError as e:
             out["refused"] = str(e)
+        # ... and so is a DCP checkpoint of 2 shards loaded into 1 shard per process (absmax [2, b] vs [1, b'])
+        net4, opt4 = _sharded_net(
+            init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "shard"))["shard"]
+        )
+        sd = {"model": get_model_state_dict(net4), "optim": get_optimizer_state_dict(net4, opt4)}
+        try:
+            dcp.load(sd, checkpoint_id=tmp / "dcp")
+            out["dcp_refused"] = None
+        except CheckpointException as e:  # raised on every rank, with each rank's error
+            out["dcp_refused"] = str(e)
         torch.save(out, tmp / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -424,6 +435,10 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
     for o in out:
         assert o["resumed_mismatches"] == {"full": [], "dcp": []}
         assert "resumes only on the sharding (world size) that saved it" in o["refused"]
+        assert (
+            "Size mismatch between saved torch.Size([2, 12]) and current: torch.Size([1, 24])"
+            in o["dcp_refused"]
+        )
     # the full checkpoint of aligned shards holds the single-process codes and scales, rows = shards
     saved = torch.load(tmp_path / "full.pt", weights_only=True)["optim"]["state"]["sharded.aligned"]
     assert saved["state1"].shape == (64, 96) and saved["absmax1"].shape == (2, 12)
@@ -441,3 +456,53 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
         match=r"'state1' of parameter 0 .* is shape \(64, 96\) unsharded, expected shape \(6144,\)",
     ):
         set_optimizer_state_dict(net, opt, full, options=StateDictOptions(full_state_dict=True))
+
+
+def test_sharded_layouts_without_communication():
+    """Rank 3 of a fake 4-process group (no communication): a hybrid (Replicate, Shard(0)) mesh and a
+    Shard(1) parameter get absmax rows as long as the largest shard's block count; each shard steps exactly
+    as reference_step on its local data; placements other than Shard / Replicate are refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=4)
+    try:
+        hsdp, flat = init_device_mesh("cpu", (2, 2)), init_device_mesh("cpu", (4,))
+        g = torch.Generator().manual_seed(0)
+        cases = [  # mesh, placements, global shape, this rank's slice, absmax global shape
+            (hsdp, (Replicate(), Shard(0)), (10, 300), (slice(5, 10),), (2, 6)),  # 1500 elements, 6 blocks
+            (flat, (Shard(1),), (300, 10), (slice(None), slice(9, 10)), (4, 4)),  # chunks of 3 cols: 900 -> 4
+        ]
+        for mesh, placements, shape, where, absmax_shape in cases:
+            full = torch.randn(*shape, generator=g)
+
+            def shard(t):
+                local = t[where].contiguous()
+                return DTensor.from_local(
+                    local, mesh, placements, run_check=False, shape=t.shape, stride=t.stride()
+                )
+
+            p = torch.nn.Parameter(shard(full))
+            opt = AdamW8bit([p], min_8bit_size=0)
+            ref, ref_state = full[where].clone(), {}
+            opt._init_state(ref, ref_state, 0)
+            for step in range(1, 3):
+                grad = torch.randn(*shape, generator=g)
+                p.grad = shard(grad)
+                opt.step()
+                ref_state["step"] = step
+                A.reference_step(ref, grad[where].contiguous(), ref_state, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+                assert torch.equal(p.to_local(), ref)
+            absmax = opt.state[p]["absmax2"]
+            assert absmax.shape == absmax_shape and absmax.placements == (*placements[:-1], Shard(0))
+            n_blocks = -(-ref.numel() // 256)
+            assert torch.equal(absmax.to_local()[0, :n_blocks], ref_state["absmax2"])
+            assert opt.state_bytes() == 2 * ref.numel() + 2 * 4 * absmax_shape[1]
+        p = torch.nn.Parameter(DTensor.from_local(torch.randn(8), flat, [Partial()], run_check=False))
+        p.grad = DTensor.from_local(torch.randn(8), flat, [Partial()], run_check=False)
+        with pytest.raises(ValueError, match="must be sharded"):
+            AdamW8bit([p], min_8bit_size=0).step()
+    finally:
+        dist.destroy_process_group()
