@@ -478,7 +478,7 @@ def test_sharded_layouts_without_communication():
         for mesh, placements, shape, where, absmax_shape in cases:
             full = torch.randn(*shape, generator=g)
 
-            def shard(t):
+            def shard(t, mesh=mesh, placements=placements, where=where):
                 local = t[where].contiguous()
                 return DTensor.from_local(
                     local, mesh, placements, run_check=False, shape=t.shape, stride=t.stride()
