@@ -384,6 +384,7 @@ def _single_process(split_ragged=False):
     return {n: p.detach() for n, p in params.items()}, states, opt, net
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
     """FSDP2 + AdamW8bit on 2 processes against 1 process on the same parameters and gradients.
 

@@ -259,7 +259,7 @@ def _fsdp_worker(rank, world, port, tmp, data, init, q, optim="adamw"):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optim", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.slow)])
 def test_fsdp2_two_gloo_processes_match_one(tmp_path, optim):
     """FSDP2 over 2 processes (each with half of every batch) matches 1 process with whole batches.
 
@@ -319,6 +319,7 @@ def _fsdp_resume_worker(rank, world, port, tmp, data):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_adamw8bit_resume_equals_uninterrupted(tmp_path):
     """FSDP2 + AdamW8bit on 2 gloo processes: the sharded 8-bit state goes through the checkpoint (gathered
     to rank 0, split again on resume) and the resumed run equals the uninterrupted one bit for bit: losses,

@@ -334,7 +334,8 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] = 0
         # p.numel() is the global size for a DTensor: every rank picks the same kind of state
         if _is_dtensor(p):
-            local, dev = p.to_local(), p.to_local().device
+            local = p.to_local()
+            dev = local.device
             if p.numel() >= min_8bit_size:
                 shape, placements = _absmax_layout(p)
                 for k, zero in (("state1", _zero_index(True)), ("state2", _zero_index(False))):
@@ -450,13 +451,14 @@ class AdamW8bit(torch.optim.Optimizer):
             }
             for pid in saved_ids
         }
+        if len(saved_ids) == len(params):  # (torch's load_state_dict explains a mismatch)
+            for i, (pid, p) in enumerate(zip(saved_ids, params)):
+                if keep[pid]:
+                    _check_layout(i, p, keep[pid])
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             for k, v in keep[pid].items():
                 self.state[p][k] = v.to(device=p.device)
-        for i, p in enumerate(params):
-            if self.state.get(p):
-                _check_layout(i, p, self.state[p])
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held on this process's devices (the goal: about 2 per parameter; for
