@@ -406,3 +406,35 @@ def test_adamw8bit_dtensor_shards_one_launch(emulated, monkeypatch):
         assert opt.state[params[2]]["step"] == 3 and not A._local(opt.state[params[2]]["state1"]).numel()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fully_shard_one_process_equals_plain(tmp_path):
+    """On a GPU: FSDP2 in one process (NCCL, world 1) hands the CUDA kernel DTensor parameters and
+    gradients; stepped as local tensors, they end bit-identical to the same model without FSDP."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Linear(512, 1000), torch.nn.Linear(1000, 3)).cuda()
+        sharded = copy.deepcopy(plain)
+        fully_shard(sharded, mesh=init_device_mesh("cuda", (1,)))
+        opts = [AdamW8bit(m.parameters(), lr=1e-3, min_8bit_size=0) for m in (plain, sharded)]
+        for _ in range(3):
+            x = torch.randn(16, 512, device="cuda")
+            for m, o in zip((plain, sharded), opts):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad(set_to_none=True)
+        for a, b in zip(plain.parameters(), sharded.parameters()):
+            assert torch.equal(a, b.full_tensor())
+            sa, sb = opts[0].state[a], opts[1].state[b]
+            assert torch.equal(sa["state2"].view(a.shape), sb["state2"].full_tensor())
+    finally:
+        dist.destroy_process_group()
