@@ -206,7 +206,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         raise ValueError(f"optim.name must be adamw or adamw8bit, got {o.name!r}")
     if o.name == "adamw8bit" and cfg.dist.cpu_offload:
         # Offloaded, the step runs on the host, where AdamW8bit has only its torch reference: 216 ns per
-        # parameter against torch AdamW's 8 (foreach, 2 cores), i.e. minutes per step for a 13B shard.
+        # parameter against torch AdamW's 8 (foreach; 8M fp32 parameters, best of 3, 2 threads on the 2-core
+        # CI box), i.e. minutes per step for a 13B model's shard.
         raise ValueError(
             "optim.name = adamw8bit with dist.cpu_offload would step on the CPU (the 8-bit kernel is CUDA "
             "only; its CPU reference is ~27x slower than torch's AdamW): use adamw with cpu_offload, or "

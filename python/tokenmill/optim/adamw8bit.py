@@ -459,6 +459,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for pid, p in zip(saved_ids, params):
             for k, v in keep[pid].items():
                 self.state[p][k] = v.to(device=p.device)
+        self._views = {}  # views of the replaced state would keep it alive until the next step
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held on this process's devices (the goal: about 2 per parameter; for
