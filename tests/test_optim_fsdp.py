@@ -301,7 +301,8 @@ def test_fsdp2_sharded_params_two_gloo_processes(tmp_path):
 def test_sharded_layouts_without_communication():
     """Rank 3 of a fake 4-process group (no communication): a hybrid (Replicate, Shard(0)) mesh and a
     Shard(1) parameter get absmax rows as long as the largest shard's block count; each shard steps exactly
-    as reference_step on its local data; placements other than Shard / Replicate are refused."""
+    as reference_step on its local data; placements other than Shard / Replicate, and a gradient sharded
+    otherwise than its parameter, are refused."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -344,6 +345,13 @@ def test_sharded_layouts_without_communication():
         p.grad = DTensor.from_local(torch.randn(8), flat, [Partial()], run_check=False)
         with pytest.raises(ValueError, match="must be sharded"):
             AdamW8bit([p], min_8bit_size=0).step()
+        # a gradient sharded otherwise than its parameter
+        p = torch.nn.Parameter(DTensor.from_local(torch.randn(8), flat, [Shard(0)], run_check=False))
+        p.grad = DTensor.from_local(torch.randn(32), flat, [Replicate()], run_check=False)
+        with pytest.raises(
+            ValueError, match=r"param 0: a DTensor sharded as \(Shard\(dim=0\),\) needs a grad"
+        ):
+            AdamW8bit([p]).step()
     finally:
         dist.destroy_process_group()
 
