@@ -123,6 +123,103 @@ def _fp32_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
     p.detach().copy_(pf)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sharded (DTensor) parameters: FSDP2's fully_shard, Shard(0) on a 1-D or hybrid (Replicate, Shard) mesh.
+
+
+def _is_dtensor(t: Any) -> bool:
+    # torch.distributed.tensor takes ~0.5 s to import: without it loaded no DTensor can exist
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _absmax_layout(p: Any) -> tuple[torch.Size, tuple]:
+    """Global shape and placements of a DTensor parameter's absmax state: ``[shards, max blocks per shard]``,
+    sharded on dim 0 over the mesh dimensions that shard ``p`` (one row per shard), replicated over the
+    others. The largest shard is the first one (torch.chunk), whose block count sets the row length."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape, shards, placements = list(p.shape), 1, []
+    for size, pl in zip(p.device_mesh.shape, p.placements):
+        if type(pl) is Shard:  # not _StridedShard (FSDP2 + tensor parallel): its chunks are not torch.chunk's
+            shape[pl.dim] = -(-shape[pl.dim] // size)
+            shards *= size
+            placements.append(Shard(0))
+        elif isinstance(pl, Replicate):
+            placements.append(Replicate())
+        else:
+            raise ValueError(
+                f"AdamW8bit: DTensor parameters must be sharded (Shard) or replicated, got placements "
+                f"{p.placements}"
+            )
+    return torch.Size((shards, -(-math.prod(shape) // BLOCK))), tuple(placements)
+
+
+def _dtensor_like(p: Any, local: torch.Tensor, shape: Sequence[int], placements: Sequence[Any]) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    stride = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        stride[d] = stride[d + 1] * shape[d + 1]
+    return DTensor.from_local(
+        local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
+    )
+
+
+class _ShardState(dict):
+    """This rank's view of a DTensor parameter's state: plain tensors sharing the DTensors' storage.
+    Storing a tensor under a key it has (reference_step replaces the moments) copies it into the shard."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and key in self:
+            self[key].copy_(value)
+        else:
+            super().__setitem__(key, value)
+
+
+def _check_layout(i: int, p: torch.Tensor, state: dict[str, Any]) -> None:
+    """Refuse state whose tensors do not fit ``p`` as this optimizer lays them out: 8-bit state saved
+    under another sharding (world size) has its blocks elsewhere and cannot be re-sharded exactly."""
+    sharded = _is_dtensor(p)
+    placements = tuple(p.placements) if sharded else None
+    if "state1" not in state:
+        expected = dict.fromkeys(("exp_avg", "exp_avg_sq"), (tuple(p.shape), placements))
+    elif sharded:
+        shape, absmax_placements = _absmax_layout(p)
+        expected = dict.fromkeys(("state1", "state2"), (tuple(p.shape), placements))
+        expected.update(dict.fromkeys(("absmax1", "absmax2"), (tuple(shape), absmax_placements)))
+    else:
+        expected = dict.fromkeys(("state1", "state2"), ((p.numel(),), None))
+        expected.update(dict.fromkeys(("absmax1", "absmax2"), ((-(-p.numel() // BLOCK),), None)))
+
+    def describe(layout: Any) -> str:
+        if layout is None:
+            return "missing"
+        return f"shape {layout[0]}" + (f" sharded as {layout[1]}" if layout[1] is not None else " unsharded")
+
+    for key, want in expected.items():
+        v = state.get(key)
+        got = None
+        if isinstance(v, torch.Tensor):
+            got = (tuple(v.shape), tuple(v.placements) if _is_dtensor(v) else None)
+        if got != want:
+            why = (
+                f" 8-bit state is quantised in blocks of {BLOCK} elements of each rank's shard: it resumes "
+                "only on the sharding (world size) that saved it; re-sharding would re-quantise the "
+                "moments, which is not exact."
+                if "state1" in state
+                else ""
+            )
+            raise ValueError(
+                f"AdamW8bit.load_state_dict: state {key!r} of parameter {i} (shape {tuple(p.shape)}) is "
+                f"{describe(got)}, expected {describe(want)}.{why}"
+            )
+
+
 def _cuda_multi_step(
     items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
     lr: float,
@@ -201,92 +298,6 @@ def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
     _cuda_multi_step([(p.detach(), g, state)], lr, beta1, beta2, eps, weight_decay, state["step"], {})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sharded (DTensor) parameters: FSDP2's fully_shard, Shard(0) on a 1-D or hybrid (Replicate, Shard) mesh.
-
-
-def _is_dtensor(t: Any) -> bool:
-    # torch.distributed.tensor takes ~0.5 s to import: without it loaded no DTensor can exist
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _absmax_layout(p: Any) -> tuple[torch.Size, tuple]:
-    """Global shape and placements of a DTensor parameter's absmax state: ``[shards, max blocks per shard]``,
-    sharded on dim 0 over the mesh dimensions that shard ``p`` (one row per shard), replicated over the
-    others. The largest shard is the first one (torch.chunk), whose block count sets the row length."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    shape, shards, placements = list(p.shape), 1, []
-    for size, pl in zip(p.device_mesh.shape, p.placements):
-        if type(pl) is Shard:  # not _StridedShard (FSDP2 + tensor parallel): its chunks are not torch.chunk's
-            shape[pl.dim] = -(-shape[pl.dim] // size)
-            shards *= size
-            placements.append(Shard(0))
-        elif isinstance(pl, Replicate):
-            placements.append(Replicate())
-        else:
-            raise ValueError(
-                f"AdamW8bit: DTensor parameters must be sharded (Shard) or replicated, got placements "
-                f"{p.placements}"
-            )
-    return torch.Size((shards, -(-math.prod(shape) // BLOCK))), tuple(placements)
-
-
-def _dtensor_like(p: Any, local: torch.Tensor, shape: Sequence[int], placements: Sequence[Any]) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    stride = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        stride[d] = stride[d + 1] * shape[d + 1]
-    return DTensor.from_local(
-        local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
-    )
-
-
-def _check_layout(i: int, p: torch.Tensor, state: dict[str, Any]) -> None:
-    """Refuse state whose tensors do not fit ``p`` as this optimizer lays them out: 8-bit state saved
-    under another sharding (world size) has its blocks elsewhere and cannot be re-sharded exactly."""
-    sharded = _is_dtensor(p)
-    placements = tuple(p.placements) if sharded else None
-    if "state1" not in state:
-        expected = dict.fromkeys(("exp_avg", "exp_avg_sq"), (tuple(p.shape), placements))
-    elif sharded:
-        shape, absmax_placements = _absmax_layout(p)
-        expected = dict.fromkeys(("state1", "state2"), (tuple(p.shape), placements))
-        expected.update(dict.fromkeys(("absmax1", "absmax2"), (tuple(shape), absmax_placements)))
-    else:
-        expected = dict.fromkeys(("state1", "state2"), ((p.numel(),), None))
-        expected.update(dict.fromkeys(("absmax1", "absmax2"), ((-(-p.numel() // BLOCK),), None)))
-
-    def describe(layout: Any) -> str:
-        if layout is None:
-            return "missing"
-        return f"shape {layout[0]}" + (f" sharded as {layout[1]}" if layout[1] is not None else " unsharded")
-
-    for key, want in expected.items():
-        v = state.get(key)
-        got = None
-        if isinstance(v, torch.Tensor):
-            got = (tuple(v.shape), tuple(v.placements) if _is_dtensor(v) else None)
-        if got != want:
-            why = (
-                f" 8-bit state is quantised in blocks of {BLOCK} elements of each rank's shard: it resumes "
-                "only on the sharding (world size) that saved it; re-sharding would re-quantise the "
-                "moments, which is not exact."
-                if "state1" in state
-                else ""
-            )
-            raise ValueError(
-                f"AdamW8bit.load_state_dict: state {key!r} of parameter {i} (shape {tuple(p.shape)}) is "
-                f"{describe(got)}, expected {describe(want)}.{why}"
-            )
-
-
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with 8-bit block-wise quantised moments.
 
@@ -359,21 +370,40 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
-    def _local_state(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """A DTensor parameter's state as flat views of this rank's shard (writes land in the DTensors);
-        the absmax view holds this shard's blocks only (the row's padding is never touched)."""
+    def _shard(self, i: int, p: Any, g: Any, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """A DTensor parameter's local shard, its gradient's, and its state as flat views of the shard's
+        state (a _ShardState, cached while the state tensors stay the same); the absmax views hold this
+        shard's blocks only (the row's padding is never touched)."""
+        if not (
+            _is_dtensor(p)
+            and _is_dtensor(g)
+            and g.placements == p.placements
+            and g.device_mesh == p.device_mesh
+        ):
+            raise ValueError(
+                f"param {i}: a parameter and its gradient must both be plain tensors or both DTensors "
+                f"sharded the same way; got {getattr(p, 'placements', 'a plain tensor')} and "
+                f"{getattr(g, 'placements', 'a plain tensor')}"
+            )
+        pl = p.to_local()
+        if not pl.is_contiguous():
+            raise ValueError(f"param {i}: its local shard must be contiguous")
         keys = ("state1", "state2", "absmax1", "absmax2") if "state1" in state else ("exp_avg", "exp_avg_sq")
         held = tuple(state[k] for k in keys)
         cached = self._views.get(p)
         if cached is not None and all(a is b for a, b in zip(cached[0], held)):
-            return cached[1]
-        views = {k: v.to_local() for k, v in zip(keys, held)}
-        if "state1" in views:
-            n_blocks = -(-views["state1"].numel() // BLOCK)
-            for k in keys:
-                views[k] = views[k].view(-1)[: n_blocks if k.startswith("absmax") else None]
-        self._views[p] = (held, views)
-        return views
+            views = cached[1]
+        else:
+            views = _ShardState({k: v.to_local() for k, v in zip(keys, held)})
+            if "state1" in views:
+                n_blocks = -(-views["state1"].numel() // BLOCK)
+                for k in keys:
+                    dict.__setitem__(
+                        views, k, views[k].view(-1)[: n_blocks if k.startswith("absmax") else None]
+                    )
+            self._views[p] = (held, views)
+        views["step"] = state["step"]
+        return pl, g.to_local().contiguous(), views
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -399,41 +429,23 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise ValueError(
                         f"param {i}: grad must match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device}), got ({g.dtype}, {tuple(g.shape)}, {g.device})"
                     )
-                sharded = _is_dtensor(p)
-                if sharded:  # FSDP2: this rank's shard, plain tensors from here on
-                    if not _is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
-                        got = g.placements if _is_dtensor(g) else "a plain tensor"
-                        raise ValueError(
-                            f"param {i}: a DTensor sharded as {p.placements} needs a gradient sharded the "
-                            f"same way, got {got}"
-                        )
-                    pl, g = p.to_local(), g.to_local()
-                elif _is_dtensor(g):
-                    raise ValueError(f"param {i} is a plain tensor but its gradient is a DTensor")
-                else:
-                    pl = p.detach()
-                if not pl.is_contiguous():
+                if not p.is_contiguous():
                     raise ValueError(f"param {i} of its group must be contiguous")
                 g = g.contiguous()
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state, group["min_8bit_size"])
                 state["step"] += 1
-                if sharded:
-                    st = {**self._local_state(p, state), "step": state["step"]}
-                    if pl.numel() == 0:  # an empty shard (more ranks than rows): only the step counts
+                if _is_dtensor(p) or _is_dtensor(g):  # FSDP2: this rank's shard, as plain tensors below
+                    p, g, state = self._shard(i, p, g, state)
+                    if p.numel() == 0:  # an empty shard (more ranks than rows): only the step counts
                         continue
-                else:
-                    st = state
-                if "state1" not in st:
-                    _fp32_step(pl, g, st, lr, beta1, beta2, eps, wd)
+                if "state1" not in state:
+                    _fp32_step(p, g, state, lr, beta1, beta2, eps, wd)
                 elif _runs_kernel(p):  # one launch per (device, dtype, step) below
-                    batches.setdefault((pl.device, pl.dtype, st["step"]), []).append((pl, g, st))
+                    batches.setdefault((p.device, p.dtype, state["step"]), []).append((p.detach(), g, state))
                 else:
-                    reference_step(pl, g, st, lr, beta1, beta2, eps, wd)
-                    if sharded:  # reference_step replaced the tensors of st: copy into the shard's state
-                        for k, view in self._local_state(p, state).items():
-                            view.copy_(st[k])
+                    reference_step(p, g, state, lr, beta1, beta2, eps, wd)
             for k, ((dev, dtype, step), items) in enumerate(batches.items()):
                 _cuda_multi_step(items, lr, beta1, beta2, eps, wd, step, self._tables, (gi, dev, dtype, k))
         return loss
