@@ -394,13 +394,13 @@ class AdamW8bit(torch.optim.Optimizer):
         if cached is not None and all(a is b for a, b in zip(cached[0], held)):
             views = cached[1]
         else:
-            views = _ShardState({k: v.to_local() for k, v in zip(keys, held)})
-            if "state1" in views:
-                n_blocks = -(-views["state1"].numel() // BLOCK)
-                for k in keys:
-                    dict.__setitem__(
-                        views, k, views[k].view(-1)[: n_blocks if k.startswith("absmax") else None]
-                    )
+            local = {k: v.to_local() for k, v in zip(keys, held)}
+            if "state1" in local:
+                n_blocks = -(-local["state1"].numel() // BLOCK)
+                local = {
+                    k: t.view(-1)[: n_blocks if k.startswith("absmax") else None] for k, t in local.items()
+                }
+            views = _ShardState(local)
             self._views[p] = (held, views)
         views["step"] = state["step"]
         return pl, g.to_local().contiguous(), views
