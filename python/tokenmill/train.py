@@ -66,7 +66,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    name: str = "adamw"  # "adamw" (torch, fused on CUDA) or "adamw8bit" (tokenmill.optim.AdamW8bit)
+    name: str = "adamw"  # "adamw" (torch, fused on CUDA) or "adamw8bit" (tokenmill.optim.AdamW8bit, FSDP2 ok)
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -101,7 +101,9 @@ class CheckpointSection:
 @dataclass
 class DistSection:
     fsdp: bool = True  # shard with FSDP2 when launched with more than one process
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and optimizer state on the host
+    cpu_offload: bool = (
+        False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state on the host (adamw)
+    )
 
 
 @dataclass
