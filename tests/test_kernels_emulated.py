@@ -261,6 +261,65 @@ def test_adamw8bit_pointer_table_reused(emulated, monkeypatch):
     assert next(iter(opt._tables.values()))[1] is first
 
 
+def test_adamw8bit_dtensor_shards_one_launch(emulated, monkeypatch):
+    """FSDP2 parameters (DTensors) reach the multi-tensor kernel as this rank's shards: the pointer table
+    holds the local data and local sizes. Rank 1 of 2 (a fake process group, no communication): shards of
+    4 x 300 rows (5 blocks; rank 0 has 6, so the absmax row has one padding entry the kernel must not
+    write), 32 x 96 rows, and an empty shard (skipped), plus a plain tensor in the same launch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    monkeypatch.setattr(A, "_runs_kernel", lambda p: True)
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+
+        def shard(t):  # rank 1's rows, as torch.chunk (and FSDP2) split them
+            return DTensor.from_local(
+                t[-(-t.shape[0] // 2) :].clone(),
+                mesh,
+                [Shard(0)],
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
+
+        shapes = [(9, 300), (64, 96), (1, 5000)]
+        params = [torch.nn.Parameter(shard(rnd(*s, seed=i))) for i, s in enumerate(shapes)]
+        params.append(torch.nn.Parameter(rnd(700, seed=9)))
+        opt = A.AdamW8bit(params, min_8bit_size=0)
+        copies = [A._local(p.detach()).clone() for p in params]
+        ref_states = []
+        for c in copies:
+            st = {}
+            opt._init_state(c, st, 0)
+            ref_states.append(st)
+        for step in range(1, 4):
+            for i, p in enumerate(params):
+                g = rnd(*p.shape, seed=100 * step + i)
+                p.grad = shard(g) if i < len(shapes) else g
+            emulated.launches.clear()
+            opt.step()
+            assert [f for _, f, _, _ in emulated.launches] == ["adamw8bit_f32"]
+            for c, st, p in zip(copies, ref_states, params):
+                if c.numel() == 0:
+                    continue
+                st["step"] = step
+                A.reference_step(c, A._local(p.grad), st, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+                got = A._local(p.detach())
+                assert ((got.double() - c.double()).abs() / (c.double().abs() + 1)).max().item() < 1e-5
+                local = opt._views[p][1] if isinstance(p, DTensor) else opt.state[p]  # the shard's views
+                torch.testing.assert_close(local["absmax2"], st["absmax2"], rtol=1e-3, atol=0)
+                assert (local["state1"] != st["state1"]).sum().item() <= max(2, 5e-3 * c.numel())
+        first = opt.state[params[0]]["absmax1"].to_local()
+        assert first.shape == (1, 6) and first[0, 5] == 0 and (first[0, :5] > 0).all()
+        assert opt.state[params[2]]["step"] == 3 and not A._local(opt.state[params[2]]["state1"]).numel()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_adamw8bit_copy_rebuilds_tables(emulated, monkeypatch):
     import copy
 

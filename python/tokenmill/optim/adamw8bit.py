@@ -7,13 +7,24 @@ as bitsandbytes does (norm weights and biases are few and sensitive).
 
 CUDA parameters with 8-bit state run one fused multi-tensor kernel launch per (param group, device, dtype)
 (kernels/adamw8bit.cu); CPU parameters run ``reference_step``, the same algorithm in torch.
+
+FSDP2 (``fully_shard``) parameters are DTensors: each rank quantises and updates its own shard
+(``p.to_local()``), block-wise over the shard's flat data, so a block never spans two ranks and the step
+needs no communication. Its state is DTensors too (what torch.distributed.checkpoint needs to save and
+load it sharded): the codes are sharded as the parameter is; the absmax of rank r's blocks is row r of a
+``[shards, max blocks per shard]`` tensor sharded on dim 0 (short rows padded with zeros). So the blocks
+follow the sharding: when every rank's shard is a whole number of 256-element blocks (the usual case for
+LLaMA matrices) the update equals the single-process one exactly; otherwise blocks straddle other
+elements and the moments are quantised with other scales. State saved under one sharding loads only
+under the same one (see ``load_state_dict``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable
+import sys
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -112,6 +123,103 @@ def _fp32_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
     p.detach().copy_(pf)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sharded (DTensor) parameters: FSDP2's fully_shard, Shard(0) on a 1-D or hybrid (Replicate, Shard) mesh.
+
+
+def _is_dtensor(t: Any) -> bool:
+    # torch.distributed.tensor takes ~0.5 s to import: without it loaded no DTensor can exist
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _absmax_layout(p: Any) -> tuple[torch.Size, tuple]:
+    """Global shape and placements of a DTensor parameter's absmax state: ``[shards, max blocks per shard]``,
+    sharded on dim 0 over the mesh dimensions that shard ``p`` (one row per shard), replicated over the
+    others. The largest shard is the first one (torch.chunk), whose block count sets the row length."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape, shards, placements = list(p.shape), 1, []
+    for size, pl in zip(p.device_mesh.shape, p.placements):
+        if type(pl) is Shard:  # not _StridedShard (FSDP2 + tensor parallel): its chunks are not torch.chunk's
+            shape[pl.dim] = -(-shape[pl.dim] // size)
+            shards *= size
+            placements.append(Shard(0))
+        elif isinstance(pl, Replicate):
+            placements.append(Replicate())
+        else:
+            raise ValueError(
+                f"AdamW8bit: DTensor parameters must be sharded (Shard) or replicated, got placements "
+                f"{p.placements}"
+            )
+    return torch.Size((shards, -(-math.prod(shape) // BLOCK))), tuple(placements)
+
+
+def _dtensor_like(p: Any, local: torch.Tensor, shape: Sequence[int], placements: Sequence[Any]) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    stride = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        stride[d] = stride[d + 1] * shape[d + 1]
+    return DTensor.from_local(
+        local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
+    )
+
+
+class _ShardState(dict):
+    """This rank's view of a DTensor parameter's state: plain tensors sharing the DTensors' storage.
+    Storing a tensor under a key it has (reference_step replaces the moments) copies it into the shard."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and key in self:
+            self[key].copy_(value)
+        else:
+            super().__setitem__(key, value)
+
+
+def _check_layout(i: int, p: torch.Tensor, state: dict[str, Any]) -> None:
+    """Refuse state whose tensors do not fit ``p`` as this optimizer lays them out: 8-bit state saved
+    under another sharding (world size) has its blocks elsewhere and cannot be re-sharded exactly."""
+    sharded = _is_dtensor(p)
+    placements = tuple(p.placements) if sharded else None
+    if "state1" not in state:
+        expected = dict.fromkeys(("exp_avg", "exp_avg_sq"), (tuple(p.shape), placements))
+    elif sharded:
+        shape, absmax_placements = _absmax_layout(p)
+        expected = dict.fromkeys(("state1", "state2"), (tuple(p.shape), placements))
+        expected.update(dict.fromkeys(("absmax1", "absmax2"), (tuple(shape), absmax_placements)))
+    else:
+        expected = dict.fromkeys(("state1", "state2"), ((p.numel(),), None))
+        expected.update(dict.fromkeys(("absmax1", "absmax2"), ((-(-p.numel() // BLOCK),), None)))
+
+    def describe(layout: Any) -> str:
+        if layout is None:
+            return "missing"
+        return f"shape {layout[0]}" + (f" sharded as {layout[1]}" if layout[1] is not None else " unsharded")
+
+    for key, want in expected.items():
+        v = state.get(key)
+        got = None
+        if isinstance(v, torch.Tensor):
+            got = (tuple(v.shape), tuple(v.placements) if _is_dtensor(v) else None)
+        if got != want:
+            why = (
+                f" 8-bit state is quantised in blocks of {BLOCK} elements of each rank's shard: it resumes "
+                "only on the sharding (world size) that saved it; re-sharding would re-quantise the "
+                "moments, which is not exact."
+                if "state1" in state
+                else ""
+            )
+            raise ValueError(
+                f"AdamW8bit.load_state_dict: state {key!r} of parameter {i} (shape {tuple(p.shape)}) is "
+                f"{describe(got)}, expected {describe(want)}.{why}"
+            )
+
+
 def _cuda_multi_step(
     items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
     lr: float,
@@ -194,7 +302,9 @@ class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) with 8-bit block-wise quantised moments.
 
     Same hyper-parameters and defaults as ``torch.optim.AdamW``. Parameters: float32 or bfloat16, dense,
-    contiguous. ``state_dict()``/``load_state_dict()`` round-trip the quantised state exactly.
+    contiguous; plain tensors or FSDP2-sharded DTensors (each rank steps its shard; see the module
+    docstring). ``state_dict()``/``load_state_dict()`` round-trip the quantised state exactly, also through
+    ``torch.distributed.checkpoint`` (sharded, or full state dicts) on the same world size.
     """
 
     def __init__(
@@ -222,15 +332,34 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # device pointer tables of the multi-tensor kernel, one per launch of a step (see _cuda_multi_step)
         self._tables: dict[Any, tuple[np.ndarray, torch.Tensor]] = {}
+        # DTensor parameters: their state's local tensors, rebuilt when a state tensor is replaced
+        self._views: dict[torch.Tensor, tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # pickling / deepcopy keep torch's fields only; the pointer tables are rebuilt on the next step
         super().__setstate__(state)
         self._tables = {}
+        self._views = {}
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], min_8bit_size: int) -> None:
         state["step"] = 0
-        if p.numel() >= min_8bit_size:
+        # p.numel() is the global size for a DTensor: every rank picks the same kind of state
+        if _is_dtensor(p):
+            local = p.to_local()
+            dev = local.device
+            if p.numel() >= min_8bit_size:
+                shape, placements = _absmax_layout(p)
+                for k, zero in (("state1", _zero_index(True)), ("state2", _zero_index(False))):
+                    codes = torch.full(local.shape, zero, dtype=torch.uint8, device=dev)
+                    state[k] = _dtensor_like(p, codes, p.shape, p.placements)
+                for k in ("absmax1", "absmax2"):
+                    absmax = torch.zeros(1, shape[1], dtype=torch.float32, device=dev)
+                    state[k] = _dtensor_like(p, absmax, shape, placements)
+            else:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    zeros = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+                    state[k] = _dtensor_like(p, zeros, p.shape, p.placements)
+        elif p.numel() >= min_8bit_size:
             n_blocks = (p.numel() + BLOCK - 1) // BLOCK
             zero1, zero2 = _zero_index(True), _zero_index(False)
             state["state1"] = torch.full((p.numel(),), zero1, dtype=torch.uint8, device=p.device)
@@ -240,6 +369,41 @@ class AdamW8bit(torch.optim.Optimizer):
         else:
             state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _shard(self, i: int, p: Any, g: Any, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """A DTensor parameter's local shard, its gradient's, and its state as flat views of the shard's
+        state (a _ShardState, cached while the state tensors stay the same); the absmax views hold this
+        shard's blocks only (the row's padding is never touched)."""
+        if not (
+            _is_dtensor(p)
+            and _is_dtensor(g)
+            and g.placements == p.placements
+            and g.device_mesh == p.device_mesh
+        ):
+            raise ValueError(
+                f"param {i}: a parameter and its gradient must both be plain tensors or both DTensors "
+                f"sharded the same way; got {getattr(p, 'placements', 'a plain tensor')} and "
+                f"{getattr(g, 'placements', 'a plain tensor')}"
+            )
+        pl = p.to_local()
+        if not pl.is_contiguous():
+            raise ValueError(f"param {i}: its local shard must be contiguous")
+        keys = ("state1", "state2", "absmax1", "absmax2") if "state1" in state else ("exp_avg", "exp_avg_sq")
+        held = tuple(state[k] for k in keys)
+        cached = self._views.get(p)
+        if cached is not None and all(a is b for a, b in zip(cached[0], held)):
+            views = cached[1]
+        else:
+            local = {k: v.to_local() for k, v in zip(keys, held)}
+            if "state1" in local:
+                n_blocks = -(-local["state1"].numel() // BLOCK)
+                local = {
+                    k: t.view(-1)[: n_blocks if k.startswith("absmax") else None] for k, t in local.items()
+                }
+            views = _ShardState(local)
+            self._views[p] = (held, views)
+        views["step"] = state["step"]
+        return pl, g.to_local().contiguous(), views
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -272,6 +436,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not state:
                     self._init_state(p, state, group["min_8bit_size"])
                 state["step"] += 1
+                if _is_dtensor(p) or _is_dtensor(g):  # FSDP2: this rank's shard, as plain tensors below
+                    p, g, state = self._shard(i, p, g, state)
+                    if p.numel() == 0:  # an empty shard (more ranks than rows): only the step counts
+                        continue
                 if "state1" not in state:
                     _fp32_step(p, g, state, lr, beta1, beta2, eps, wd)
                 elif _runs_kernel(p):  # one launch per (device, dtype, step) below
@@ -295,14 +463,23 @@ class AdamW8bit(torch.optim.Optimizer):
             }
             for pid in saved_ids
         }
+        if len(saved_ids) == len(params):  # (torch's load_state_dict explains a mismatch)
+            for i, (pid, p) in enumerate(zip(saved_ids, params)):
+                if keep[pid]:
+                    _check_layout(i, p, keep[pid])
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             for k, v in keep[pid].items():
                 self.state[p][k] = v.to(device=p.device)
+        self._views = {}  # views of the replaced state would keep it alive until the next step
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held on devices (the goal: about 2 per parameter)."""
+        """Bytes of optimizer state held on this process's devices (the goal: about 2 per parameter; for
+        DTensor parameters, per element of this rank's shard)."""
         total = 0
         for st in self.state.values():
-            total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    v = _local(v)
+                    total += v.numel() * v.element_size()
         return total
