@@ -32,6 +32,12 @@ def _eager(fn):
     return functools.wraps(fn)(disable(fn)) if disable is not None else fn
 
 
+def _runs_kernel(t: torch.Tensor) -> bool:
+    """Whether an op on ``t`` runs the CUDA kernels (benches/kernel_host_overhead.py and the emulator tests
+    make CPU tensors take this path)."""
+    return t.is_cuda
+
+
 def _check_float(name: str, t: object, device: torch.device | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -135,7 +141,7 @@ class RMSNormFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.view(-1, shape[-1])
         y, rstd = (
-            _rms_norm_fwd_cuda(x2, weight, eps) if x.is_cuda else reference.rms_norm_fwd(x2, weight, eps)
+            _rms_norm_fwd_cuda(x2, weight, eps) if _runs_kernel(x) else reference.rms_norm_fwd(x2, weight, eps)
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
@@ -146,7 +152,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dy2 = dy.contiguous().view(-1, x2.shape[-1]).to(x2.dtype)
-        bwd = _rms_norm_bwd_cuda if x2.is_cuda else reference.rms_norm_bwd
+        bwd = _rms_norm_bwd_cuda if _runs_kernel(x2) else reference.rms_norm_bwd
         dx, dw = bwd(dy2, x2, weight, rstd)
         return dx.view(ctx.shape), dw, None
 
@@ -255,7 +261,7 @@ class ApplyRopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        if q.is_cuda:
+        if _runs_kernel(q):
             return _rope_table_cuda(q, cos, sin, False, k)
         return reference.rope_table_fwd(q, cos, sin), reference.rope_table_fwd(k, cos, sin)
 
@@ -264,7 +270,7 @@ class ApplyRopeFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = dq.contiguous(), dk.contiguous()
-        if dq.is_cuda:
+        if _runs_kernel(dq):
             gq, gk = _rope_table_cuda(dq, cos, sin, True, dk)
         else:
             gq, gk = reference.rope_table_bwd(dq, cos, sin), reference.rope_table_bwd(dk, cos, sin)
@@ -324,7 +330,7 @@ class RopeFunction(torch.autograd.Function):
     def forward(ctx, x, positions, theta):
         ctx.save_for_backward(positions)
         ctx.theta = theta
-        if x.is_cuda:
+        if _runs_kernel(x):
             return _rope_positions_cuda(x, positions, theta, 1.0)
         return reference.rope(x, positions, theta)
 
@@ -333,7 +339,7 @@ class RopeFunction(torch.autograd.Function):
     def backward(ctx, g):
         (positions,) = ctx.saved_tensors
         g = g.contiguous()
-        if g.is_cuda:
+        if _runs_kernel(g):
             return _rope_positions_cuda(g, positions, ctx.theta, -1.0), None, None
         return reference.rope_positions_bwd(g, positions, ctx.theta), None, None
 
@@ -406,14 +412,14 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)  # only the inputs: sigmoid(gate) is recomputed in backward
-        return _swiglu_fwd_cuda(gate, up) if gate.is_cuda else reference.swiglu(gate, up)
+        return _swiglu_fwd_cuda(gate, up) if _runs_kernel(gate) else reference.swiglu(gate, up)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous().to(gate.dtype)
-        return _swiglu_bwd_cuda(dy, gate, up) if dy.is_cuda else reference.swiglu_bwd(dy, gate, up)
+        return _swiglu_bwd_cuda(dy, gate, up) if _runs_kernel(dy) else reference.swiglu_bwd(dy, gate, up)
 
 
 @_eager
@@ -492,7 +498,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # needs_input_grad is True under torch.no_grad() too: only pay for gradients when a graph is built
         need_gh = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
-        fwd = _linear_ce_fwd_cuda if hidden.is_cuda else reference.linear_cross_entropy_fwd
+        fwd = _linear_ce_fwd_cuda if _runs_kernel(hidden) else reference.linear_cross_entropy_fwd
         loss, gh, gw = fwd(h2, weight, t1, ignore_index, reduction, chunk_rows, need_gh, need_gw)
         ctx.grads = (gh.view(shape) if gh is not None else None, gw)
         return loss if loss.dtype == torch.float64 else loss.float()
