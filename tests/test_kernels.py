@@ -406,7 +406,7 @@ def test_ops_launch_only_kernels_that_exist():
     from tokenmill.optim import adamw8bit
 
     text = inspect.getsource(ops) + inspect.getsource(adamw8bit)
-    launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn,)', text)
+    launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn\w*,)', text)
     prefixes = set(re.findall(r'f"(\w+?)_\{_TYPE_NAME', text)) | {"adamw8bit"}
     assert len(launched) >= 8
     for p in prefixes:

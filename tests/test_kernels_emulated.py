@@ -33,6 +33,7 @@ def emulated(emu, monkeypatch):
     monkeypatch.setattr(launch, "max_shared_mem", lambda device: 48 * 1024)
     monkeypatch.setattr(launch, "resident_blocks", lambda source, function, device, threads: 1)
     monkeypatch.setattr(launch, "DEBUG_FILL_NAN", True)
+    monkeypatch.setattr(ops, "_PLANS", {})  # launch plans depend on the patched device figures above
     emu.launches.clear()
     yield emu
 
@@ -275,3 +276,40 @@ def test_adamw8bit_copy_rebuilds_tables(emulated, monkeypatch):
     q.grad = rnd(700, seed=2)
     clone.step()
     assert len(clone._tables) == 1 and torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_public_ops_fwd_bwd_through_autograd(emulated, monkeypatch, dtype):
+    # the public ops drive the emulated kernels (CPU tensors take the CUDA host path): 3-D rms_norm input
+    # (rows of [..., d] without reshaping), apply_rope with q and k in one launch, swiglu
+    monkeypatch.setattr(ops, "_runs_kernel", lambda t: True)
+    x, w, dy = rnd(2, 3, 40, dtype=dtype), rnd(40, dtype=dtype, seed=1), rnd(2, 3, 40, dtype=dtype, seed=2)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got = torch.autograd.grad(ops.rms_norm(xl, wl, 1e-5), (xl, wl), dy)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    want = torch.autograd.grad(reference.rms_norm(xr, wr, 1e-5), (xr, wr), dy.double())
+    assert all(rel(a, b) < TOL[dtype] for a, b in zip(got, want))
+    q, k = rnd(2, 5, 4, 16, dtype=dtype, seed=3), rnd(2, 5, 2, 16, dtype=dtype, seed=4)
+    dq, dk = rnd(2, 5, 4, 16, dtype=dtype, seed=5), rnd(2, 5, 2, 16, dtype=dtype, seed=6)
+    cos, sin = ops.rope_cos_sin(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]), 16, 500.0, dtype)
+    ql, kl = q.clone().requires_grad_(), k.clone().requires_grad_()
+    outs = ops.apply_rope(ql, kl, cos, sin)
+    got = (*outs, *torch.autograd.grad(outs, (ql, kl), (dq, dk)))
+    qr, kr = q.double().requires_grad_(), k.double().requires_grad_()
+    routs = reference.apply_rope(qr, kr, cos.double(), sin.double())
+    want = (*routs, *torch.autograd.grad(routs, (qr, kr), (dq.double(), dk.double())))
+    assert all(rel(a, b) < TOL[dtype] for a, b in zip(got, want))
+    g, u = rnd(3, 24, dtype=dtype, seed=7, scale=3), rnd(3, 24, dtype=dtype, seed=8)
+    gl, ul = g.clone().requires_grad_(), u.clone().requires_grad_()
+    y = ops.swiglu(gl, ul)
+    got = (y, *torch.autograd.grad(y, (gl, ul), dy[0, :, :24].contiguous()))
+    gr, ur = g.double().requires_grad_(), u.double().requires_grad_()
+    yr = F.silu(gr) * ur
+    want = (yr, *torch.autograd.grad(yr, (gr, ur), dy[0, :, :24].double()))
+    assert all(rel(a, b) < TOL[dtype] for a, b in zip(got, want))
+    launched = [f for _, f, _, _ in emulated.launches]
+    assert launched[:3] == [f"rms_norm_fwd_{ops._TYPE_NAME[dtype]}_v{8 if dtype == BF16 else 4}"] + [
+        f"rms_norm_bwd_{ops._TYPE_NAME[dtype]}_v{8 if dtype == BF16 else 4}",
+        f"rms_norm_dw_reduce_{ops._TYPE_NAME[dtype]}",
+    ]
+    assert sum(f.startswith("rope_table") for f in launched) == 2  # q and k together, forward and backward

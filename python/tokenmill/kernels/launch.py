@@ -287,7 +287,7 @@ def launch(
 
 def empty(shape: Sequence[int] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation (torch's allocator); NaN/-1 filled when DEBUG_FILL_NAN is set."""
-    t = torch.empty(tuple(shape), dtype=dtype, device=device)
+    t = torch.empty(shape, dtype=dtype, device=device)
     if DEBUG_FILL_NAN:
         t.fill_(float("nan") if t.is_floating_point() else -1)
     return t
