@@ -73,11 +73,12 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
        first += (long long)gridDim.x * TM_GROUPS) {
     const long long gqb = first + group;
     const bool active = gqb < n_qb;
+    // pointers to this quantisation block's first element / absmax; n: its element count (<= 256)
     T *p = nullptr;
     const T *g = nullptr;
     unsigned char *q1 = nullptr, *q2 = nullptr;
     float *absmax1 = nullptr, *absmax2 = nullptr;
-    long long n = 0, qb = 0;
+    int n = 0;
     bool vec = false;
     if (active) {
       int lo = t_lo, hi = n_tensors - 1;  // the last tensor whose range starts at or before gqb
@@ -88,19 +89,18 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
       }
       t_lo = lo;
       const unsigned long long *e = table + 6 * (long long)lo;
-      p = reinterpret_cast<T *>(e[0]);
-      g = reinterpret_cast<const T *>(e[1]);
-      q1 = reinterpret_cast<unsigned char *>(e[2]);
-      q2 = reinterpret_cast<unsigned char *>(e[3]);
-      absmax1 = reinterpret_cast<float *>(e[4]);
-      absmax2 = reinterpret_cast<float *>(e[5]);
-      n = sizes[lo];
-      qb = gqb - qb_start[lo];
-      vec = (qb + 1) * TM_QBLOCK <= n && ((e[0] | e[1]) & (4 * sizeof(T) - 1)) == 0 &&
-            ((e[2] | e[3]) & 3) == 0;
+      const long long qb = gqb - qb_start[lo], off = qb * TM_QBLOCK, left = sizes[lo] - off;
+      p = reinterpret_cast<T *>(e[0]) + off;
+      g = reinterpret_cast<const T *>(e[1]) + off;
+      q1 = reinterpret_cast<unsigned char *>(e[2]) + off;
+      q2 = reinterpret_cast<unsigned char *>(e[3]) + off;
+      absmax1 = reinterpret_cast<float *>(e[4]) + qb;
+      absmax2 = reinterpret_cast<float *>(e[5]) + qb;
+      n = left < TM_QBLOCK ? (int)left : TM_QBLOCK;
+      vec = n == TM_QBLOCK && ((e[0] | e[1]) & (4 * sizeof(T) - 1)) == 0 && ((e[2] | e[3]) & 3) == 0;
     }
-    const float a1 = active ? absmax1[qb] : 0.f, a2 = active ? absmax2[qb] : 0.f;
-    const long long i0 = qb * TM_QBLOCK + 4 * k;
+    const float a1 = active ? *absmax1 : 0.f, a2 = active ? *absmax2 : 0.f;
+    const int i0 = 4 * k;
     float m[4], v[4], pv[4], gv[4], max1 = 0.f, max2 = 0.f;
     unsigned char s1[4], s2[4];
     if (vec) {
@@ -116,7 +116,7 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
     } else {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool in = active && i0 + e < n;
+        const bool in = i0 + e < n;  // n = 0 when inactive
         pv[e] = in ? tm_to_float(p[i0 + e]) : 0.f;
         gv[e] = in ? tm_to_float(g[i0 + e]) : 0.f;
         s1[e] = in ? q1[i0 + e] : 0;
@@ -127,7 +127,7 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
     for (int e = 0; e < 4; ++e) {
       m[e] = 0.f;
       v[e] = 0.f;
-      if (active && i0 + e < n) {
+      if (i0 + e < n) {
         // the reference's order: beta * dequantised + (1 - beta) * g (* g)
         m[e] = __fadd_rn(__fmul_rn(beta1, __fmul_rn(c1[s1[e]], a1)), __fmul_rn(one_minus_beta1, gv[e]));
         v[e] = __fadd_rn(__fmul_rn(beta2, __fmul_rn(c2[s2[e]], a2)),
@@ -143,7 +143,7 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
     } else {
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        if (active && i0 + e < n) tm_from_float(pv[e], p[i0 + e]);
+        if (i0 + e < n) tm_from_float(pv[e], p[i0 + e]);
     }
     // a quantisation block is two whole warps of one group, so the group's absmax needs no other tensor
     max1 = tm_warp_max(max1);
@@ -158,8 +158,8 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
     __syncthreads();  // red1/red2 are rewritten in the next iteration
     if (!active) continue;
     if (k == 0) {
-      absmax1[qb] = max1;
-      absmax2[qb] = max2;
+      *absmax1 = max1;
+      *absmax2 = max2;
     }
     const float inv1 = max1 > 0.f ? __fdiv_rn(1.f, max1) : 0.f, inv2 = max2 > 0.f ? __fdiv_rn(1.f, max2) : 0.f;
 #pragma unroll
@@ -187,8 +187,10 @@ __device__ __forceinline__ void adamw8bit_multi(const unsigned long long *__rest
   }
 }
 
+// 5 blocks of 256 threads per SM (48 registers; unbounded, ptxas takes 57 and 4 blocks fit): the step is
+// memory-bound once the lookup is cheap, and the extra resident block keeps more loads in flight.
 #define TM_ADAMW8(T, NAME)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(256)                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 5)                                                       \
       adamw8bit_##NAME(const unsigned long long *table, const long long *sizes, const long long *qb_start,    \
                        int n_tensors, const unsigned int *qtab, float beta1, float beta2,                     \
                        float one_minus_beta1, float one_minus_beta2, float eps, float step_size,              \
