@@ -2,7 +2,13 @@
 
 * Each ``*.cu`` file is compiled once per device with NVRTC (``cupy.RawModule``) and cached.
 * Kernels run on torch's *current* stream (wrapped as a ``cupy.cuda.ExternalStream``), so they order
-  correctly with torch work, CUDA graphs aside.
+  correctly with torch work.
+* CUDA-graph capture: after a first (warm-up) call of an op, its launch path makes no CUDA call that capture
+  forbids: no synchronisation, no allocation through CuPy (outputs come from torch.empty, tensors pass as raw
+  pointers), no host-to-device copies; compilation, device queries (cached) and the CuPy wrapper of a new
+  stream (a plain Python object) happen on first use. rms_norm, rope and swiglu forward+backward are
+  captured this way by benches/gpu_check.py. Not capturable: linear_cross_entropy (it validates targets
+  with a host sync) and AdamW8bit's first step or a step whose tensors changed (pointer-table upload).
 * Tensors reach the kernels as raw device pointers (kernels take raw pointers; DLPack is an opt-in
   alternative, see ARGS_VIA_POINTERS).
 * CuPy allocates from torch's caching allocator, so the two memory pools do not starve each other.
