@@ -53,6 +53,7 @@ def test_dry_run_prints_one_table_and_passes(tmp_path, capsys):
         elementwise = r["op"] in ("rms_norm fwd+bwd", "rope fwd+bwd", "swiglu fwd+bwd")
         assert (r["b2b_ms"] is not None) == elementwise and r["dev_ms"] is None
     assert "device ms" in text and "evaluated on device time" in text
+    assert "rms_norm fwd+bwd" in data["launch_overhead"] and "apply_rope fwd+bwd" in data["launch_overhead"]
     adam = next(r for r in data["rows"] if r["op"] == "AdamW step" and r["impl"] == "tokenmill")
     assert "2.0" in adam["goal"]  # bytes of state per parameter are reported
 
