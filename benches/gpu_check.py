@@ -152,9 +152,9 @@ def _flat_tensors(x: Any) -> list[torch.Tensor]:
 def graph_device_time(cfg: Config, fn: Callable[[], Any], reps: int) -> tuple[float, str]:
     """Device seconds per call: ``fn`` (e.g. a forward+backward) captured in a CUDA graph and replayed
     ``reps`` times back to back, so no host work sits between the kernels. Warm-up on a side stream before
-    capture, as torch's CUDA-graph notes require. Also checks that a replay reproduces an eager call
-    bit for bit (a capture that silently skipped a kernel, e.g. one launched on another stream, would not);
-    the check is returned as a note."""
+    capture, as torch's CUDA-graph notes require. Also checks that a replay into NaN-filled outputs
+    reproduces an eager call bit for bit (a kernel missing from the graph, e.g. one launched on another
+    stream during capture, would leave NaN); the check is returned as a note."""
     if cfg.device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
     # warm-up and capture on the same side stream: per-stream caches (tokenmill's CuPy stream wrapper) are
@@ -170,6 +170,10 @@ def graph_device_time(cfg: Config, fn: Callable[[], Any], reps: int) -> tuple[fl
     try:
         with torch.cuda.graph(graph, stream=side):
             static_out = fn()
+        # the capture itself may have run work outside the graph that wrote these outputs: clear them, so
+        # that only what the replay writes is compared
+        for t in _flat_tensors(static_out):
+            t.fill_(float("nan") if t.is_floating_point() else -1)
         graph.replay()
         torch.cuda.synchronize()
         eager_out = fn()
