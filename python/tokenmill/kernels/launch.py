@@ -5,8 +5,9 @@
   correctly with torch work.
 * CUDA-graph capture: after a first (warm-up) call of an op, its launch path makes no CUDA call that capture
   forbids: no synchronisation, no allocation through CuPy (outputs come from torch.empty, tensors pass as raw
-  pointers), no host-to-device copies; compilation, device queries (cached) and the CuPy wrapper of a new
-  stream (a plain Python object) happen on first use. rms_norm, rope and swiglu forward+backward are
+  pointers), no host-to-device copies; compilation, device queries (cached), the CuPy wrapper of a new
+  stream (a plain Python object) and CuPy's once-per-host-thread context check (cudaMemGetInfo, also on the
+  autograd engine's backward thread) happen on first use. rms_norm, rope and swiglu forward+backward are
   captured this way by benches/gpu_check.py. Not capturable: linear_cross_entropy (it validates targets
   with a host sync) and AdamW8bit's first step or a step whose tensors changed (pointer-table upload).
 * Tensors reach the kernels as raw device pointers (kernels take raw pointers; DLPack is an opt-in
