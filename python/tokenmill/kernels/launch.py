@@ -230,15 +230,25 @@ def _dlpack(t: torch.Tensor) -> Any:
     return cupy.from_dlpack(t)
 
 
+_SCALAR_TYPES = frozenset(
+    {np.int32, np.int64, np.uint64, np.float32, np.float64, np.uint32, np.int8, np.uint8}
+)
+
+
 def prepare_args(args: Sequence[Any]) -> tuple[Any, ...]:
     """Kernel arguments as CuPy takes them: tensors -> device pointers (numpy uint64), None -> NULL, numpy
     scalars unchanged. Anything else is a ValueError (a Python int or float has no fixed C size)."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        t = type(a)  # exact-type tests first: isinstance walks the MRO, ~20 arguments per op on the hot path
+        if t is torch.Tensor:
             out.append(_PTR(a.data_ptr()) if ARGS_VIA_POINTERS else _dlpack(a))
+        elif t in _SCALAR_TYPES:
+            out.append(a)
         elif a is None:
             out.append(_NULL)
+        elif isinstance(a, torch.Tensor):  # nn.Parameter and other subclasses
+            out.append(_PTR(a.data_ptr()) if ARGS_VIA_POINTERS else _dlpack(a))
         elif isinstance(a, np.generic):
             out.append(a)
         else:
