@@ -65,6 +65,12 @@ static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+// correctly rounded fp32 operations (compiled with -ffp-contract=off: never fused, as on the GPU)
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 """
 
 RUNNER = r"""
@@ -168,6 +174,7 @@ def build(build_dir: Path) -> dict[str, ctypes.CDLL]:
                 "-fPIC",
                 "-pthread",
                 "-fno-strict-aliasing",
+                "-ffp-contract=off",
                 "-w",
                 "-o",
                 str(so),

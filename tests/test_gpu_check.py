@@ -49,6 +49,11 @@ def test_dry_run_prints_one_table_and_passes(tmp_path, capsys):
     ):
         assert (op, "tokenmill") in ops
     assert all(r["time_ms"] is not None for r in data["rows"])
+    for r in data["rows"]:  # back-to-back timing runs on CPU too; device time (graph/profiler) needs CUDA
+        timed_b2b = r["op"] in ("rms_norm fwd+bwd", "rope fwd+bwd", "swiglu fwd+bwd", "AdamW step")
+        assert (r["b2b_ms"] is not None) == timed_b2b and r["dev_ms"] is None
+    assert "device ms" in text and "evaluated on device time" in text
+    assert "rms_norm fwd+bwd" in data["launch_overhead"] and "apply_rope fwd+bwd" in data["launch_overhead"]
     adam = next(r for r in data["rows"] if r["op"] == "AdamW step" and r["impl"] == "tokenmill")
     assert "2.0" in adam["goal"]  # bytes of state per parameter are reported
 
@@ -79,3 +84,43 @@ def test_packed_positions_restart():
     steps = pos[:, 1:] - pos[:, :-1]
     assert ((steps == 1) | (pos[:, 1:] == 0)).all() and (pos[:, 1:] == 0).any()
     assert pos.max() < 8
+
+
+def test_device_time_falls_back_and_names_each_failure(monkeypatch):
+    gc = load()
+    cfg = gc.make_config(gc.argparse.Namespace(dry_run=True, compile_on_cpu=False, budget=1.0, seed=0))
+
+    def broken(cfg, fn, reps):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def kernel_sum(cfg, fn, reps):
+        fn()
+        return 2e-4, "profiler: 3 device ops per call"
+
+    monkeypatch.setattr(gc, "DEVICE_TIMERS", {"graph": broken, "profiler": kernel_sum})
+    t, method, note = gc.device_time(cfg, lambda: None, 5)
+    assert (t, method) == (2e-4, "profiler")
+    assert note.startswith("graph failed: RuntimeError: operation not permitted") and "3 device ops" in note
+    monkeypatch.setattr(gc, "DEVICE_TIMERS", {"graph": broken, "profiler": broken})
+    t, method, note = gc.device_time(cfg, lambda: None, 5)
+    assert t is None and method == "-" and note.count("failed") == 2
+
+
+def test_bandwidth_goal_uses_device_time():
+    gc = load()
+    # host-bound: 26% of copy bandwidth launch-inclusive, 80% on device time -> the BW goal is met
+    r = gc.Row("rms_norm fwd+bwd", "tokenmill", time_ms=0.6, gbytes=0.67, gbps=1117, speedup=4.4)
+    r.dev_ms, r.dev_gbps, r.dev_method, r.dev_speedup = 0.2, 3350, "graph", 3.0
+    eager = gc.Row("rms_norm fwd+bwd", "eager", time_ms=2.6, gbytes=0.67, gbps=258, speedup=1.0)
+    gc.bandwidth_goal({"tokenmill": r, "eager": eager}, 4200.0)
+    assert round(r.pct_copy) == 27 and round(r.dev_pct_copy) == 80
+    assert r.goal.startswith("MET") and "device time, graph" in r.goal and "device 3.00x" in r.goal
+    # no device time: the launch-inclusive figure decides, and the goal says so
+    r2 = gc.Row("rope fwd+bwd", "tokenmill", time_ms=0.6, gbytes=0.67, gbps=1117, speedup=4.4)
+    gc.bandwidth_goal({"tokenmill": r2, "eager": eager}, 4200.0)
+    assert r2.goal.startswith("MISSED") and "no device time" in r2.goal
+    # fast on device but under 2x eager (launch-inclusive): missed
+    r3 = gc.Row("swiglu fwd+bwd", "tokenmill", time_ms=1.0, gbytes=3.7, gbps=3700, speedup=1.6)
+    r3.dev_ms, r3.dev_gbps, r3.dev_method = 0.95, 3900, "graph"
+    gc.bandwidth_goal({"tokenmill": r3, "eager": eager}, 4200.0)
+    assert r3.goal.startswith("MISSED") and ">=2x eager: no" in r3.goal

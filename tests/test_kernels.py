@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,7 +407,7 @@ def test_ops_launch_only_kernels_that_exist():
     from tokenmill.optim import adamw8bit
 
     text = inspect.getsource(ops) + inspect.getsource(adamw8bit)
-    launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn,)', text)
+    launched = re.findall(r'launch\.launch\(\s*"(\w+)",\s*(?:f"(\w+?)_\{|fn\w*,)', text)
     prefixes = set(re.findall(r'f"(\w+?)_\{_TYPE_NAME', text)) | {"adamw8bit"}
     assert len(launched) >= 8
     for p in prefixes:
@@ -545,3 +546,16 @@ def test_launch_switches_device_only_when_needed(monkeypatch):
     launch.launch("swiglu", "f", 0, 1, 32, ())
     launch.launch("swiglu", "f", 1, 1, 32, ())
     assert entered == [1] and [c[4] for c in fake.calls] == ["s0", "s1"]
+
+
+def test_prepare_args_pointer_mode():
+    t = torch.zeros(3)
+    p = torch.nn.Parameter(torch.zeros(2))
+    s32, s64, f32 = np.int32(-7), np.int64(2**40), np.float32(0.5)
+    out = launch.prepare_args((t, p, None, s32, s64, f32, np.uint64(5)))
+    assert [type(x) for x in out[:3]] == [np.uint64] * 3
+    assert [int(x) for x in out[:3]] == [t.data_ptr(), p.data_ptr(), 0]
+    assert out[3] is s32 and out[4] is s64 and out[5] is f32 and out[6] == 5
+    for bad in (3, 0.5, "x", [t]):
+        with pytest.raises(ValueError, match="numpy scalar"):
+            launch.prepare_args((bad,))

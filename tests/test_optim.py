@@ -5,7 +5,9 @@ fused CUDA step against the reference when a GPU is present."""
 from __future__ import annotations
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -183,3 +185,81 @@ def test_gpu_fused_step_matches_reference(dtype):
     s_gpu, s_cpu = o_gpu.state[p_gpu], o_cpu.state[p_cpu]
     torch.testing.assert_close(s_gpu["absmax2"].cpu(), s_cpu["absmax2"], rtol=1e-4, atol=0)
     assert (s_gpu["state1"].cpu() != s_cpu["state1"]).float().mean() < 1e-3  # rare nearest-code ties
+
+
+def _edge_floats(signed: bool) -> np.ndarray:
+    """Floats where a nearest-code lookup can go wrong: every threshold, code and fp32 midpoint of two
+    codes with +-64 neighbouring patterns, every bucket boundary of the kernel's table (both signs), the
+    clamping limits, zeros, infinities, NaNs, denormals and a strided sweep over all 2^32 bit patterns."""
+    code = A.dynamic_code(signed).numpy()
+    thr = A.quant_tables(signed)[0][:255]
+    mid = ((code[1:].astype(np.float64) + code[:-1]) / 2).astype(np.float32)
+    centres = np.concatenate([thr, code, mid, -thr, -code, -mid]).view(np.uint32).astype(np.int64)
+    shift = A.Q_SHIFT[signed]
+    bounds = np.arange(A.Q_LO, A.Q_HI + 1, 1 << shift, dtype=np.int64)
+    bounds = np.concatenate([bounds, bounds | 0x80000000])
+    near = (np.concatenate([centres, bounds])[:, None] + np.arange(-64, 65)[None, :]).ravel()
+    special = np.array(
+        [
+            0,
+            0x80000000,
+            1,
+            0x80000001,
+            0x007FFFFF,
+            0x7F800000,
+            0xFF800000,
+            0x7FC00000,
+            0xFFC00000,
+            0x7F800001,
+            0x7F7FFFFF,
+            0xFF7FFFFF,
+            0x3F800000,
+            0xBF800000,
+            A.Q_LO,
+            A.Q_LO | 0x80000000,
+        ],
+        dtype=np.int64,
+    )
+    sweep = np.arange(0, 2**32, 4093, dtype=np.int64)
+    bits = np.concatenate([near & 0xFFFFFFFF, special, sweep]).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _torch_rule(xn: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """quantize()'s nearest-code rule on normalised values, in torch (as in A.quantize)."""
+    lo = (torch.searchsorted(code, xn, right=True) - 1).clamp_(0, 255)
+    hi = (lo + 1).clamp_(max=255)
+    up = (lo < 255) & ((code[hi] - xn) < (xn - code[lo]))
+    return lo + up.long()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_lookup_table_equals_the_reference_rule(signed):
+    """The kernel's bucket table + one comparison (A.quantize_lookup, the numpy model of tm_quantize) gives
+    the reference's index for every kind of float; test_kernels_emulated checks the CUDA source itself."""
+    x = _edge_floats(signed)
+    want = _torch_rule(torch.from_numpy(x), A.dynamic_code(signed)).numpy()
+    assert np.array_equal(A._nearest_code(A.dynamic_code(signed).numpy(), x), want)
+    got = A.quantize_lookup(x, signed)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} mismatches, first x={x[bad[0]]!r}: {got[bad[0]]} vs {want[bad[0]]}"
+    # the thresholds are where the index steps: T_j quantises to j, its predecessor to j - 1
+    thr = A.quant_tables(signed)[0][:255]
+    below = np.nextafter(thr, np.float32(-np.inf))
+    assert np.array_equal(A._nearest_code(A.dynamic_code(signed).numpy(), thr), np.arange(1, 256))
+    assert np.array_equal(A._nearest_code(A.dynamic_code(signed).numpy(), below), np.arange(0, 255))
+
+
+def test_kernel_tables_match_the_cuda_constants():
+    from tokenmill.kernels import launch
+
+    src = launch.source("adamw8bit")
+    consts = dict(re.findall(r"#define (TM_Q\w+) (0x[0-9a-f]+u|\d+)", src))
+    assert (
+        int(consts["TM_Q_LO"].rstrip("u"), 16) == A.Q_LO and int(consts["TM_Q_HI"].rstrip("u"), 16) == A.Q_HI
+    )
+    assert int(consts["TM_Q1_SHIFT"]) == A.Q_SHIFT[True] and int(consts["TM_Q2_SHIFT"]) == A.Q_SHIFT[False]
+    words = A.quant_table_words()
+    nb = [((A.Q_HI - A.Q_LO) >> A.Q_SHIFT[s]) + 1 for s in (True, False)]
+    assert words.size == 1024 + (2 * nb[0] + 3) // 4 + (2 * nb[1] + 3) // 4
+    assert np.array_equal(words[:256].view(np.float32), A.dynamic_code(True).numpy())

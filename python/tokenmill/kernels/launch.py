@@ -2,7 +2,14 @@
 
 * Each ``*.cu`` file is compiled once per device with NVRTC (``cupy.RawModule``) and cached.
 * Kernels run on torch's *current* stream (wrapped as a ``cupy.cuda.ExternalStream``), so they order
-  correctly with torch work, CUDA graphs aside.
+  correctly with torch work.
+* CUDA-graph capture: after a first (warm-up) call of an op, its launch path makes no CUDA call that capture
+  forbids: no synchronisation, no allocation through CuPy (outputs come from torch.empty, tensors pass as raw
+  pointers), no host-to-device copies; compilation, device queries (cached), the CuPy wrapper of a new
+  stream (a plain Python object) and CuPy's once-per-host-thread context check (cudaMemGetInfo, also on the
+  autograd engine's backward thread) happen on first use. rms_norm, rope and swiglu forward+backward are
+  captured this way by benches/gpu_check.py. Not capturable: linear_cross_entropy (it validates targets
+  with a host sync) and AdamW8bit's first step or a step whose tensors changed (pointer-table upload).
 * Tensors reach the kernels as raw device pointers (kernels take raw pointers; DLPack is an opt-in
   alternative, see ARGS_VIA_POINTERS).
 * CuPy allocates from torch's caching allocator, so the two memory pools do not starve each other.
@@ -223,15 +230,25 @@ def _dlpack(t: torch.Tensor) -> Any:
     return cupy.from_dlpack(t)
 
 
+_SCALAR_TYPES = frozenset(
+    {np.int32, np.int64, np.uint64, np.float32, np.float64, np.uint32, np.int8, np.uint8}
+)
+
+
 def prepare_args(args: Sequence[Any]) -> tuple[Any, ...]:
     """Kernel arguments as CuPy takes them: tensors -> device pointers (numpy uint64), None -> NULL, numpy
     scalars unchanged. Anything else is a ValueError (a Python int or float has no fixed C size)."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        t = type(a)  # exact-type tests first: isinstance walks the MRO, ~20 arguments per op on the hot path
+        if t is torch.Tensor:
             out.append(_PTR(a.data_ptr()) if ARGS_VIA_POINTERS else _dlpack(a))
+        elif t in _SCALAR_TYPES:
+            out.append(a)
         elif a is None:
             out.append(_NULL)
+        elif isinstance(a, torch.Tensor):  # nn.Parameter and other subclasses
+            out.append(_PTR(a.data_ptr()) if ARGS_VIA_POINTERS else _dlpack(a))
         elif isinstance(a, np.generic):
             out.append(a)
         else:
@@ -287,7 +304,7 @@ def launch(
 
 def empty(shape: Sequence[int] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation (torch's allocator); NaN/-1 filled when DEBUG_FILL_NAN is set."""
-    t = torch.empty(tuple(shape), dtype=dtype, device=device)
+    t = torch.empty(shape, dtype=dtype, device=device)
     if DEBUG_FILL_NAN:
         t.fill_(float("nan") if t.is_floating_point() else -1)
     return t

@@ -32,6 +32,12 @@ def _eager(fn):
     return functools.wraps(fn)(disable(fn)) if disable is not None else fn
 
 
+def _runs_kernel(t: torch.Tensor) -> bool:
+    """Whether an op on ``t`` runs the CUDA kernels (benches/kernel_host_overhead.py and the emulator tests
+    make CPU tensors take this path)."""
+    return t.is_cuda
+
+
 def _check_float(name: str, t: object, device: torch.device | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -68,9 +74,27 @@ def _check_int(name: str, t: object, device: torch.device) -> torch.Tensor:
 def _vec(dtype: torch.dtype, divides: int, *tensors: torch.Tensor) -> int:
     """16-byte accesses when they divide the row length and every pointer is 16-byte aligned, else scalar."""
     v = _VEC[dtype]
-    if divides % v == 0 and all(t.data_ptr() % 16 == 0 for t in tensors):
-        return v
-    return 1
+    if divides % v:
+        return 1
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    return 1 if ptrs & 15 else v
+
+
+# Launch configurations (kernel name, grid, block, shared memory, scalar arguments) per shape, dtype,
+# device and vector width: grid sizing, name formatting and numpy scalars are built once per shape instead
+# of on every call (host time is most of a small op's cost; benches/kernel_host_overhead.py).
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(key: tuple, make) -> tuple:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:  # many distinct shapes (e.g. varying sequence lengths): start over
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
 
 
 def _threads_for_row(d: int, vec: int) -> int:
@@ -85,28 +109,50 @@ def _grid_stride(total: int, threads: int, device: int, per_sm: int = 16) -> int
 
 
 def _rms_norm_fwd_cuda(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = x.shape
-    y = launch.empty((n, d), x.dtype, x.device)
+    """x: [..., d] contiguous (rows of d elements; no view: views of autograd inputs cost microseconds)."""
+    d = x.shape[-1]
+    n = x.numel() // d if d else 0
+    y = launch.empty(x.shape, x.dtype, x.device)
     rstd = launch.empty((n,), torch.float32, x.device)
     if n == 0:
         return y, rstd
     dev, vec = x.device.index, _vec(x.dtype, d, x, w, y)
-    fn = f"rms_norm_fwd_{_TYPE_NAME[x.dtype]}_v{vec}"
-    args = (x, w, y, rstd, np.int64(n), np.int32(d), np.float32(eps))
-    launch.launch("rms_norm", fn, dev, min(n, 1 << 20), _threads_for_row(d, vec), args)
+
+    def make():
+        fn = f"rms_norm_fwd_{_TYPE_NAME[x.dtype]}_v{vec}"
+        return (
+            fn,
+            (min(n, 1 << 20),),
+            (_threads_for_row(d, vec),),
+            (np.int64(n), np.int32(d), np.float32(eps)),
+        )
+
+    fn, grid, block, scalars = _plan(("rms_fwd", n, d, x.dtype, dev, vec, eps), make)
+    launch.launch("rms_norm", fn, dev, grid, block, (x, w, y, rstd, *scalars))
     return y, rstd
 
 
 def _rms_norm_bwd_cuda(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = x.shape
+    d = x.shape[-1]
+    n = x.numel() // d if d else 0
     dev = x.device.index
-    dx = launch.empty((n, d), x.dtype, x.device)
+    dx = launch.empty(x.shape, x.dtype, x.device)
     dw = launch.empty((d,), w.dtype, w.device)
     if n == 0:
         return dx, dw.zero_()
     vec = _vec(x.dtype, d, dy, x, w, dx)
+    fn, grid, block, smem, scalars, fn2, grid2, scalars2 = _plan(
+        ("rms_bwd", n, d, x.dtype, dev, vec), lambda: _rms_norm_bwd_plan(n, d, x.dtype, dev, vec)
+    )
+    partial = launch.empty((grid[0], d), torch.float32, x.device)
+    launch.launch("rms_norm", fn, dev, grid, block, (dy, x, w, rstd, dx, partial, *scalars), shared_mem=smem)
+    launch.launch("rms_norm", fn2, dev, grid2, (256,), (partial, *scalars2, dw))
+    return dx, dw
+
+
+def _rms_norm_bwd_plan(n: int, d: int, dtype: torch.dtype, dev: int, vec: int) -> tuple:
     threads = _threads_for_row(d, vec)
     span = threads * vec
     smem = 4 * (-(-d // span) * span)  # dw accumulator, see rms_norm.cu
@@ -116,39 +162,46 @@ def _rms_norm_bwd_cuda(
         )
     # A grid that is resident at once (registers and shared memory permitting): a block that had to wait
     # for another to finish would double the time of its share of the rows.
-    name = _TYPE_NAME[x.dtype]
+    name = _TYPE_NAME[dtype]
     fn = f"rms_norm_bwd_{name}_v{vec}"
     by_smem = max(1, launch.max_shared_mem(dev) // (smem + 2048))
     per_sm = min(launch.resident_blocks("rms_norm", fn, dev, threads), by_smem)
     grid = min(n, launch.sm_count(dev) * per_sm)
-    partial = launch.empty((grid, d), torch.float32, x.device)
-    args = (dy, x, w, rstd, dx, partial, np.int64(n), np.int32(d))
-    launch.launch("rms_norm", fn, dev, grid, threads, args, shared_mem=smem)
-    args2 = (partial, np.int32(grid), np.int32(d), dw)
-    launch.launch("rms_norm", f"rms_norm_dw_reduce_{name}", dev, math.ceil(d / 32), 256, args2)
-    return dx, dw
+    return (
+        fn,
+        (grid,),
+        (threads,),
+        smem,
+        (np.int64(n), np.int32(d)),
+        f"rms_norm_dw_reduce_{name}",
+        (math.ceil(d / 32),),
+        (np.int32(grid), np.int32(d)),
+    )
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        shape = x.shape
-        x2 = x.view(-1, shape[-1])
-        y, rstd = (
-            _rms_norm_fwd_cuda(x2, weight, eps) if x.is_cuda else reference.rms_norm_fwd(x2, weight, eps)
-        )
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = shape
-        return y.view(shape)
+        if _runs_kernel(x):  # the kernels take [..., d] as rows: no reshaping
+            y, rstd = _rms_norm_fwd_cuda(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
+        x2 = x.view(-1, x.shape[-1])
+        y, rstd = reference.rms_norm_fwd(x2, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dy2 = dy.contiguous().view(-1, x2.shape[-1]).to(x2.dtype)
-        bwd = _rms_norm_bwd_cuda if x2.is_cuda else reference.rms_norm_bwd
-        dx, dw = bwd(dy2, x2, weight, rstd)
-        return dx.view(ctx.shape), dw, None
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous().to(x.dtype)
+        if _runs_kernel(x):
+            dx, dw = _rms_norm_bwd_cuda(dy, x, weight, rstd)
+            return dx, dw, None
+        d = x.shape[-1]
+        dx, dw = reference.rms_norm_bwd(dy.view(-1, d), x.view(-1, d), weight, rstd)
+        return dx.view(x.shape), dw, None
 
 
 @_eager
@@ -188,14 +241,13 @@ def _rope_dims(name: str, x: torch.Tensor) -> tuple[int, int, int]:
 
 def _table_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> int:
     """Rows of a cos/sin table ([seq, d] or [..., seq, d] matching x's leading dims) or of positions."""
-    seq, d = x.shape[-3], x.shape[-1]
-    lead = tuple(x.shape[:-2])
-    ok_shapes = {(seq, d), (*lead, d)}
-    if tuple(t.shape) not in ok_shapes:
+    ts, xs = t.shape, x.shape
+    if ts[-1:] != xs[-1:] or (ts[:-1] != xs[-3:-2] and ts[:-1] != xs[:-2]):
+        seq, d, lead = xs[-3], xs[-1], tuple(xs[:-2])
         raise ValueError(
-            f"{name} must have shape {(seq, d)} or {(*lead, d)} for an input of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+            f"{name} must have shape {(seq, d)} or {(*lead, d)} for an input of shape {tuple(xs)}, got {tuple(ts)}"
         )
-    return t.numel() // d
+    return t.numel() // xs[-1]
 
 
 _ROPE_HEADS = 8  # TM_ROPE_HEADS in rope.cu: heads per work item (they share the item's cos/sin)
@@ -207,47 +259,47 @@ def _rope_launch(
     k: torch.Tensor | None,
     angles: tuple[torch.Tensor, torch.Tensor],
     rows: int,
-    direction: np.generic,
+    direction: bool | float,
 ) -> tuple:
-    """One launch rotating q and (optionally) k. ``angles``: (cos, sin) tables or (positions, inv_freq) with
-    ``rows`` rows; ``direction``: the kernel's backward flag / sign. Returns (yq, yk or None)."""
-    n_tok, hq, d = _rope_dims("x", q)
-    hk = k.shape[-2] if k is not None else 0
+    """One launch rotating q and (optionally) k. ``angles``: (cos, sin) tables ("table") or (positions,
+    inv_freq) ("positions") with ``rows`` rows; ``direction``: the table kernel's backward flag or the
+    positions kernel's sign. Returns (yq, yk or None)."""
     yq = launch.empty(q.shape, q.dtype, q.device)
     yk = launch.empty(k.shape, k.dtype, k.device) if k is not None else None
-    if n_tok == 0 or hq + hk == 0 or d == 0:
-        return yq, yk
     # vector accesses need 16-byte alignment of every tensor read or written with them (cos/sin tables; the
     # positions and inv_freq are read element by element)
-    vec_tensors = [q, yq] + ([k, yk] if k is not None else []) + (list(angles) if kind == "table" else [])
-    dev, vec = q.device.index, _vec(q.dtype, d // 2, *vec_tensors)
+    ts = (q, yq) if k is None else (q, yq, k, yk)
+    half = q.shape[-1] // 2
+    vec = _vec(q.dtype, half, *ts, *angles) if kind == "table" else _vec(q.dtype, half, *ts)
+    dev = q.device.index
+    key = ("rope", kind, q.shape, None if k is None else k.shape, q.dtype, dev, vec, rows, direction)
+    plan = _plan(key, lambda: _rope_plan(kind, q, k, rows, direction, dev, vec))
+    if plan is not None:
+        fn, grid, scalars = plan
+        launch.launch("rope", fn, dev, grid, (256,), (q, yq, k, yk, *angles, *scalars))
+    return yq, yk
+
+
+def _rope_plan(kind, q, k, rows, direction, dev, vec) -> tuple | None:
+    n_tok, hq, d = _rope_dims("x", q)
+    hk = k.shape[-2] if k is not None else 0
+    if n_tok == 0 or hq + hk == 0 or d == 0:
+        return None
     total = n_tok * (d // 2 // vec) * math.ceil((hq + hk) / _ROPE_HEADS)
-    args = (
-        q,
-        yq,
-        k,
-        yk,
-        *angles,
-        np.int64(n_tok),
-        np.int32(hq),
-        np.int32(hk),
-        np.int32(d),
-        np.int64(rows),
-        direction,
-    )
-    fn = f"rope_{kind}_{_TYPE_NAME[q.dtype]}_v{vec}"
+    flag = np.int32(direction) if kind == "table" else np.float32(direction)
+    scalars = (np.int64(n_tok), np.int32(hq), np.int32(hk), np.int32(d), np.int64(rows), flag)
     # Few items per thread (each covers 8 heads): a grid of about one item per thread, so that no thread
     # does two items while others do one (16 blocks per SM would leave 1.2 items per thread on average at
     # 16k tokens x 40 heads, i.e. a 2-item critical path).
-    launch.launch("rope", fn, dev, _grid_stride(total, 256, dev, per_sm=64), 256, args)
-    return yq, yk
+    grid = _grid_stride(total, 256, dev, per_sm=64)
+    return f"rope_{kind}_{_TYPE_NAME[q.dtype]}_v{vec}", (grid,), scalars
 
 
 def _rope_table_cuda(
     q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, k: torch.Tensor | None = None
 ):
     """apply_rope's kernel for q (and k in the same launch); returns yq alone when k is None."""
-    yq, yk = _rope_launch("table", q, k, (cos, sin), cos.numel() // q.shape[-1], np.int32(backward))
+    yq, yk = _rope_launch("table", q, k, (cos, sin), cos.numel() // q.shape[-1], bool(backward))
     return yq if k is None else (yq, yk)
 
 
@@ -255,7 +307,7 @@ class ApplyRopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        if q.is_cuda:
+        if _runs_kernel(q):
             return _rope_table_cuda(q, cos, sin, False, k)
         return reference.rope_table_fwd(q, cos, sin), reference.rope_table_fwd(k, cos, sin)
 
@@ -264,7 +316,7 @@ class ApplyRopeFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         dq, dk = dq.contiguous(), dk.contiguous()
-        if dq.is_cuda:
+        if _runs_kernel(dq):
             gq, gk = _rope_table_cuda(dq, cos, sin, True, dk)
         else:
             gq, gk = reference.rope_table_bwd(dq, cos, sin), reference.rope_table_bwd(dk, cos, sin)
@@ -315,7 +367,7 @@ def _rope_positions_cuda(
     inv_freq = _INV_FREQ.get(key)
     if inv_freq is None:
         inv_freq = _INV_FREQ[key] = reference.rope_inv_freq(d, theta).to(x.device)
-    yx, yk = _rope_launch("positions", x, k, (positions, inv_freq), positions.numel(), np.float32(sign))
+    yx, yk = _rope_launch("positions", x, k, (positions, inv_freq), positions.numel(), float(sign))
     return yx if k is None else (yx, yk)
 
 
@@ -324,7 +376,7 @@ class RopeFunction(torch.autograd.Function):
     def forward(ctx, x, positions, theta):
         ctx.save_for_backward(positions)
         ctx.theta = theta
-        if x.is_cuda:
+        if _runs_kernel(x):
             return _rope_positions_cuda(x, positions, theta, 1.0)
         return reference.rope(x, positions, theta)
 
@@ -333,7 +385,7 @@ class RopeFunction(torch.autograd.Function):
     def backward(ctx, g):
         (positions,) = ctx.saved_tensors
         g = g.contiguous()
-        if g.is_cuda:
+        if _runs_kernel(g):
             return _rope_positions_cuda(g, positions, ctx.theta, -1.0), None, None
         return reference.rope_positions_bwd(g, positions, ctx.theta), None, None
 
@@ -380,10 +432,10 @@ def _swiglu_fwd_cuda(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return y
     dev, vec = gate.device.index, _vec(gate.dtype, n, gate, up, y)
-    grid = _grid_stride(n // vec, 256, dev)
-    launch.launch(
-        "swiglu", f"swiglu_fwd_{_TYPE_NAME[gate.dtype]}_v{vec}", dev, grid, 256, (gate, up, y, np.int64(n))
+    fn, grid, scalars = _plan(
+        ("swiglu_fwd", n, gate.dtype, dev, vec), lambda: _swiglu_plan("fwd", n, gate.dtype, dev, vec)
     )
+    launch.launch("swiglu", fn, dev, grid, (256,), (gate, up, y, *scalars))
     return y
 
 
@@ -396,24 +448,30 @@ def _swiglu_bwd_cuda(
     if n == 0:
         return dg, du
     dev, vec = gate.device.index, _vec(gate.dtype, n, dy, gate, up, dg, du)
-    grid = _grid_stride(n // vec, 256, dev)
-    args = (dy, gate, up, dg, du, np.int64(n))
-    launch.launch("swiglu", f"swiglu_bwd_{_TYPE_NAME[gate.dtype]}_v{vec}", dev, grid, 256, args)
+    fn, grid, scalars = _plan(
+        ("swiglu_bwd", n, gate.dtype, dev, vec), lambda: _swiglu_plan("bwd", n, gate.dtype, dev, vec)
+    )
+    launch.launch("swiglu", fn, dev, grid, (256,), (dy, gate, up, dg, du, *scalars))
     return dg, du
+
+
+def _swiglu_plan(direction: str, n: int, dtype: torch.dtype, dev: int, vec: int) -> tuple:
+    grid = _grid_stride(n // vec, 256, dev)
+    return f"swiglu_{direction}_{_TYPE_NAME[dtype]}_v{vec}", (grid,), (np.int64(n),)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)  # only the inputs: sigmoid(gate) is recomputed in backward
-        return _swiglu_fwd_cuda(gate, up) if gate.is_cuda else reference.swiglu(gate, up)
+        return _swiglu_fwd_cuda(gate, up) if _runs_kernel(gate) else reference.swiglu(gate, up)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous().to(gate.dtype)
-        return _swiglu_bwd_cuda(dy, gate, up) if dy.is_cuda else reference.swiglu_bwd(dy, gate, up)
+        return _swiglu_bwd_cuda(dy, gate, up) if _runs_kernel(dy) else reference.swiglu_bwd(dy, gate, up)
 
 
 @_eager
@@ -492,7 +550,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # needs_input_grad is True under torch.no_grad() too: only pay for gradients when a graph is built
         need_gh = grad_enabled and ctx.needs_input_grad[0]
         need_gw = grad_enabled and ctx.needs_input_grad[1]
-        fwd = _linear_ce_fwd_cuda if hidden.is_cuda else reference.linear_cross_entropy_fwd
+        fwd = _linear_ce_fwd_cuda if _runs_kernel(hidden) else reference.linear_cross_entropy_fwd
         loss, gh, gw = fwd(h2, weight, t1, ignore_index, reduction, chunk_rows, need_gh, need_gw)
         ctx.grads = (gh.view(shape) if gh is not None else None, gw)
         return loss if loss.dtype == torch.float64 else loss.float()

@@ -79,10 +79,118 @@ def quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (lo + up.long()).to(torch.uint8), absmax
 
 
+# The kernel's nearest-code lookup (kernels/adamw8bit.cu: tm_quantize): constants shared with the .cu source.
+Q_LO = 0x34000000  # 2^-23: smaller magnitudes share the first bucket
+Q_HI = 0x3F800000  # 1.0: larger magnitudes share the last bucket
+Q_SHIFT = {True: 17, False: 16}  # bucket width in float patterns: signed (m), unsigned (v)
+
+
+def _nearest_code(code: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``quantize``'s rule on already normalised fp32 values (numpy): the index of the nearest code, ties
+    to the lower one, differences in fp32; NaN -> 255 (searchsorted sorts NaN last)."""
+    x = np.asarray(x, dtype=np.float32)
+    lo = np.clip(np.searchsorted(code, x, side="right") - 1, 0, 255)
+    hi = np.minimum(lo + 1, 255)
+    with np.errstate(invalid="ignore"):
+        up = (lo < 255) & ((code[hi] - x) < (x - code[lo]))
+    return (lo + up).astype(np.int64)
+
+
+def _ordered_to_float(keys: np.ndarray) -> np.ndarray:
+    """Floats from keys that order them (key = bits ^ 0x80000000 for +, ~bits for -)."""
+    k = np.asarray(keys, dtype=np.int64)
+    bits = np.where(k >= 0x80000000, k ^ 0x80000000, 0xFFFFFFFF - k).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+@functools.cache
+def quant_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, bucket bases) of the kernel's lookup for ``dynamic_code(signed)``.
+
+    The nearest-code index is a non-decreasing step function of x; thresholds[j] is the smallest float
+    quantised to j + 1 or above (found by bisection over all floats with the reference rule itself;
+    thresholds[255] = NaN, never reached). Bucket b of a sign covers 2^Q_SHIFT consecutive magnitude
+    patterns (clamped to [Q_LO, Q_HI]); bases[b] is the index of its smallest value (negative-side buckets
+    after the positive ones). Checked here: no bucket holds more than one threshold, so the kernel's
+    ``base + (x >= thresholds[base])`` equals the reference for every float."""
+    code = dynamic_code(signed).numpy()
+    j = np.arange(1, 256)
+    lo = np.full(255, 0x007FFFFF, dtype=np.int64)  # -inf: index 0
+    hi = np.full(255, 0xFF800000, dtype=np.int64)  # +inf: index 255
+    while (hi - lo > 1).any():
+        mid = (lo + hi) // 2
+        ok = _nearest_code(code, _ordered_to_float(mid)) >= j
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    thr = np.append(_ordered_to_float(hi), np.float32(np.nan)).astype(np.float32)
+    shift = Q_SHIFT[signed]
+    nb = ((Q_HI - Q_LO) >> shift) + 1
+    b = np.arange(nb, dtype=np.int64)
+    mag_lo = np.where(b == 0, 0, Q_LO + (b << shift)).astype(np.uint32).view(np.float32)
+    mag_hi = (
+        np.where(b == nb - 1, 0x7F800000, Q_LO + ((b + 1) << shift) - 1).astype(np.uint32).view(np.float32)
+    )
+    base = np.concatenate([_nearest_code(code, mag_lo), _nearest_code(code, -mag_hi)])
+    top = np.concatenate([_nearest_code(code, mag_hi), _nearest_code(code, -mag_lo)])
+    if (top - base).max() > 1 or abs(float(thr[0])) < 2.0**-23:
+        raise AssertionError("quantisation buckets too wide for the kernel's one-comparison lookup")
+    return thr, base.astype(np.uint8)
+
+
+def quant_table_words() -> np.ndarray:
+    """The kernel's ``qtab`` argument (uint32 words): code1, code2, thresholds1, thresholds2 (fp32), then
+    the uint8 bucket bases of the signed and the unsigned code, each padded to whole words."""
+    parts = [
+        dynamic_code(True).numpy(),
+        dynamic_code(False).numpy(),
+        quant_tables(True)[0],
+        quant_tables(False)[0],
+    ]
+    words = [np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) for x in parts]
+    for signed in (True, False):
+        base = quant_tables(signed)[1]
+        padded = np.zeros(-(-base.size // 4) * 4, dtype=np.uint8)
+        padded[: base.size] = base
+        words.append(padded.view(np.uint32))
+    return np.concatenate(words)
+
+
+def quantize_lookup(xn: np.ndarray, signed: bool) -> np.ndarray:
+    """The kernel's lookup in numpy (tests compare it with ``quantize``'s rule on every kind of float)."""
+    thr, base = quant_tables(signed)
+    x = np.asarray(xn, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.int64)
+    a = u & 0x7FFFFFFF
+    neg = (u >> 31) & (a <= 0x7F800000)
+    shift = Q_SHIFT[signed]
+    nb = ((Q_HI - Q_LO) >> shift) + 1
+    b = base[neg * nb + ((np.clip(a, Q_LO, Q_HI) - Q_LO) >> shift)].astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        return b + (x >= thr[b])
+
+
 def dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     n = q.numel()
     scale = absmax.repeat_interleave(BLOCK)[:n]
     return code[q.long()] * scale
+
+
+def step_scalars(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+) -> dict[str, float]:
+    """The fp32 scalars of one step, shared by reference_step and the kernel's arguments (each computed in
+    double, rounded once to fp32), so that both compute the same fp32 operations on the same values."""
+    bc1 = 1 - beta1**step
+    vals = {
+        "beta1": beta1,
+        "beta2": beta2,
+        "one_minus_beta1": 1 - beta1,
+        "one_minus_beta2": 1 - beta2,
+        "eps": eps,
+        "step_size": lr / bc1,
+        "inv_bc2_sqrt": 1 / math.sqrt(1 - beta2**step),
+        "decay": 1 - lr * weight_decay,
+    }
+    return {name: float(np.float32(v)) for name, v in vals.items()}
 
 
 def reference_step(
@@ -96,15 +204,16 @@ def reference_step(
     weight_decay: float,
 ) -> None:
     """One AdamW8bit step in torch on a flat view (the algorithm of kernels/adamw8bit.cu); updates p and state."""
-    step = state["step"]
-    bc1 = 1 - beta1**step
-    bc2_sqrt = math.sqrt(1 - beta2**step)
+    k = step_scalars(lr, beta1, beta2, eps, weight_decay, state["step"])
     pf = p.detach().view(-1).float()
     gf = g.view(-1).float()
     c1, c2 = _code(True, p.device), _code(False, p.device)
-    m = beta1 * dequantize(state["state1"], state["absmax1"], c1) + (1 - beta1) * gf
-    v = beta2 * dequantize(state["state2"], state["absmax2"], c2) + (1 - beta2) * gf * gf
-    pf = pf * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    m = k["beta1"] * dequantize(state["state1"], state["absmax1"], c1) + k["one_minus_beta1"] * gf
+    v = k["beta2"] * dequantize(state["state2"], state["absmax2"], c2) + k["one_minus_beta2"] * gf * gf
+    # sqrt through float64: correctly rounded, as the kernel's (torch's AVX-512 fp32 sqrt is not: ~20% of
+    # results 1 ulp off on the machine this was written on)
+    sqrt_v = v.double().sqrt().float()
+    pf = pf * k["decay"] - k["step_size"] * m / (sqrt_v * k["inv_bc2_sqrt"] + k["eps"])
     p.detach().view(-1).copy_(pf)
     state["state1"], state["absmax1"] = quantize(m, c1)
     state["state2"], state["absmax2"] = quantize(v, c2)
@@ -242,10 +351,13 @@ def _cuda_multi_step(
         return
     p0 = items[0][0]
     n_t = len(items)
-    meta = np.empty(8 * n_t + 1, dtype=np.int64)  # [pointers 6n | sizes n | qb_start n + 1]
+    # [pointers 6n | sizes n | qb_start n + 1], built as one list (numpy item assignment costs ~1 us a call)
+    ptrs: list[int] = []
+    sizes: list[int] = []
+    starts: list[int] = []
     qb = 0
-    for t, (p, g, st) in enumerate(items):
-        meta[6 * t : 6 * t + 6] = (
+    for p, g, st in items:
+        ptrs += (
             p.data_ptr(),
             g.data_ptr(),
             st["state1"].data_ptr(),
@@ -253,10 +365,12 @@ def _cuda_multi_step(
             st["absmax1"].data_ptr(),
             st["absmax2"].data_ptr(),
         )
-        meta[6 * n_t + t] = p.numel()
-        meta[7 * n_t + t] = qb
-        qb += (p.numel() + BLOCK - 1) // BLOCK
-    meta[8 * n_t] = qb
+        n = p.numel()
+        sizes.append(n)
+        starts.append(qb)
+        qb += (n + BLOCK - 1) // BLOCK
+    starts.append(qb)
+    meta = np.array(ptrs + sizes + starts, dtype=np.int64)
     cached = tables.get(key)
     if cached is not None and np.array_equal(cached[0], meta):
         table = cached[1]
@@ -271,21 +385,37 @@ def _cuda_multi_step(
         1, min((qb + 3) // 4, launch.sm_count(dev) * launch.resident_blocks("adamw8bit", fn, dev, 256))
     )
     base = table.data_ptr()
+    k = step_scalars(lr, beta1, beta2, eps, weight_decay, step)
     args = (
         np.uint64(base),
         np.uint64(base + 8 * 6 * n_t),
         np.uint64(base + 8 * 7 * n_t),
         np.int32(n_t),
-        _code(True, p0.device),
-        _code(False, p0.device),
-        np.float32(beta1),
-        np.float32(beta2),
-        np.float32(eps),
-        np.float32(lr / (1 - beta1**step)),
-        np.float32(math.sqrt(1 - beta2**step)),
-        np.float32(1 - lr * weight_decay),
+        _qtab(p0.device),
+        *(np.float32(k[name]) for name in _KERNEL_SCALARS),
     )
     launch.launch("adamw8bit", fn, dev, grid, 256, args)
+
+
+# the kernel's float parameters after qtab, in order
+_KERNEL_SCALARS = (
+    "beta1",
+    "beta2",
+    "one_minus_beta1",
+    "one_minus_beta2",
+    "eps",
+    "step_size",
+    "inv_bc2_sqrt",
+    "decay",
+)
+_QTABS: dict[torch.device, torch.Tensor] = {}
+
+
+def _qtab(device: torch.device) -> torch.Tensor:
+    t = _QTABS.get(device)
+    if t is None:
+        t = _QTABS[device] = torch.from_numpy(quant_table_words().view(np.int32)).to(device)
+    return t
 
 
 def _runs_kernel(p: torch.Tensor) -> bool:
@@ -296,6 +426,9 @@ def _runs_kernel(p: torch.Tensor) -> bool:
 def _cuda_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
     """The multi-tensor kernel on a single tensor (no table cache)."""
     _cuda_multi_step([(p.detach(), g, state)], lr, beta1, beta2, eps, weight_decay, state["step"], {})
+
+
+_STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -421,11 +554,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 g = p.grad
                 if g.is_sparse:
                     raise ValueError("AdamW8bit does not support sparse gradients")
-                if p.dtype not in (torch.float32, torch.bfloat16):
+                dtype, dev = p.dtype, p.device
+                if dtype not in _STEP_DTYPES:
                     raise ValueError(
                         f"param {i} of its group has dtype {p.dtype}; AdamW8bit takes float32 or bfloat16"
                     )
-                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                if g.dtype != dtype or g.shape != p.shape or g.device != dev:
                     raise ValueError(
                         f"param {i}: grad must match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device}), got ({g.dtype}, {tuple(g.shape)}, {g.device})"
                     )
@@ -443,7 +577,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 if "state1" not in state:
                     _fp32_step(p, g, state, lr, beta1, beta2, eps, wd)
                 elif _runs_kernel(p):  # one launch per (device, dtype, step) below
-                    batches.setdefault((p.device, p.dtype, state["step"]), []).append((p.detach(), g, state))
+                    # only pointers and sizes are taken from p (no detach needed under no_grad)
+                    batches.setdefault((dev, dtype, state["step"]), []).append((p, g, state))
                 else:
                     reference_step(p, g, state, lr, beta1, beta2, eps, wd)
             for k, ((dev, dtype, step), items) in enumerate(batches.items()):
