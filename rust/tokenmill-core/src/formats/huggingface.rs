@@ -4,6 +4,7 @@
 //! `encode(text, allowed_special="all")` here). Post-processor and decoder are not used.
 
 use super::read_text;
+use crate::bpe::spm::{parse_byte_piece, HfRules, PieceType, Prepend, SpModel, SpPiece, SPACE};
 use crate::bpe::{BpeOptions, Tokenizer};
 
 use crate::{fsutil, Error, Result};
@@ -110,13 +111,13 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
             type_of(model)
         ));
     }
+    if get_bool(model, "byte_fallback", false)? {
+        return sentencepiece_from_json(v, model);
+    }
     for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
         if !matches!(model.get(key), None | Some(Value::Null)) {
             return Err(format!("BPE option {key} is not supported"));
         }
-    }
-    if get_bool(model, "byte_fallback", false)? {
-        return Err("byte_fallback BPE is not byte-level; load SentencePiece models with from_sentencepiece".into());
     }
     if !matches!(v.get("normalizer"), None | Some(Value::Null)) {
         return Err(format!(
@@ -186,6 +187,279 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
             ))?;
         tokens.push((id, bytes));
     }
+    let merges = parse_merges(model, |t| by_text.get(t).copied())?;
+    let options = BpeOptions {
+        merges: Some(merges),
+        ignore_merges,
+        add_prefix_space,
+    };
+    Tokenizer::from_vocab(tokens, &pattern, specials, options).map_err(|e| e.to_string())
+}
+
+fn replace_spec(o: &Value) -> Option<(&str, &str)> {
+    let pat = o.get("pattern")?.get("String")?.as_str()?;
+    Some((pat, o.get("content")?.as_str()?))
+}
+
+fn is_null(o: Option<&Value>) -> bool {
+    matches!(o, None | Some(Value::Null))
+}
+
+/// A Sequence's items (`key` names the list), or the object itself if it is not a Sequence.
+fn flatten<'a>(o: &'a Value, key: &str) -> Vec<&'a Value> {
+    match o.get(key).and_then(Value::as_array) {
+        Some(items) if type_of(o) == "Sequence" => items.iter().collect(),
+        _ => vec![o],
+    }
+}
+
+/// The `▁` placement of a SentencePiece-style file: the legacy normalizer or a Metaspace pre-tokenizer.
+fn spm_prepend(v: &Value) -> std::result::Result<Prepend, String> {
+    let norm = v.get("normalizer").filter(|n| !n.is_null());
+    let pre = v.get("pre_tokenizer").filter(|n| !n.is_null());
+    match (norm, pre) {
+        (Some(n), None) => {
+            let mut prepend = Prepend::Never;
+            match flatten(n, "normalizers").as_slice() {
+                [p, r] if type_of(p) == "Prepend" && type_of(r) == "Replace" => {
+                    if p.get("prepend").and_then(Value::as_str) != Some(SPACE) {
+                        return Err("normalizer Prepend must prepend \"▁\"".into());
+                    }
+                    prepend = Prepend::Normalizer;
+                    check_space_replace(r, "normalizer")?;
+                }
+                [r] if type_of(r) == "Replace" => check_space_replace(r, "normalizer")?,
+                _ => {
+                    return Err(format!(
+                        "normalizer {} is not supported; SentencePiece-style BPE needs Sequence[Prepend(\"▁\"), \
+                         Replace(\" \", \"▁\")] (or a Metaspace pre-tokenizer and no normalizer)",
+                        describe(n)
+                    ))
+                }
+            }
+            Ok(prepend)
+        }
+        (None, Some(p)) => match flatten(p, "pretokenizers").as_slice() {
+            [m] if type_of(m) == "Metaspace" => {
+                if m.get("replacement").and_then(Value::as_str) != Some(SPACE) {
+                    return Err("Metaspace pre-tokenizer with a replacement other than \"▁\" is not supported".into());
+                }
+                if get_bool(m, "split", true)? {
+                    return Err("Metaspace pre-tokenizer with split=true is not supported".into());
+                }
+                metaspace_scheme(m, "pre-tokenizer")
+            }
+            _ => Err(format!(
+                "pre-tokenizer {} is not supported; SentencePiece-style BPE needs Metaspace(split=false) or none",
+                describe(p)
+            )),
+        },
+        (Some(n), Some(p)) => Err(format!(
+            "normalizer {} together with pre-tokenizer {} is not supported",
+            describe(n),
+            describe(p)
+        )),
+        (None, None) => Err("no normalizer and no pre-tokenizer: where spaces become \"▁\" is unknown".into()),
+    }
+}
+
+fn check_space_replace(r: &Value, what: &str) -> std::result::Result<(), String> {
+    if replace_spec(r) != Some((" ", SPACE)) {
+        return Err(format!("{what} Replace must replace the string \" \" by \"▁\""));
+    }
+    Ok(())
+}
+
+fn metaspace_scheme(m: &Value, what: &str) -> std::result::Result<Prepend, String> {
+    match m.get("prepend_scheme").and_then(Value::as_str) {
+        Some("always") => Ok(Prepend::Always),
+        Some("first") => Ok(Prepend::First),
+        Some("never") => Ok(Prepend::Never),
+        None => Ok(if get_bool(m, "add_prefix_space", true)? {
+            Prepend::Always
+        } else {
+            Prepend::Never
+        }),
+        Some(x) => Err(format!("Metaspace {what} prepend_scheme {x:?} is not supported")),
+    }
+}
+
+/// A component for error messages: its type, or the types inside a Sequence.
+fn describe(o: &Value) -> String {
+    let items = flatten(o, "normalizers");
+    let items = if items.len() == 1 { flatten(o, "pretokenizers") } else { items };
+    let items = if items.len() == 1 { flatten(o, "decoders") } else { items };
+    if type_of(o) == "Sequence" {
+        let inner: Vec<&str> = items.iter().map(|i| type_of(i)).collect();
+        format!("Sequence[{}]", inner.join(", "))
+    } else {
+        format!("{:?}", type_of(o))
+    }
+}
+
+/// (strip one leading space, decode `<0xNN>` as bytes) from the decoder.
+fn spm_decoder(d: Option<&Value>) -> std::result::Result<(bool, bool), String> {
+    let d = d.filter(|d| !d.is_null()).ok_or(
+        "decoder null is not supported; SentencePiece-style BPE needs Sequence[Replace(\"▁\", \" \"), ByteFallback, Fuse, Strip] or Metaspace",
+    )?;
+    if type_of(d) == "Metaspace" {
+        if d.get("replacement").and_then(Value::as_str) != Some(SPACE) {
+            return Err("Metaspace decoder with a replacement other than \"▁\" is not supported".into());
+        }
+        return Ok((metaspace_scheme(d, "decoder")? != Prepend::Never, false));
+    }
+    let items = flatten(d, "decoders");
+    let (head, strip) = match items.as_slice() {
+        [head @ .., s] if type_of(s) == "Strip" => {
+            let ok = s.get("content").and_then(Value::as_str) == Some(" ")
+                && s.get("start").and_then(Value::as_u64) == Some(1)
+                && s.get("stop").and_then(Value::as_u64) == Some(0);
+            if !ok {
+                return Err("only the decoder Strip(\" \", 1, 0) is supported".into());
+            }
+            (head, true)
+        }
+        all => (all, false),
+    };
+    match head {
+        [r, b, f] if type_of(r) == "Replace" && type_of(b) == "ByteFallback" && type_of(f) == "Fuse" => {
+            if replace_spec(r) != Some((SPACE, " ")) {
+                return Err("decoder Replace must replace \"▁\" by \" \"".into());
+            }
+            Ok((strip, true))
+        }
+        _ => Err(format!(
+            "decoder {} is not supported; SentencePiece-style BPE needs Sequence[Replace(\"▁\", \" \"), ByteFallback, Fuse, Strip] or Metaspace",
+            describe(d)
+        )),
+    }
+}
+
+/// A SentencePiece-style BPE model (byte_fallback, `▁` for spaces) as transformers' LLaMA converters
+/// write it; encoded with `tokenizers`' rules ([`HfRules`]).
+fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Tokenizer, String> {
+    if !is_null(model.get("dropout")) {
+        return Err("BPE option dropout is not supported".into());
+    }
+    for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+        if !matches!(model.get(key), None | Some(Value::Null)) && model[key] != "" {
+            return Err(format!("BPE option {key} is not supported"));
+        }
+    }
+    let prepend = spm_prepend(v)?;
+    let (strip_space, decode_bytes) = spm_decoder(v.get("decoder"))?;
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or("model has no vocab object")?;
+    let mut texts: Vec<Option<&str>> = vec![None; vocab.len()];
+    for (text, id) in vocab {
+        let id = id
+            .as_u64()
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or(format!("vocab entry {text:?} has no valid id"))?;
+        match texts.get_mut(id) {
+            Some(slot @ None) => *slot = Some(text),
+            Some(Some(other)) => return Err(format!("vocab entries {other:?} and {text:?} have the same id {id}")),
+            None => return Err(format!("vocab ids are not 0..{}: {text:?} has id {id}", vocab.len())),
+        }
+    }
+    let is_byte = |t: &str| parse_byte_piece(t).is_some_and(|b| t == format!("<0x{b:02X}>"));
+    let mut pieces: Vec<SpPiece> = texts
+        .iter()
+        .map(|t| {
+            let piece = t.unwrap_or_default().to_string();
+            let kind = if is_byte(&piece) { PieceType::Byte } else { PieceType::Normal };
+            SpPiece { piece, score: 0.0, kind }
+        })
+        .collect();
+    let n_model = pieces.len() as u32;
+    let normalizer = v.get("normalizer").is_some_and(|n| !n.is_null());
+    for (i, a) in v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let content = a
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or(format!("added token {i} has no content"))?;
+        let id = a
+            .get("id")
+            .and_then(Value::as_u64)
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or(format!("added token {content:?} has no valid id"))?;
+        for key in ["lstrip", "rstrip", "single_word"] {
+            if get_bool(a, key, false)? {
+                return Err(format!("added token {content:?}: {key}=true is not supported"));
+            }
+        }
+        // A normalized added token is matched after the normalizer ran, a different split of the text.
+        if get_bool(a, "normalized", false)? && (normalizer || content.contains([' ', '\u{2581}'])) {
+            return Err(format!(
+                "added token {content:?}: normalized=true is not supported with this normalizer"
+            ));
+        }
+        let kind = if get_bool(a, "special", false)? {
+            PieceType::Control
+        } else {
+            PieceType::UserDefined
+        };
+        if id < pieces.len() {
+            if pieces[id].piece != content {
+                return Err(format!(
+                    "added token {content:?} has id {id}, which the vocab gives to {:?}",
+                    pieces[id].piece
+                ));
+            }
+            if id < n_model as usize && pieces[id].kind == PieceType::Byte {
+                return Err(format!("added token {content:?} is a byte token"));
+            }
+            pieces[id].kind = kind;
+        } else if id == pieces.len() {
+            pieces.push(SpPiece { piece: content.to_string(), score: 0.0, kind });
+        } else {
+            return Err(format!(
+                "added token {content:?} has id {id}; ids must follow the vocab without gaps ({} next)",
+                pieces.len()
+            ));
+        }
+    }
+    let index: FxHashMap<&str, u32> = texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some(((*t)?, i as u32)))
+        .collect();
+    let unk = match model.get("unk_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(
+            *index
+                .get(u.as_str())
+                .ok_or(format!("unk_token {u:?} is not in the vocab"))?,
+        ),
+        Some(x) => return Err(format!("unk_token must be a string, got {x:.40}")),
+    };
+    let merges = parse_merges(model, |t| index.get(t).copied())?;
+    let hf = HfRules::new(
+        merges,
+        prepend,
+        get_bool(model, "ignore_merges", false)?,
+        get_bool(model, "fuse_unk", false)?,
+        unk,
+        n_model,
+        strip_space,
+        decode_bytes,
+    );
+    let m = SpModel::new_hf(pieces, true, hf)?;
+    Tokenizer::from_sentencepiece(m).map_err(|e| e.to_string())
+}
+
+fn parse_merges(
+    model: &Value,
+    id: impl Fn(&str) -> Option<u32>,
+) -> std::result::Result<Vec<(u32, u32)>, String> {
     let mut merges = Vec::new();
     for (i, m) in model
         .get("merges")
@@ -206,20 +480,10 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
             ),
             _ => return Err(format!("merge {i} is neither \"a b\" nor [a, b]")),
         };
-        let id = |t: &str| {
-            by_text
-                .get(t)
-                .copied()
-                .ok_or(format!("merge {i} uses {t:?}, which is not in the vocab"))
-        };
+        let id = |t: &str| id(t).ok_or(format!("merge {i} uses {t:?}, which is not in the vocab"));
         merges.push((id(a)?, id(b)?));
     }
-    let options = BpeOptions {
-        merges: Some(merges),
-        ignore_merges,
-        add_prefix_space,
-    };
-    Tokenizer::from_vocab(tokens, &pattern, specials, options).map_err(|e| e.to_string())
+    Ok(merges)
 }
 
 /// Rust regex `$` (end of text) is Oniguruma's `\z`; Oniguruma's `$` is end of line.
@@ -246,11 +510,75 @@ fn onig_pattern(p: &str) -> String {
     out
 }
 
+/// The SentencePiece-style tokenizer.json of a model loaded from one, as transformers writes it.
+fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
+    let text = |id: u32| m.pieces[id as usize].piece.as_str();
+    let mut vocab = Map::new();
+    for id in 0..h.n_model {
+        vocab.insert(text(id).to_string(), json!(id));
+    }
+    let merges: Vec<Value> = h.merges.iter().map(|&(a, b)| json!([text(a), text(b)])).collect();
+    let added: Vec<Value> = m
+        .pieces
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p.kind, PieceType::Control | PieceType::UserDefined))
+        .map(|(id, p)| {
+            json!({"id": id, "content": p.piece, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": p.kind == PieceType::Control})
+        })
+        .collect();
+    let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    let metaspace = |scheme: &str| {
+        json!({"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme, "split": false})
+    };
+    let (normalizer, pre) = match h.prepend {
+        Prepend::Normalizer => (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": SPACE}, replace(" ", SPACE)]}),
+            Value::Null,
+        ),
+        Prepend::Never => (Value::Null, metaspace("never")),
+        Prepend::Always => (Value::Null, metaspace("always")),
+        Prepend::First => (Value::Null, metaspace("first")),
+    };
+    let decoder = if h.decode_bytes {
+        let mut d = vec![replace(SPACE, " "), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+        if h.strip_space {
+            d.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        json!({"type": "Sequence", "decoders": d})
+    } else {
+        metaspace(if h.strip_space { "always" } else { "never" })
+    };
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre,
+        "post_processor": null,
+        "decoder": decoder,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": h.unk.map(text),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": h.fuse_unk,
+            "byte_fallback": m.byte_fallback, "ignore_merges": h.ignore_merges, "vocab": vocab,
+            "merges": merges
+        }
+    })
+}
+
 pub fn to_json(tok: &Tokenizer) -> Result<Value> {
-    if tok.spm().is_some() {
-        return Err(Error::invalid(
-            "saving a SentencePiece model as tokenizer.json is not supported; keep the .model file",
-        ));
+    if let Some(m) = tok.spm() {
+        return match m.hf() {
+            Some(h) => Ok(sentencepiece_to_json(m, h)),
+            None => Err(Error::invalid(
+                "saving a model loaded from a SentencePiece .model as tokenizer.json is not supported \
+                 (tokenizers ranks merges where sentencepiece compares scores; they split some texts \
+                 differently); keep the .model file",
+            )),
+        };
     }
     let map = byte_to_char();
     let toks = tok.mergeable_tokens();
