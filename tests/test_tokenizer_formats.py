@@ -184,7 +184,18 @@ def test_unsupported_sentencepiece_models_are_refused(tmp_path):
 
 # ----- SentencePiece-style BPE tokenizer.json (LLaMA-1/2, Mistral, TinyLlama) -----
 
-SPM_EXTRA = ["<s>", "</s>", "<unk>", " ", "  ", "\u2581", "\U0001f600\U0001f642", "\u0301", "\u4e2d\u6587", "\x00\x01"]
+SPM_EXTRA = [
+    "<s>",
+    "</s>",
+    "<unk>",
+    " ",
+    "  ",
+    "\u2581",
+    "\U0001f600\U0001f642",
+    "\u0301",
+    "\u4e2d\u6587",
+    "\x00\x01",
+]
 
 
 def spm_text_strategy():
@@ -192,7 +203,18 @@ def spm_text_strategy():
     return st.lists(st.one_of(text_strategy(), st.sampled_from(SPM_EXTRA)), max_size=4).map("".join)
 
 
-SPM_EXAMPLES = ["", " ", "  hello ", "\u2581x", "<s>", "<s> a", "a<s>b", "x </s>  y<unk>", "\U0001f600\u0301", "\x00"]
+SPM_EXAMPLES = [
+    "",
+    " ",
+    "  hello ",
+    "\u2581x",
+    "<s>",
+    "<s> a",
+    "a<s>b",
+    "x </s>  y<unk>",
+    "\U0001f600\u0301",
+    "\x00",
+]
 
 LEGACY_NORMALIZER = {
     "type": "Sequence",
@@ -351,7 +373,15 @@ def _handmade_spm_json(merges: list) -> dict:
     for t in ["\u2581", "a", "b", "c", "ab", "bc", "\u2581a", "abc"]:
         vocab[t] = len(vocab)
     added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i, t in enumerate(["<unk>", "<s>", "</s>"])
     ]
     decoder = [
@@ -397,7 +427,9 @@ def test_hf_sentencepiece_json_merges_by_rank(order, tmp_path):
     path.write_text(json.dumps(_handmade_spm_json(merges)))
     hf = tokenizers.Tokenizer.from_file(str(path))
     ours = tm.Tokenizer.from_huggingface(path)
-    want = {"ab-first": ["\u2581", "abc"], "bc-first": ["\u2581a", "bc"], "abc-via-bc": ["\u2581", "abc"]}[order]
+    want = {"ab-first": ["\u2581", "abc"], "bc-first": ["\u2581a", "bc"], "abc-via-bc": ["\u2581", "abc"]}[
+        order
+    ]
     for text in ["abc", "abc abcab", "cab\U0001f600", "\u00e9", ""]:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
     assert [hf.id_to_token(i) for i in ours.encode("abc")] == want
@@ -412,7 +444,10 @@ def test_unsupported_hf_sentencepiece_json_is_refused(tmp_path):
     cases = {
         "nfc": ({**good, "normalizer": {"type": "NFC"}}, 'normalizer "NFC" is not supported'),
         "nfkc_seq": (
-            {**good, "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, LEGACY_NORMALIZER]}},
+            {
+                **good,
+                "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, LEGACY_NORMALIZER]},
+            },
             r"normalizer Sequence\[NFKC, Sequence\] is not supported",
         ),
         "split": (

@@ -238,7 +238,9 @@ impl SpModel {
                     .get(x as usize)
                     .filter(|_| x < hf.n_model)
                     .map(|p| p.piece.as_str())
-                    .ok_or(format!("merge {i} uses token id {x}, which is not in the vocab"))
+                    .ok_or(format!(
+                        "merge {i} uses token id {x}, which is not in the vocab"
+                    ))
             };
             let merged = format!("{}{}", text(a)?, text(b)?);
             let id = mergeable
@@ -246,7 +248,9 @@ impl SpModel {
                 .or_else(|| reserved.get(&merged))
                 .copied()
                 .filter(|&id| id < hf.n_model)
-                .ok_or(format!("merge {i} gives {merged:?}, which is not in the vocab"))?;
+                .ok_or(format!(
+                    "merge {i} gives {merged:?}, which is not in the vocab"
+                ))?;
             // `tokenizers` keeps the first rank of a pair listed twice.
             ranks.entry((a, b)).or_insert((i as u32, id));
         }

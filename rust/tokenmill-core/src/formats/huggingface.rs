@@ -1,7 +1,24 @@
-//! Hugging Face `tokenizer.json` for byte-level BPE: model BPE, pre-tokenizer ByteLevel (GPT-2
-//! regex) or Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)] (LLaMA-3), no normalizer;
-//! added tokens become special tokens (HF matches every added token in the text, which is
-//! `encode(text, allowed_special="all")` here). Post-processor and decoder are not used.
+//! Hugging Face `tokenizer.json`, two kinds of BPE model.
+//!
+//! Byte-level BPE: pre-tokenizer ByteLevel (GPT-2 regex) or Sequence[Split(regex, Isolated),
+//! ByteLevel(use_regex=false)] (LLaMA-3), no normalizer.
+//!
+//! SentencePiece-style BPE (`byte_fallback: true`: LLaMA-1/2, Mistral-7B, TinyLlama and their
+//! fine-tunes): `▁` for spaces, `<0xNN>` byte tokens, optional unk token (fuse_unk), and either the
+//! legacy converter's normalizer Sequence[Prepend("▁"), Replace(" ", "▁")] (or just the Replace)
+//! with no pre-tokenizer, or no normalizer and pre-tokenizer Metaspace("▁", prepend_scheme
+//! always|first|never, split=false); decoder Sequence[Replace("▁", " "), ByteFallback, Fuse,
+//! Strip(" ", 1, 0)?] or Metaspace. Loaded into the SentencePiece machinery ([`SpModel`]) with
+//! `tokenizers`' rules ([`HfRules`]): merges by rank in the file, Metaspace's prefix rules, byte
+//! fallback per character. Differences from sentencepiece on the same model, followed as
+//! `tokenizers` has them: Metaspace puts no `▁` before a text that starts with " " or "▁" ("first":
+//! nor before the text after a special token); decoding drops special tokens (including `<unk>`).
+//! Anything else (other normalizers, split=true, dropout, ...) is an error naming the part.
+//!
+//! In both, added tokens become special tokens (HF matches every added token in the text, which is
+//! `encode(text, allowed_special="all")` here). The post-processor is not applied (BOS is the
+//! caller's: `bos_token_id`). `save` writes these forms back; a SentencePiece `.model` is written
+//! as the legacy form (see [`sentencepiece_as_hf`]).
 
 use super::read_text;
 use crate::bpe::spm::{parse_byte_piece, HfRules, PieceType, Prepend, SpModel, SpPiece, SPACE};
@@ -265,7 +282,9 @@ fn spm_prepend(v: &Value) -> std::result::Result<Prepend, String> {
 
 fn check_space_replace(r: &Value, what: &str) -> std::result::Result<(), String> {
     if replace_spec(r) != Some((" ", SPACE)) {
-        return Err(format!("{what} Replace must replace the string \" \" by \"▁\""));
+        return Err(format!(
+            "{what} Replace must replace the string \" \" by \"▁\""
+        ));
     }
     Ok(())
 }
@@ -280,15 +299,25 @@ fn metaspace_scheme(m: &Value, what: &str) -> std::result::Result<Prepend, Strin
         } else {
             Prepend::Never
         }),
-        Some(x) => Err(format!("Metaspace {what} prepend_scheme {x:?} is not supported")),
+        Some(x) => Err(format!(
+            "Metaspace {what} prepend_scheme {x:?} is not supported"
+        )),
     }
 }
 
 /// A component for error messages: its type, or the types inside a Sequence.
 fn describe(o: &Value) -> String {
     let items = flatten(o, "normalizers");
-    let items = if items.len() == 1 { flatten(o, "pretokenizers") } else { items };
-    let items = if items.len() == 1 { flatten(o, "decoders") } else { items };
+    let items = if items.len() == 1 {
+        flatten(o, "pretokenizers")
+    } else {
+        items
+    };
+    let items = if items.len() == 1 {
+        flatten(o, "decoders")
+    } else {
+        items
+    };
     if type_of(o) == "Sequence" {
         let inner: Vec<&str> = items.iter().map(|i| type_of(i)).collect();
         format!("Sequence[{}]", inner.join(", "))
@@ -304,7 +333,9 @@ fn spm_decoder(d: Option<&Value>) -> std::result::Result<(bool, bool), String> {
     )?;
     if type_of(d) == "Metaspace" {
         if d.get("replacement").and_then(Value::as_str) != Some(SPACE) {
-            return Err("Metaspace decoder with a replacement other than \"▁\" is not supported".into());
+            return Err(
+                "Metaspace decoder with a replacement other than \"▁\" is not supported".into(),
+            );
         }
         return Ok((metaspace_scheme(d, "decoder")? != Prepend::Never, false));
     }
@@ -360,8 +391,17 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
             .ok_or(format!("vocab entry {text:?} has no valid id"))?;
         match texts.get_mut(id) {
             Some(slot @ None) => *slot = Some(text),
-            Some(Some(other)) => return Err(format!("vocab entries {other:?} and {text:?} have the same id {id}")),
-            None => return Err(format!("vocab ids are not 0..{}: {text:?} has id {id}", vocab.len())),
+            Some(Some(other)) => {
+                return Err(format!(
+                    "vocab entries {other:?} and {text:?} have the same id {id}"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "vocab ids are not 0..{}: {text:?} has id {id}",
+                    vocab.len()
+                ))
+            }
         }
     }
     let is_byte = |t: &str| parse_byte_piece(t).is_some_and(|b| t == format!("<0x{b:02X}>"));
@@ -369,8 +409,16 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
         .iter()
         .map(|t| {
             let piece = t.unwrap_or_default().to_string();
-            let kind = if is_byte(&piece) { PieceType::Byte } else { PieceType::Normal };
-            SpPiece { piece, score: 0.0, kind }
+            let kind = if is_byte(&piece) {
+                PieceType::Byte
+            } else {
+                PieceType::Normal
+            };
+            SpPiece {
+                piece,
+                score: 0.0,
+                kind,
+            }
         })
         .collect();
     let n_model = pieces.len() as u32;
@@ -393,11 +441,14 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
             .ok_or(format!("added token {content:?} has no valid id"))?;
         for key in ["lstrip", "rstrip", "single_word"] {
             if get_bool(a, key, false)? {
-                return Err(format!("added token {content:?}: {key}=true is not supported"));
+                return Err(format!(
+                    "added token {content:?}: {key}=true is not supported"
+                ));
             }
         }
         // A normalized added token is matched after the normalizer ran, a different split of the text.
-        if get_bool(a, "normalized", false)? && (normalizer || content.contains([' ', '\u{2581}'])) {
+        if get_bool(a, "normalized", false)? && (normalizer || content.contains([' ', '\u{2581}']))
+        {
             return Err(format!(
                 "added token {content:?}: normalized=true is not supported with this normalizer"
             ));
@@ -419,7 +470,11 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
             }
             pieces[id].kind = kind;
         } else if id == pieces.len() {
-            pieces.push(SpPiece { piece: content.to_string(), score: 0.0, kind });
+            pieces.push(SpPiece {
+                piece: content.to_string(),
+                score: 0.0,
+                kind,
+            });
         } else {
             return Err(format!(
                 "added token {content:?} has id {id}; ids must follow the vocab without gaps ({} next)",
@@ -517,7 +572,11 @@ fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
     for id in 0..h.n_model {
         vocab.insert(text(id).to_string(), json!(id));
     }
-    let merges: Vec<Value> = h.merges.iter().map(|&(a, b)| json!([text(a), text(b)])).collect();
+    let merges: Vec<Value> = h
+        .merges
+        .iter()
+        .map(|&(a, b)| json!([text(a), text(b)]))
+        .collect();
     let added: Vec<Value> = m
         .pieces
         .iter()
@@ -529,9 +588,7 @@ fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
         })
         .collect();
     let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
-    let metaspace = |scheme: &str| {
-        json!({"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme, "split": false})
-    };
+    let metaspace = |scheme: &str| json!({"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme, "split": false});
     let (normalizer, pre) = match h.prepend {
         Prepend::Normalizer => (
             json!({"type": "Sequence", "normalizers": [
@@ -543,7 +600,11 @@ fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
         Prepend::First => (Value::Null, metaspace("first")),
     };
     let decoder = if h.decode_bytes {
-        let mut d = vec![replace(SPACE, " "), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+        let mut d = vec![
+            replace(SPACE, " "),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
         if h.strip_space {
             d.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
         }
@@ -601,14 +662,21 @@ fn sentencepiece_as_hf(m: &SpModel) -> std::result::Result<SpModel, String> {
     let mut merges: Vec<(f32, u32, usize, u32, u32)> = Vec::new();
     for (&piece, &id) in &normal {
         let score = m.pieces[id as usize].score;
-        if let Some(c) = piece.chars().find(|c| !normal.contains_key(c.encode_utf8(&mut [0; 4]) as &str)) {
-            return Err(format!("piece {piece:?} has the character {c:?}, which is not a piece"));
+        if let Some(c) = piece
+            .chars()
+            .find(|c| !normal.contains_key(c.encode_utf8(&mut [0; 4]) as &str))
+        {
+            return Err(format!(
+                "piece {piece:?} has the character {c:?}, which is not a piece"
+            ));
         }
         if piece.chars().nth(1).is_none() {
             continue;
         }
         if let Some(other) = seen.insert(score.to_bits(), piece) {
-            return Err(format!("pieces {other:?} and {piece:?} have the same score {score}"));
+            return Err(format!(
+                "pieces {other:?} and {piece:?} have the same score {score}"
+            ));
         }
         for (k, _) in piece.char_indices().skip(1) {
             if let (Some(&a), Some(&b)) = (normal.get(&piece[..k]), normal.get(&piece[k..])) {
@@ -620,7 +688,11 @@ fn sentencepiece_as_hf(m: &SpModel) -> std::result::Result<SpModel, String> {
     let unk = Some(m.unk_id());
     let rules = HfRules::new(
         merges.iter().map(|x| (x.3, x.4)).collect(),
-        if m.add_dummy_prefix { Prepend::Normalizer } else { Prepend::Never },
+        if m.add_dummy_prefix {
+            Prepend::Normalizer
+        } else {
+            Prepend::Never
+        },
         false,
         true,
         unk,
@@ -641,7 +713,10 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
                         "this SentencePiece model cannot be saved as tokenizer.json: {e}"
                     ))
                 })?;
-                Ok(sentencepiece_to_json(&hf, hf.hf().expect("built with rules")))
+                Ok(sentencepiece_to_json(
+                    &hf,
+                    hf.hf().expect("built with rules"),
+                ))
             }
         };
     }
@@ -732,4 +807,127 @@ pub fn save(tok: &Tokenizer, path: impl AsRef<Path>) -> Result<()> {
     let text =
         serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(format!("JSON: {e}")))?;
     fsutil::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SentencePiece-style file: specials 0-2, then the byte tokens of `bytes`, then `pieces`.
+    fn spm_json(bytes: std::ops::Range<u32>, pieces: &[&str], merges: &[(&str, &str)]) -> Value {
+        let mut vocab = Map::new();
+        for (i, s) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(s.to_string(), json!(i));
+        }
+        for b in bytes {
+            vocab.insert(format!("<0x{b:02X}>"), json!(vocab.len()));
+        }
+        for p in pieces {
+            vocab.insert(p.to_string(), json!(vocab.len()));
+        }
+        let added: Vec<Value> = ["<unk>", "<s>", "</s>"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"id": i, "content": s, "normalized": false, "special": true}))
+            .collect();
+        json!({
+            "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": SPACE},
+                {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]},
+            "pre_tokenizer": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "unk_token": "<unk>", "fuse_unk": true, "byte_fallback": true,
+                      "vocab": vocab, "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()}
+        })
+    }
+
+    fn pieces(t: &Tokenizer, ids: &[u32]) -> Vec<String> {
+        let m = t.spm().unwrap();
+        ids.iter()
+            .map(|&i| m.pieces[i as usize].piece.clone())
+            .collect()
+    }
+
+    #[test]
+    fn merges_apply_by_rank_not_by_piece_id() {
+        let p = ["\u{2581}", "a", "b", "c", "ab", "bc", "\u{2581}a"];
+        // (b, c) ranks first although "ab" has the lower id (sentencepiece would pick "ab").
+        let t = from_json(&spm_json(
+            0..256,
+            &p,
+            &[("b", "c"), ("a", "b"), ("\u{2581}", "a")],
+        ))
+        .unwrap();
+        assert_eq!(pieces(&t, &t.encode_ordinary("abc")), ["\u{2581}a", "bc"]);
+        let t = from_json(&spm_json(
+            0..256,
+            &p,
+            &[("a", "b"), ("b", "c"), ("\u{2581}", "a")],
+        ))
+        .unwrap();
+        assert_eq!(
+            pieces(&t, &t.encode_ordinary("abc")),
+            ["\u{2581}", "ab", "c"]
+        );
+        // Byte fallback for characters outside the vocab; decoding strips the prefix space.
+        let ids = t.encode_ordinary("a\u{e9}");
+        assert_eq!(pieces(&t, &ids), ["\u{2581}a", "<0xC3>", "<0xA9>"]);
+        assert_eq!(t.decode_bytes(&ids).unwrap(), "a\u{e9}".as_bytes());
+    }
+
+    #[test]
+    fn prepend_schemes_and_specials() {
+        let p = ["\u{2581}", "a", "\u{2581}a"];
+        let mut v = spm_json(0..256, &p, &[("\u{2581}", "a")]);
+        let specials = |t: &Tokenizer, s: &str| pieces(t, &t.encode(s, &["<s>"]).unwrap());
+        let legacy = from_json(&v).unwrap();
+        assert_eq!(
+            specials(&legacy, "a<s>a"),
+            ["\u{2581}a", "<s>", "\u{2581}a"]
+        );
+        assert_eq!(specials(&legacy, " a"), ["\u{2581}", "\u{2581}a"]);
+        v["normalizer"] = Value::Null;
+        for (scheme, after_special, spaced) in [
+            ("first", vec!["a"], vec!["\u{2581}a"]),
+            ("always", vec!["\u{2581}a"], vec!["\u{2581}a"]),
+            ("never", vec!["a"], vec!["\u{2581}a"]),
+        ] {
+            v["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": SPACE,
+                                        "prepend_scheme": scheme, "split": false});
+            let t = from_json(&v).unwrap();
+            assert_eq!(specials(&t, "<s>a")[1..], after_special, "{scheme}");
+            assert_eq!(specials(&t, " a"), spaced, "{scheme}");
+        }
+        v["pre_tokenizer"]["split"] = json!(true);
+        assert!(from_json(&v).unwrap_err().contains("split=true"));
+    }
+
+    #[test]
+    fn unknowns_fuse_and_follow_byte_tokens_as_in_tokenizers() {
+        // Only bytes 0x00-0x7F exist: "é" (C3 A9) has no byte tokens, so it is <unk>; a pending unk
+        // is written after the byte tokens of a following character, as `tokenizers` does.
+        let t = from_json(&spm_json(0..128, &["\u{2581}", "a"], &[])).unwrap();
+        let ids = t.encode_ordinary("\u{e9}\u{e9}\u{1}a");
+        assert_eq!(pieces(&t, &ids), ["\u{2581}", "<0x01>", "<unk>", "a"]);
+    }
+
+    #[test]
+    fn native_and_json_round_trip() {
+        let p = ["\u{2581}", "a", "b", "ab", "\u{2581}ab"];
+        let t = from_json(&spm_json(0..256, &p, &[("a", "b"), ("\u{2581}", "ab")])).unwrap();
+        let back =
+            crate::formats::native::parse(&crate::formats::native::to_string(&t), Path::new("x"))
+                .unwrap();
+        assert_eq!(back.fingerprint(), t.fingerprint());
+        let again = from_json(&to_json(&t).unwrap()).unwrap();
+        assert_eq!(again.fingerprint(), t.fingerprint());
+        assert_eq!(
+            again.encode_ordinary("ab ba\u{1F600}"),
+            t.encode_ordinary("ab ba\u{1F600}")
+        );
+    }
 }
