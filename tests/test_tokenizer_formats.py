@@ -367,9 +367,9 @@ def test_sentencepiece_model_saved_as_tokenizer_json(sp_trained, tmp_path):
     check()
 
 
-def _handmade_spm_json(merges: list) -> dict:
+def _handmade_spm_json(merges: list, n_bytes: int = 256) -> dict:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(n_bytes)})
     for t in ["\u2581", "a", "b", "c", "ab", "bc", "\u2581a", "abc"]:
         vocab[t] = len(vocab)
     added = [
@@ -433,6 +433,68 @@ def test_hf_sentencepiece_json_merges_by_rank(order, tmp_path):
     for text in ["abc", "abc abcab", "cab\U0001f600", "\u00e9", ""]:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
     assert [hf.id_to_token(i) for i in ours.encode("abc")] == want
+
+
+_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "split": False}
+_HF_VARIANTS = {
+    "legacy": {},
+    "replace-only": {"normalizer": {"type": "Sequence", "normalizers": LEGACY_NORMALIZER["normalizers"][1:]}},
+    "metaspace-first": {"normalizer": None, "pre_tokenizer": {**_METASPACE, "prepend_scheme": "first"}},
+    "metaspace-always": {"normalizer": None, "pre_tokenizer": {**_METASPACE, "prepend_scheme": "always"}},
+    "metaspace-never": {"normalizer": None, "pre_tokenizer": {**_METASPACE, "prepend_scheme": "never"}},
+    "metaspace-old": {"normalizer": None, "pre_tokenizer": {**_METASPACE, "add_prefix_space": True}},
+    "no-strip": {
+        "decoder": {"type": "Sequence", "decoders": _handmade_spm_json([])["decoder"]["decoders"][:3]}
+    },
+    "metaspace-decoder": {"decoder": {**_METASPACE, "prepend_scheme": "always"}},
+    "ignore-merges": {"model": {"ignore_merges": True}},
+    "no-fuse-unk": {"model": {"fuse_unk": False}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_HF_VARIANTS))
+def test_hf_sentencepiece_json_variants(variant, tmp_path):
+    """Each supported variant, and added tokens outside the vocab (special or not), against tokenizers."""
+    # Without byte tokens for 0x80-0xFF, non-ASCII characters are <unk> (fused or not).
+    n_bytes = 128 if variant == "no-fuse-unk" else 256
+    doc = _handmade_spm_json([["a", "b"], ["b", "c"], ["ab", "c"], ["\u2581", "a"]], n_bytes)
+    change = dict(_HF_VARIANTS[variant])
+    doc["model"].update(change.pop("model", {}))
+    doc.update(change)
+    n = len(doc["model"]["vocab"])
+    for i, (content, special) in enumerate([("<pad>", True), ("<extra>", False)]):
+        doc["added_tokens"].append(
+            {
+                "id": n + i,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
+        )
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    ours = tm.Tokenizer.from_huggingface(path)
+    assert ours.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": n, "<extra>": n + 1}
+    ours.save_huggingface(tmp_path / "saved.json")  # written back: tokenizers reads it the same way
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "saved.json"))
+    words = st.sampled_from(["abc", "ab", "bc", "a", " ", "\u2581", "<pad>", "<extra>", "<s>", "\u00e9"])
+    texts = st.one_of(spm_text_strategy(), st.lists(words, max_size=8).map("".join))
+
+    @given(texts)
+    @example("abc")
+    @example(" abc <extra>abc")
+    def check(text):
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == want
+        assert ours.decode(want) == hf.decode(want)
+        assert saved.encode(text, add_special_tokens=False).ids == want
+        assert saved.decode(want) == hf.decode(want)
+
+    check()
 
 
 def test_unsupported_hf_sentencepiece_json_is_refused(tmp_path):
