@@ -7,10 +7,12 @@
 //!
 //! The same pieces loaded from a Hugging Face `tokenizer.json` (see `formats::huggingface`) carry
 //! [`HfRules`] instead: `tokenizers`' BPE model with byte fallback, which merges the pair of lowest
-//! rank in the file's `merges` list (leftmost on ties) rather than the pair of highest score. The two
-//! differ where a piece has several splits in the list whose candidate pairs overlap, e.g. `[a][aa][a]`
-//! with pieces `aa` and `aaa`: sentencepiece merges the leftmost pair, `tokenizers` the pair whose split
-//! comes first in the list. A file is followed as `tokenizers` reads it.
+//! rank in the file's `merges` list (leftmost on ties) rather than the pair of highest score. On a
+//! list converted from a `.model` the two can only differ where two different splits of one piece
+//! are candidates at once and overlap, e.g. `[ab][a][ba]` for the piece `aba`: sentencepiece merges
+//! the leftmost, `tokenizers` the split listed first (transformers lists (a, ba) first). No text
+//! reaching such a state was found (see `formats::huggingface::sentencepiece_as_hf`); a file is
+//! followed as `tokenizers` reads it.
 
 use rustc_hash::FxHashMap;
 use std::cmp::{Ordering, Reverse};

@@ -713,10 +713,10 @@ pub fn to_json(tok: &Tokenizer) -> Result<Value> {
                         "this SentencePiece model cannot be saved as tokenizer.json: {e}"
                     ))
                 })?;
-                Ok(sentencepiece_to_json(
-                    &hf,
-                    hf.hf().expect("built with rules"),
-                ))
+                let rules = hf
+                    .hf()
+                    .ok_or_else(|| Error::invalid("no tokenizers rules"))?;
+                Ok(sentencepiece_to_json(&hf, rules))
             }
         };
     }
