@@ -168,7 +168,10 @@ class Tokenizer:
     @classmethod
     def from_huggingface(cls, path: PathLike) -> Tokenizer:
         """From a Hugging Face ``tokenizer.json`` with a byte-level BPE model (ByteLevel pre-tokenizer,
-        or Split regex + ByteLevel as LLaMA-3 ships); added tokens become special tokens."""
+        or Split regex + ByteLevel as LLaMA-3 ships) or a SentencePiece-style BPE model with byte
+        fallback (LLaMA-2, Mistral, TinyLlama: legacy Prepend/Replace normalizer or Metaspace), encoded
+        and decoded as ``tokenizers`` does; added tokens become special tokens. ValueError naming the
+        file and the part for other variants."""
         return cls(_core.CoreTokenizer.from_huggingface(os.fspath(path)))
 
     @classmethod
@@ -187,7 +190,8 @@ class Tokenizer:
         self._core.save(os.fspath(path))
 
     def save_huggingface(self, path: PathLike) -> None:
-        """Write a ``tokenizer.json`` that the ``tokenizers`` library loads and encodes identically."""
+        """Write a ``tokenizer.json`` that the ``tokenizers`` library loads and encodes identically (a
+        SentencePiece ``.model`` becomes the legacy LLaMA form; ValueError if it cannot be expressed)."""
         self._core.save_huggingface(os.fspath(path))
 
     def save_tiktoken(self, path: PathLike) -> None:

@@ -113,7 +113,8 @@ impl Tokenizer {
         Self::build(tokens, pre, specials, options, None)
     }
 
-    /// A SentencePiece BPE model; its control and unknown pieces become the special tokens.
+    /// A SentencePiece BPE model; its control and unknown pieces (tokenizer.json: its added tokens)
+    /// become the special tokens.
     pub fn from_sentencepiece(model: spm::SpModel) -> Result<Self> {
         let tokens = model
             .pieces
@@ -121,13 +122,7 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, p)| (i as u32, p.piece.as_bytes().to_vec()))
             .collect();
-        let specials = model
-            .pieces
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| matches!(p.kind, spm::PieceType::Control | spm::PieceType::Unknown))
-            .map(|(i, p)| (p.piece.clone(), i as u32))
-            .collect();
+        let specials = model.specials();
         Self::build(
             tokens,
             Pretokenizer::new("")?,
@@ -387,8 +382,13 @@ impl Tokenizer {
     }
 
     pub fn encode_ordinary_into(&self, text: &str, out: &mut Vec<u32>) {
+        self.encode_segment_into(text, true, out)
+    }
+
+    /// Encode the text between special tokens; `at_start`: it begins the input.
+    fn encode_segment_into(&self, text: &str, at_start: bool, out: &mut Vec<u32>) {
         if let Some(m) = &self.spm {
-            m.encode_into(text, out);
+            m.encode_into(text, at_start, out);
             return;
         }
         if self.options.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
@@ -508,11 +508,11 @@ impl Tokenizer {
         }
         let mut pos = 0;
         while let Some((i, start, end)) = self.find_special(text, pos, policy, Policy::Allowed) {
-            self.encode_ordinary_into(&text[pos..start], out);
+            self.encode_segment_into(&text[pos..start], pos == 0, out);
             out.push(self.specials[i].1);
             pos = end;
         }
-        self.encode_ordinary_into(&text[pos..], out);
+        self.encode_segment_into(&text[pos..], pos == 0, out);
         Ok(())
     }
 

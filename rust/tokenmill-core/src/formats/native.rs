@@ -4,18 +4,21 @@
 //! ```text
 //! tokenmill-tokenizer 1
 //! kind bytelevel <ignore_merges 0|1> <add_prefix_space 0|1>
-//!   (or: kind sentencepiece <add_dummy_prefix> <remove_extra_whitespaces> <byte_fallback>)
+//!   (or: kind sentencepiece <add_dummy_prefix> <remove_extra_whitespaces> <byte_fallback>,
+//!    or from a tokenizer.json: kind sentencepiece-hf <prepend 0-3> <ignore_merges> <fuse_unk>
+//!    <strip_space> <decode_bytes> <byte_fallback> <unk id|-> <n_model>)
 //! pattern <base64 of the pattern>
 //! tokens <n>
 //! <id> <base64 token>            (n lines; sentencepiece: `<id> <base64 piece> <score> <type>`)
-//! merges <k>|none                (explicit merge list, `<left id> <right id>` per line)
+//! merges <k>|none                (explicit merge list, `<left id> <right id>` per line; also
+//!                                 sentencepiece-hf)
 //! specials <m>
 //! <id> <base64 text>             (m lines; sentencepiece models derive theirs from the pieces)
 //! fingerprint <fingerprint>
 //! ```
 
 use super::{b64_decode, b64_encode, read_text};
-use crate::bpe::spm::{PieceType, SpModel, SpPiece};
+use crate::bpe::spm::{HfRules, PieceType, Prepend, SpModel, SpPiece};
 use crate::bpe::{BpeOptions, Tokenizer};
 use crate::{fsutil, Error, Result};
 use std::fmt::Write;
@@ -35,13 +38,31 @@ pub fn to_string(tok: &Tokenizer) -> String {
                 o.ignore_merges as u8, o.add_prefix_space as u8
             );
         }
-        Some(m) => {
-            let _ = writeln!(
-                out,
-                "kind sentencepiece {} {} {}",
-                m.add_dummy_prefix as u8, m.remove_extra_whitespaces as u8, m.byte_fallback as u8
-            );
-        }
+        Some(m) => match m.hf() {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "kind sentencepiece {} {} {}",
+                    m.add_dummy_prefix as u8,
+                    m.remove_extra_whitespaces as u8,
+                    m.byte_fallback as u8
+                );
+            }
+            Some(h) => {
+                let _ = writeln!(
+                    out,
+                    "kind sentencepiece-hf {} {} {} {} {} {} {} {}",
+                    h.prepend as u8,
+                    h.ignore_merges as u8,
+                    h.fuse_unk as u8,
+                    h.strip_space as u8,
+                    h.decode_bytes as u8,
+                    m.byte_fallback as u8,
+                    h.unk.map_or("-".to_string(), |u| u.to_string()),
+                    h.n_model
+                );
+            }
+        },
     }
     let _ = writeln!(out, "pattern {}", b64_encode(tok.pattern().as_bytes()));
     match tok.spm() {
@@ -76,7 +97,16 @@ pub fn to_string(tok: &Tokenizer) -> String {
                     p.kind as i32
                 );
             }
-            out.push_str("merges none\nspecials 0\n");
+            match m.hf() {
+                None => out.push_str("merges none\n"),
+                Some(h) => {
+                    let _ = writeln!(out, "merges {}", h.merges.len());
+                    for (a, b) in &h.merges {
+                        let _ = writeln!(out, "{a} {b}");
+                    }
+                }
+            }
+            out.push_str("specials 0\n");
         }
     }
     let _ = writeln!(out, "fingerprint {}", tok.fingerprint());
@@ -114,9 +144,36 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         _ => Err(bad(ln, format!("flag {s:.20?} is not 0 or 1"))),
     };
     let (ln, kind) = next("`kind`")?;
+    let mut hf = None;
     let (sp, flags) = match kind.split(' ').collect::<Vec<_>>().as_slice() {
         ["kind", "bytelevel", a, b] => (false, [flag(ln, a)?, flag(ln, b)?, false]),
         ["kind", "sentencepiece", a, b, c] => (true, [flag(ln, a)?, flag(ln, b)?, flag(ln, c)?]),
+        ["kind", "sentencepiece-hf", pre, im, fu, st, db, bf, unk, n] => {
+            let prepend = pre
+                .parse()
+                .ok()
+                .and_then(Prepend::from_u8)
+                .ok_or_else(|| bad(ln, format!("prepend {pre:.20?} is not 0..3")))?;
+            let unk = match *unk {
+                "-" => None,
+                u => Some(u.parse().map_err(|_| bad(ln, format!("unk id {u:.20?}")))?),
+            };
+            let n_model = n
+                .parse()
+                .map_err(|_| bad(ln, format!("vocab size {n:.20?}")))?;
+            let f = |s: &str| flag(ln, s);
+            hf = Some(HfRules::new(
+                Vec::new(),
+                prepend,
+                f(im)?,
+                f(fu)?,
+                unk,
+                n_model,
+                f(st)?,
+                f(db)?,
+            ));
+            (true, [false, false, f(bf)?])
+        }
         _ => {
             return Err(bad(
                 ln,
@@ -217,9 +274,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Tokenizer> {
         ));
     }
     let tok = if sp {
-        SpModel::new(pieces, flags[0], flags[1], flags[2])
-            .map_err(Error::invalid)
-            .and_then(Tokenizer::from_sentencepiece)
+        match hf {
+            None => SpModel::new(pieces, flags[0], flags[1], flags[2]),
+            Some(mut h) => {
+                h.merges = merges.unwrap_or_default();
+                SpModel::new_hf(pieces, flags[2], h)
+            }
+        }
+        .map_err(Error::invalid)
+        .and_then(Tokenizer::from_sentencepiece)
     } else {
         let options = BpeOptions {
             merges,
