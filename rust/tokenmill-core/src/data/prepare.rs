@@ -31,8 +31,9 @@ use std::fmt;
 use std::io::Write;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use xxhash_rust::xxh3::Xxh3;
 
 /// What preparation needs from a tokenizer.
@@ -263,6 +264,8 @@ type Outcome = std::result::Result<Vec<u32>, Skip>;
 
 /// Chunks whose records may be tokenizing at once, besides the one being written.
 const IN_FLIGHT: usize = 2;
+/// How often a wait checks for Ctrl-C.
+const POLL: Duration = Duration::from_millis(100);
 
 /// The outcomes of one chunk's records, filled by the pool's jobs in any order.
 struct ChunkResults {
@@ -295,18 +298,28 @@ impl ChunkResults {
     }
 
     /// Every record's outcome, in order, once all are in; a panic in a job is resumed here.
-    fn wait(&self) -> Vec<Outcome> {
+    /// `check` runs every POLL while waiting (Ctrl-C).
+    fn wait(&self, check: &impl Fn() -> Result<()>) -> Result<Vec<Outcome>> {
         let mut g = self.lock();
         while g.1 > 0 {
-            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+            let (next, timeout) = self
+                .done
+                .wait_timeout(g, POLL)
+                .unwrap_or_else(|e| e.into_inner());
+            g = next;
+            if timeout.timed_out() {
+                drop(g);
+                check()?;
+                g = self.lock();
+            }
         }
-        std::mem::take(&mut g.0)
+        Ok(std::mem::take(&mut g.0)
             .into_iter()
             .map(|o| match o.expect("every record has an outcome") {
                 Ok(outcome) => outcome,
                 Err(panic) => resume_unwind(panic),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -537,6 +550,10 @@ pub fn prepare<'a>(
         .num_threads(opts.num_workers.unwrap_or(0))
         .build()
         .map_err(|e| Error::invalid(format!("cannot start worker threads: {e}")))?;
+    let check = || match opts.interrupted {
+        Some(f) if f() => Err(Error::invalid("interrupted")),
+        _ => Ok(()),
+    };
     let key = opts.text_key.as_str();
     let eos = opts.eos_id;
     std::thread::scope(|s| -> Result<()> {
@@ -565,10 +582,17 @@ pub fn prepare<'a>(
         // each chunk, in order, as soon as all its records are done.
         pool.in_place_scope(|s| -> Result<()> {
             let mut queued: VecDeque<(Arc<Chunk>, Arc<ChunkResults>)> = VecDeque::new();
-            for msg in rx {
-                if opts.interrupted.is_some_and(|f| f()) {
-                    return Err(Error::invalid("interrupted"));
-                }
+            loop {
+                // Waits poll for Ctrl-C, so a slow input (a pipe) or a huge record cannot delay it.
+                let msg = match rx.recv_timeout(POLL) {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => {
+                        check()?;
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
+                check()?;
                 let chunk = Arc::new(msg?);
                 let results = Arc::new(ChunkResults::new(chunk.records.len()));
                 for i in 0..chunk.records.len() {
@@ -586,15 +610,17 @@ pub fn prepare<'a>(
                 queued.push_back((chunk, results));
                 if queued.len() > IN_FLIGHT {
                     let (chunk, results) = queued.pop_front().expect("queued");
-                    sink.write(&chunk, results.wait())?;
+                    sink.write(&chunk, results.wait(&check)?)?;
                 }
             }
             while let Some((chunk, results)) = queued.pop_front() {
-                sink.write(&chunk, results.wait())?;
+                sink.write(&chunk, results.wait(&check)?)?;
             }
             Ok(())
         })
     })?;
+    // A Ctrl-C that arrived at any point before this one leaves nothing behind.
+    check()?;
 
     let Sink {
         index,
@@ -645,6 +671,7 @@ mod tests {
     use crate::data::manifest::{merge, stats, verify};
     use crate::data::mmidx::IndexedDataset;
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Byte-level: one id per UTF-8 byte; id 256 is EOS.
     struct Bytes;
@@ -793,6 +820,43 @@ mod tests {
         assert!(matches!(e, Error::Record { line: 2, .. }));
         let left: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    static CHECKS: AtomicUsize = AtomicUsize::new(0);
+    static STOP_AT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    fn interrupt_hook() -> bool {
+        CHECKS.fetch_add(1, Ordering::SeqCst) + 1 >= STOP_AT.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn ctrl_c_at_any_check_leaves_nothing() {
+        let d = tmpdir("ctrlc");
+        let inputs = corpus(&d);
+        let run = |stop_at: usize, name: &str| {
+            CHECKS.store(0, Ordering::SeqCst);
+            STOP_AT.store(stop_at, Ordering::SeqCst);
+            let prefix = d.join(name).join("ds");
+            let o = PrepareOptions {
+                interrupted: Some(interrupt_hook),
+                ..opts(2, 64)
+            };
+            let r = prepare(&inputs, &prefix, &Bytes, None, &o);
+            (r, CHECKS.load(Ordering::SeqCst), prefix)
+        };
+        let (r, checks, _) = run(usize::MAX, "full");
+        r.unwrap();
+        assert!(checks > 3, "one check per chunk and a last one: {checks}");
+        // The first check, one in the middle, and the last one (after every chunk is written, before
+        // the files are renamed into place).
+        for (i, stop_at) in [1, checks / 2, checks].into_iter().enumerate() {
+            let (r, _, prefix) = run(stop_at, &format!("stop{i}"));
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains("interrupted"), "{err}");
+            let left: Vec<_> = std::fs::read_dir(prefix.parent().unwrap()).unwrap().collect();
+            assert!(left.is_empty(), "stopped at check {stop_at}: {left:?}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 
