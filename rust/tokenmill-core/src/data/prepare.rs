@@ -854,7 +854,9 @@ mod tests {
             let (r, _, prefix) = run(stop_at, &format!("stop{i}"));
             let err = r.unwrap_err().to_string();
             assert!(err.contains("interrupted"), "{err}");
-            let left: Vec<_> = std::fs::read_dir(prefix.parent().unwrap()).unwrap().collect();
+            let left: Vec<_> = std::fs::read_dir(prefix.parent().unwrap())
+                .unwrap()
+                .collect();
             assert!(left.is_empty(), "stopped at check {stop_at}: {left:?}");
         }
         std::fs::remove_dir_all(&d).unwrap();
