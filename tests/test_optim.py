@@ -15,14 +15,7 @@ from hypothesis import strategies as st
 from tokenmill.optim import AdamW8bit
 from tokenmill.optim import adamw8bit as A
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's thread pool only adds contention on the shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dynamic_code_matches_bitsandbytes_layout():

@@ -15,13 +15,7 @@ import torch
 from tokenmill.optim import AdamW8bit
 from tokenmill.optim import adamw8bit as A
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port():

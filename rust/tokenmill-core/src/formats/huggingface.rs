@@ -70,6 +70,35 @@ fn get_bool(o: &Value, key: &str, default: bool) -> std::result::Result<bool, St
     }
 }
 
+fn added_tokens(v: &Value) -> impl Iterator<Item = (usize, &Value)> {
+    v.get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+}
+
+/// (content, id) of the `i`-th added token; the matching options we do not implement are refused.
+fn added_token(a: &Value, i: usize) -> std::result::Result<(&str, u32), String> {
+    let content = a
+        .get("content")
+        .and_then(Value::as_str)
+        .ok_or(format!("added token {i} has no content"))?;
+    let id = a
+        .get("id")
+        .and_then(Value::as_u64)
+        .and_then(|x| u32::try_from(x).ok())
+        .ok_or(format!("added token {content:?} has no valid id"))?;
+    for key in ["lstrip", "rstrip", "single_word"] {
+        if get_bool(a, key, false)? {
+            return Err(format!(
+                "added token {content:?}: {key}=true is not supported"
+            ));
+        }
+    }
+    Ok((content, id))
+}
+
 fn type_of(o: &Value) -> &str {
     o.get("type").and_then(Value::as_str).unwrap_or("")
 }
@@ -147,29 +176,8 @@ pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
     let ignore_merges = get_bool(model, "ignore_merges", false)?;
 
     let mut specials: Vec<(String, u32)> = Vec::new();
-    for (i, a) in v
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let content = a
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or(format!("added token {i} has no content"))?;
-        let id = a
-            .get("id")
-            .and_then(Value::as_u64)
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or(format!("added token {content:?} has no valid id"))?;
-        for key in ["lstrip", "rstrip", "single_word"] {
-            if get_bool(a, key, false)? {
-                return Err(format!(
-                    "added token {content:?}: {key}=true is not supported"
-                ));
-            }
-        }
+    for (i, a) in added_tokens(v) {
+        let (content, id) = added_token(a, i)?;
         specials.push((content.to_string(), id));
     }
     let special_ids: FxHashMap<u32, ()> = specials.iter().map(|(_, id)| (*id, ())).collect();
@@ -423,29 +431,9 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
         .collect();
     let n_model = pieces.len() as u32;
     let normalizer = v.get("normalizer").is_some_and(|n| !n.is_null());
-    for (i, a) in v
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let content = a
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or(format!("added token {i} has no content"))?;
-        let id = a
-            .get("id")
-            .and_then(Value::as_u64)
-            .and_then(|x| usize::try_from(x).ok())
-            .ok_or(format!("added token {content:?} has no valid id"))?;
-        for key in ["lstrip", "rstrip", "single_word"] {
-            if get_bool(a, key, false)? {
-                return Err(format!(
-                    "added token {content:?}: {key}=true is not supported"
-                ));
-            }
-        }
+    for (i, a) in added_tokens(v) {
+        let (content, id) = added_token(a, i)?;
+        let id = id as usize;
         // A normalized added token is matched after the normalizer ran, a different split of the text.
         if get_bool(a, "normalized", false)? && (normalizer || content.contains([' ', '\u{2581}']))
         {
