@@ -656,6 +656,16 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
     T, H, FF = cfg.tokens, cfg.hidden, cfg.ffn
     e = 2  # bytes per bf16 element
     rows: list[Row] = []
+
+    def guarded(section: str, body: Callable[[], None]) -> None:
+        """Run one section; a failure becomes a row and the next section goes on."""
+        try:
+            body()
+        except Exception as ex:
+            rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
+            traceback.print_exc()
+        free(cfg)
+
     light = dict(warmup=3, reps=10) if not cfg.dry_run else dict(warmup=1, reps=2)
 
     def with_compile(variants: dict[str, Callable], compiled: Callable | None) -> dict[str, Callable]:
@@ -681,12 +691,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
         )
         bandwidth_goal(res, copy_gbps)
 
-    try:
-        run_section()
-    except Exception as ex:
-        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
-        traceback.print_exc()
-    free(cfg)
+    guarded(section, run_section)
 
     # --- RoPE fwd+bwd (q and k, packed position_ids)
     section = "rope fwd+bwd"
@@ -723,12 +728,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
         )
         bandwidth_goal(res, copy_gbps)
 
-    try:
-        run_section()
-    except Exception as ex:
-        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
-        traceback.print_exc()
-    free(cfg)
+    guarded(section, run_section)
 
     # --- SwiGLU fwd+bwd
     section = "swiglu fwd+bwd"
@@ -755,12 +755,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
         )
         bandwidth_goal(res, copy_gbps)
 
-    try:
-        run_section()
-    except Exception as ex:
-        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
-        traceback.print_exc()
-    free(cfg)
+    guarded(section, run_section)
 
     # --- Linear cross-entropy fwd+bwd (memory is the point)
     section = "linear_cross_entropy fwd+bwd"
@@ -804,12 +799,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
             )
             r.goal = f"{'MET' if mem_ok and t_ok else 'MISSED'} (extra mem <= 1/10 eager: {'yes' if mem_ok else 'no'} [{mem_ratio}], time <= 1.0x eager: {'yes' if t_ok else 'no'})"
 
-    try:
-        run_section()
-    except Exception as ex:
-        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
-        traceback.print_exc()
-    free(cfg)
+    guarded(section, run_section)
 
     # --- AdamW8bit step vs torch's fused AdamW (fp32 params of one LLaMA-3-8B layer + a norm)
     section = "AdamW step"
@@ -863,12 +853,7 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
             r.goal = f"{'MET' if ok else 'MISSED'} ({bytes8:.3f} B state/param <= 2.1: {'yes' if bytes8 <= 2.1 else 'no'}; {ratio:.2f}x fused AdamW time <= 1.2: {'yes' if ratio <= 1.2 else 'no'}{b2b_ratio})"
             eager.note += f"; {bytes_t:.1f} B state/param"
 
-    try:
-        run_section()
-    except Exception as ex:
-        rows.append(Row(section, "-", note=f"FAILED {type(ex).__name__}: {ex}"[:160]))
-        traceback.print_exc()
-    free(cfg)
+    guarded(section, run_section)
     return rows
 
 
