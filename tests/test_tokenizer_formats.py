@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import tokenmill as tm
@@ -99,22 +100,27 @@ def test_tiktoken_vocab_exported_to_tokenizers(name, tmp_path):
 _SPM: dict = {}
 
 
-def train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool):
+def train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool, split_by_whitespace: bool = True):
     """(processor, ours, path) of a BPE model with byte fallback that sentencepiece trained itself,
     identity normalization; trained once per session and setting."""
-    key = (add_dummy_prefix, remove_extra)
+    key = (add_dummy_prefix, remove_extra, split_by_whitespace)
     if key not in _SPM:
-        _SPM[key] = _train_spm(tmp_path_factory, add_dummy_prefix, remove_extra)
+        _SPM[key] = _train_spm(tmp_path_factory, *key)
     return _SPM[key]
 
 
-@pytest.fixture(scope="module", params=[(True, False), (False, True)], ids=["llama-style", "defaults-ws"])
+# "cross-words": pieces may span words ("s▁the"), so our word-by-word merge must not be used.
+@pytest.fixture(
+    scope="module",
+    params=[(True, False, True), (False, True, True), (True, False, False)],
+    ids=["llama-style", "defaults-ws", "cross-words"],
+)
 def sp_trained(request, tmp_path_factory):
     """A BPE model with byte fallback that sentencepiece trained itself, identity normalization."""
     return train_spm(tmp_path_factory, *request.param)
 
 
-def _train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool):
+def _train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool, split_by_whitespace: bool):
     d = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
     lines = [line for t in corpus_texts()[:150] for line in t.splitlines() if line.strip()][:20000]
@@ -129,6 +135,7 @@ def _train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool):
         normalization_rule_name="identity",
         add_dummy_prefix=add_dummy_prefix,
         remove_extra_whitespaces=remove_extra,
+        split_by_whitespace=split_by_whitespace,
         character_coverage=0.9995,
         num_threads=2,
         minloglevel=2,
@@ -139,6 +146,13 @@ def _train_spm(tmp_path_factory, add_dummy_prefix: bool, remove_extra: bool):
 
 def test_sentencepiece_trained_model_matches(sp_trained):
     sp, ours, _ = sp_trained
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    crossing = [p for p in pieces if re.search("[^\u2581]\u2581", p)]
+    assert bool(crossing) == (not sp_trained_splits(sp)), crossing[:5]
+    # Text made of the word-crossing pieces, so that their merges happen.
+    across = "".join(p.replace("\u2581", " ") for p in crossing)
+    assert ours.encode_ordinary(across) == sp.encode(across)
+    assert not crossing or any(re.search("[^\u2581]\u2581", sp.id_to_piece(i)) for i in sp.encode(across))
     assert ours.n_vocab == sp.get_piece_size()
     assert ours.bos_token_id == sp.bos_id() and ours.eos_token_id == sp.eos_id()
     sample = "\n".join(corpus_texts()[150:160])
@@ -151,6 +165,14 @@ def test_sentencepiece_trained_model_matches(sp_trained):
         assert ours.decode(ids) == sp.decode(ids)
 
     check()
+
+
+def sp_trained_splits(sp) -> bool:
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(sp.serialized_model_proto())
+    return m.trainer_spec.split_by_whitespace
 
 
 def test_sentencepiece_native_round_trip(sp_trained, tmp_path):

@@ -140,6 +140,9 @@ pub struct SpModel {
     unk_id: u32,
     /// Set for models loaded from a Hugging Face `tokenizer.json`.
     hf: Option<HfRules>,
+    /// No mergeable piece has a character other than "▁" followed by "▁": merges never cross the
+    /// start of a word, so text can be merged word by word.
+    split_words: bool,
 }
 
 /// The validation errors are plain messages; the caller adds the file name.
@@ -289,7 +292,13 @@ impl SpModel {
             }
         }
         user_defined.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let split_words = !mergeable.keys().any(|p| {
+            p.chars()
+                .zip(p.chars().skip(1))
+                .any(|(a, b)| a != '\u{2581}' && b == '\u{2581}')
+        });
         Ok(SpModel {
+            split_words,
             pieces,
             add_dummy_prefix,
             remove_extra_whitespaces,
@@ -417,6 +426,28 @@ impl SpModel {
             return self.encode_hf(hf, text, at_start, out);
         }
         let norm = self.normalize(text);
+        let mut prev_unk = false;
+        if !self.split_words {
+            return self.encode_segment(&norm, &mut prev_unk, out);
+        }
+        // No piece joins a character to a following "▁" (checked when the model was built), so no
+        // merge crosses the start of a word: merge word by word. Same result as one pass over the
+        // text, with small heaps instead of one the size of the document (2-3x faster).
+        let mut seg = 0;
+        let mut after_space = true;
+        for (i, c) in norm.char_indices() {
+            if c == '\u{2581}' && !after_space {
+                self.encode_segment(&norm[seg..i], &mut prev_unk, out);
+                seg = i;
+            }
+            after_space = c == '\u{2581}';
+        }
+        self.encode_segment(&norm[seg..], &mut prev_unk, out);
+    }
+
+    /// The merges and the output of one stretch of normalized text; `prev_unk` carries the fusing
+    /// of consecutive unknown pieces from one stretch to the next.
+    fn encode_segment(&self, norm: &str, prev_unk: &mut bool, out: &mut Vec<u32>) {
         if norm.is_empty() {
             return;
         }
@@ -490,23 +521,22 @@ impl SpModel {
             }
         }
         let mut i = 0;
-        let mut prev_unk = false;
         while i != usize::MAX {
             let s = &norm[start[i]..end[i]];
             match self.piece_id(s) {
                 Some(id) if id != self.unk_id => {
                     out.push(id);
-                    prev_unk = false;
+                    *prev_unk = false;
                 }
                 _ if self.byte_fallback => {
                     out.extend(s.bytes().map(|b| self.byte_ids[b as usize]));
-                    prev_unk = false;
+                    *prev_unk = false;
                 }
                 _ => {
-                    if !prev_unk {
+                    if !*prev_unk {
                         out.push(self.unk_id);
                     }
-                    prev_unk = true;
+                    *prev_unk = true;
                 }
             }
             i = next[i];
