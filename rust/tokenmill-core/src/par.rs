@@ -20,14 +20,6 @@ pub fn thread_count(num_threads: Option<usize>) -> usize {
     }
 }
 
-/// Run `f` on a rayon pool of `n` threads (None or 0: the global pool).
-pub fn with_threads<R: Send>(n: Option<usize>, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
-    match n {
-        None | Some(0) => f(),
-        Some(n) => pool(n)?.install(f),
-    }
-}
-
 fn pool(n: usize) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
