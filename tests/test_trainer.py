@@ -1,6 +1,7 @@
 """tokenmill.train: config, schedules, overfitting, reference losses, exact resume, atomic checkpoints,
 FSDP2 over 2 gloo processes vs 1 process, SFT masking, NaN skipping, bad-input errors, HF export."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from tokenmill import train as T
+from tokenmill.checkpoint import latest_checkpoint
 from tokenmill.model import Llama, LlamaConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -82,7 +84,7 @@ def test_example_config_loads_and_documents_every_key():
     cfg = T.load_config(str(path))
     text = path.read_text()
     for section in ("run", "data", "optim", "train", "checkpoint", "dist"):
-        for key in T.dataclasses.asdict(getattr(cfg, section)):
+        for key in dataclasses.asdict(getattr(cfg, section)):
             assert f"\n{key} = " in text, f"{section}.{key} missing from configs/example.toml"
     assert cfg.model_config(vocab_size=4096).num_params() > 0
 
@@ -228,7 +230,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     root = tmp_path / "run" / "checkpoints"
     assert (root / "step_00000004.tmp").is_dir() and not (root / "step_00000004").exists()
-    assert T.latest_checkpoint(str(tmp_path / "run")) == root / "step_00000002"
+    assert latest_checkpoint(str(tmp_path / "run")) == root / "step_00000002"
     cfg = config(tmp_path, "--checkpoint.every=2", "--resume=auto")
     resumed = T.train(cfg, Batches(make_batches(3)))
     full = T.train(config(tmp_path / "ref"), Batches(make_batches(3)))
@@ -557,7 +559,7 @@ def test_cli_train_and_export_with_tokenizer(tmp_path):
         [sys.executable, "-m", "tokenmill", "train", str(toml)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = T.latest_checkpoint(str(tmp_path / "run"))
+    ckpt = latest_checkpoint(str(tmp_path / "run"))
     meta = json.loads((ckpt / "meta.json").read_text())
     assert (
         LlamaConfig.from_dict(meta["model"]).vocab_size == tok.n_vocab
@@ -626,7 +628,7 @@ def test_sft_end_to_end_with_prepare_sft(tmp_path):
     tm.data.prepare_sft(str(tmp_path / "sft.jsonl"), str(tmp_path / "sft"), tok)
     tokf = f"--data.tokenizer={tmp_path / 'tok.json'}"
     T.train(config(tmp_path / "pre", f"--data.train=['{tmp_path / 'plain'}']", tokf, "--train.steps=4"))
-    ckpt = T.latest_checkpoint(str(tmp_path / "pre" / "run"))
+    ckpt = latest_checkpoint(str(tmp_path / "pre" / "run"))
     loader = tm.data.DataLoader(str(tmp_path / "sft"), seq_len=128, batch_size=4, packing="best_fit", seed=1)
     batch = next(iter(loader))
     labelled = batch["labels"] != -100

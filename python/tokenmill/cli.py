@@ -59,9 +59,9 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     import torch
 
     from tokenmill import eval as ev
+    from tokenmill.checkpoint import latest_checkpoint, read_meta
     from tokenmill.data import DataLoader
     from tokenmill.model import Llama
-    from tokenmill.train import latest_checkpoint, read_meta
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / "meta.json").exists():

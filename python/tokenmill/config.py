@@ -1,5 +1,7 @@
-"""LLaMA model configuration and presets, without torch, so that the planner and the CLI start fast
-(``tokenmill.model`` re-exports both: ``tm.model.LlamaConfig.preset("llama-13b")``).
+"""Configuration, without torch, so that the planner and the CLI start fast: the LLaMA model shape and its
+presets (``tokenmill.model`` re-exports both: ``tm.model.LlamaConfig.preset("llama-13b")``), and the
+trainer's run configuration (one TOML file per run, ``--section.key=value`` overrides; every key is
+documented in configs/example.toml).
 
 Presets follow the LLaMA-1 paper (Touvron et al., 2023, Table 2) and Meta's released configs.
 """
@@ -7,8 +9,14 @@ Presets follow the LLaMA-1 paper (Touvron et al., 2023, Table 2) and Meta's rele
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Optional
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -110,3 +118,187 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: sections of a TOML file. Every key is documented in configs/example.toml.
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "out"
+    seed: int = 1337
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    autocast: str = "bfloat16"  # compute dtype on GPU ("bfloat16", "float16" or "float32"); CPU runs fp32
+    param_dtype: str = "float32"  # parameter (and gradient) dtype; "bfloat16" halves memory (13B on one GPU)
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    train: list = field(default_factory=list)  # token-file prefixes (.bin/.idx), see `tokenmill prepare`
+    val: list = field(default_factory=list)
+    tokenizer: str = ""  # tokenizer file; its vocabulary size is checked against the model and the data
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per device per micro-step
+    packing: str = "concat"  # "concat" or "best_fit"
+    document_mask: bool = True  # attention stays within documents (positions restart at boundaries)
+    sft: bool = False  # instruction data (loss only on responses); see tm.data.prepare_sft
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # "adamw" (torch, fused on CUDA) or "adamw8bit" (tokenmill.optim.AdamW8bit, FSDP2 ok)
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # wsd: length of the final linear decay to min_lr (0: 20% of steps)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    grad_accum: int = 1
+    init_from: str = ""  # checkpoint folder whose weights start the run (SFT, continued pre-training)
+    log_every: int = 10
+    eval_every: int = 100  # 0: no evaluation
+    eval_batches: int = 20
+    max_bad_steps: int = 10  # abort after this many steps with a NaN/inf loss or gradient
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # newest checkpoints kept
+    resume: str = ""  # "" (fresh run), "auto" (newest in out_dir/checkpoints, if any) or a folder
+
+
+@dataclass
+class DistSection:
+    fsdp: bool = True  # shard with FSDP2 when launched with more than one process
+    cpu_offload: bool = (
+        False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state on the host (adamw)
+    )
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + any LlamaConfig field
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: Optional[int] = None) -> LlamaConfig:
+        m = dict(self.model)
+        preset = m.pop("preset", None)
+        if vocab_size is not None and "vocab_size" not in m:
+            m["vocab_size"] = vocab_size
+        return LlamaConfig.preset(preset, **m) if preset else LlamaConfig.from_dict(m)
+
+
+_MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
+
+
+def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> None:
+    if section == "model":
+        if key not in _MODEL_KEYS:
+            raise ValueError(f"{where}: unknown key model.{key}; known: {', '.join(sorted(_MODEL_KEYS))}")
+        if key == "preset" and value not in PRESETS:
+            raise ValueError(f"{where}: unknown model preset {value!r}; known: {', '.join(sorted(PRESETS))}")
+        cfg.model[key] = value
+        return
+    sec = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(sec) or section.startswith("_"):
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ValueError(f"{where}: unknown section [{section}]; known: {known}")
+    fields = {f.name: f for f in dataclasses.fields(sec)}
+    if key not in fields:
+        raise ValueError(f"{where}: unknown key {section}.{key}; known: {', '.join(fields)}")
+    default = getattr(type(sec)(), key)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}")
+    setattr(sec, key, value)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, quoted strings); otherwise a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a run's TOML file and apply ``--section.key=value`` overrides (``--resume X`` is short for
+    ``--checkpoint.resume=X``). Unknown sections or keys and wrongly typed values raise ValueError."""
+    cfg = TrainConfig()
+    if path is not None:
+        with open(path, "rb") as f:
+            try:
+                doc = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _set(cfg, section, key, value, path)
+    args = list(overrides)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"override {arg!r}: expected --section.key=value")
+        name, eq, text = arg[2:].partition("=")
+        if not eq:
+            if not args:
+                raise ValueError(f"override {arg!r} has no value")
+            text = args.pop(0)
+        name = {"resume": "checkpoint.resume"}.get(name, name)
+        section, dot, key = name.partition(".")
+        if not dot:
+            raise ValueError(f"override {arg!r}: expected --section.key=value (e.g. --optim.lr=1e-3)")
+        _set(cfg, section, key, _parse_value(text), f"override {arg}")
+    o, t = cfg.optim, cfg.train
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        raise ValueError(f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}")
+    if o.name not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optim.name must be adamw or adamw8bit, got {o.name!r}")
+    if o.name == "adamw8bit" and cfg.dist.cpu_offload:
+        # Offloaded, the step runs on the host, where AdamW8bit has only its torch reference: 216 ns per
+        # parameter against torch AdamW's 8 (foreach; 8M fp32 parameters, best of 3, 2 threads on the 2-core
+        # CI box), i.e. minutes per step for a 13B model's shard.
+        raise ValueError(
+            "optim.name = adamw8bit with dist.cpu_offload would step on the CPU (the 8-bit kernel is CUDA "
+            "only; its CPU reference is ~27x slower than torch's AdamW): use adamw with cpu_offload, or "
+            "adamw8bit with the state on the GPUs (FSDP2 shards it)"
+        )
+    if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
+        raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
+    cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
+    return cfg

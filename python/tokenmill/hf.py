@@ -79,7 +79,7 @@ def export(
     it is written under a temporary name and renamed."""
     from safetensors.torch import load_file, save_file
 
-    from tokenmill.train import read_meta
+    from tokenmill.checkpoint import read_meta
 
     ckpt, out = Path(checkpoint), Path(out)
     meta = read_meta(ckpt)

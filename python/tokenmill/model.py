@@ -7,7 +7,6 @@ biases) built on ``tokenmill.kernels``; rotary embeddings use the Hugging Face "
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -170,8 +169,10 @@ class Llama(nn.Module):
         """The model of a trainer checkpoint folder (``meta.json`` + ``model.safetensors``)."""
         from safetensors.torch import load_file
 
+        from tokenmill.checkpoint import read_meta  # imports this module
+
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
         model = cls(LlamaConfig.from_dict(meta["model"]))
         state = load_file(str(path / "model.safetensors"), device=str(device))
         check_state_dict(model, state, str(path))

@@ -11,17 +11,13 @@ skipping, logging, evaluation and checkpointing. Single process, or one process 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
 import os
 import random
-import re
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -30,197 +26,12 @@ import torch
 import torch.distributed as dist
 
 import tokenmill
-from tokenmill.model import PRESETS, Llama, LlamaConfig, check_state_dict
+from tokenmill import checkpoint as ckpt
+from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_weights, read_meta
+from tokenmill.config import OptimSection, TrainConfig, load_config
+from tokenmill.model import Llama, LlamaConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.9/3.10 only
-    import tomli as tomllib
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration: sections of a TOML file. Every key is documented in configs/example.toml.
-
-
-@dataclass
-class RunSection:
-    out_dir: str = "out"
-    seed: int = 1337
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
-    autocast: str = "bfloat16"  # compute dtype on GPU ("bfloat16", "float16" or "float32"); CPU runs fp32
-    param_dtype: str = "float32"  # parameter (and gradient) dtype; "bfloat16" halves memory (13B on one GPU)
-    compile: bool = False
-    activation_checkpointing: bool = False
-
-
-@dataclass
-class DataSection:
-    train: list = field(default_factory=list)  # token-file prefixes (.bin/.idx), see `tokenmill prepare`
-    val: list = field(default_factory=list)
-    tokenizer: str = ""  # tokenizer file; its vocabulary size is checked against the model and the data
-    seq_len: int = 256
-    batch_size: int = 8  # sequences per device per micro-step
-    packing: str = "concat"  # "concat" or "best_fit"
-    document_mask: bool = True  # attention stays within documents (positions restart at boundaries)
-    sft: bool = False  # instruction data (loss only on responses); see tm.data.prepare_sft
-
-
-@dataclass
-class OptimSection:
-    name: str = "adamw"  # "adamw" (torch, fused on CUDA) or "adamw8bit" (tokenmill.optim.AdamW8bit, FSDP2 ok)
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
-    warmup_steps: int = 100
-    decay_steps: int = 0  # wsd: length of the final linear decay to min_lr (0: 20% of steps)
-
-
-@dataclass
-class TrainSection:
-    steps: int = 1000
-    grad_accum: int = 1
-    init_from: str = ""  # checkpoint folder whose weights start the run (SFT, continued pre-training)
-    log_every: int = 10
-    eval_every: int = 100  # 0: no evaluation
-    eval_batches: int = 20
-    max_bad_steps: int = 10  # abort after this many steps with a NaN/inf loss or gradient
-    progress: bool = True
-
-
-@dataclass
-class CheckpointSection:
-    every: int = 0  # steps between checkpoints; 0: only at the end
-    keep: int = 2  # newest checkpoints kept
-    resume: str = ""  # "" (fresh run), "auto" (newest in out_dir/checkpoints, if any) or a folder
-
-
-@dataclass
-class DistSection:
-    fsdp: bool = True  # shard with FSDP2 when launched with more than one process
-    cpu_offload: bool = (
-        False  # FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer state on the host (adamw)
-    )
-
-
-@dataclass
-class TrainConfig:
-    run: RunSection = field(default_factory=RunSection)
-    model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + any LlamaConfig field
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    dist: DistSection = field(default_factory=DistSection)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def model_config(self, vocab_size: Optional[int] = None) -> LlamaConfig:
-        m = dict(self.model)
-        preset = m.pop("preset", None)
-        if vocab_size is not None and "vocab_size" not in m:
-            m["vocab_size"] = vocab_size
-        return LlamaConfig.preset(preset, **m) if preset else LlamaConfig.from_dict(m)
-
-
-_MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
-
-
-def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> None:
-    if section == "model":
-        if key not in _MODEL_KEYS:
-            raise ValueError(f"{where}: unknown key model.{key}; known: {', '.join(sorted(_MODEL_KEYS))}")
-        if key == "preset" and value not in PRESETS:
-            raise ValueError(f"{where}: unknown model preset {value!r}; known: {', '.join(sorted(PRESETS))}")
-        cfg.model[key] = value
-        return
-    sec = getattr(cfg, section, None)
-    if not dataclasses.is_dataclass(sec) or section.startswith("_"):
-        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        raise ValueError(f"{where}: unknown section [{section}]; known: {known}")
-    fields = {f.name: f for f in dataclasses.fields(sec)}
-    if key not in fields:
-        raise ValueError(f"{where}: unknown key {section}.{key}; known: {', '.join(fields)}")
-    default = getattr(type(sec)(), key)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, list):
-        value = [value] if isinstance(value, str) else value
-        ok = isinstance(value, list)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ValueError(f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}")
-    setattr(sec, key, value)
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value as TOML (numbers, booleans, lists, quoted strings); otherwise a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a run's TOML file and apply ``--section.key=value`` overrides (``--resume X`` is short for
-    ``--checkpoint.resume=X``). Unknown sections or keys and wrongly typed values raise ValueError."""
-    cfg = TrainConfig()
-    if path is not None:
-        with open(path, "rb") as f:
-            try:
-                doc = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: {e}") from None
-        for section, table in doc.items():
-            if not isinstance(table, dict):
-                raise ValueError(f"{path}: top-level key {section!r} must be a [section]")
-            for key, value in table.items():
-                _set(cfg, section, key, value, path)
-    args = list(overrides)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"override {arg!r}: expected --section.key=value")
-        name, eq, text = arg[2:].partition("=")
-        if not eq:
-            if not args:
-                raise ValueError(f"override {arg!r} has no value")
-            text = args.pop(0)
-        name = {"resume": "checkpoint.resume"}.get(name, name)
-        section, dot, key = name.partition(".")
-        if not dot:
-            raise ValueError(f"override {arg!r}: expected --section.key=value (e.g. --optim.lr=1e-3)")
-        _set(cfg, section, key, _parse_value(text), f"override {arg}")
-    o, t = cfg.optim, cfg.train
-    if o.schedule not in ("cosine", "wsd", "constant"):
-        raise ValueError(f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}")
-    if o.name not in ("adamw", "adamw8bit"):
-        raise ValueError(f"optim.name must be adamw or adamw8bit, got {o.name!r}")
-    if o.name == "adamw8bit" and cfg.dist.cpu_offload:
-        # Offloaded, the step runs on the host, where AdamW8bit has only its torch reference: 216 ns per
-        # parameter against torch AdamW's 8 (foreach; 8M fp32 parameters, best of 3, 2 threads on the 2-core
-        # CI box), i.e. minutes per step for a 13B model's shard.
-        raise ValueError(
-            "optim.name = adamw8bit with dist.cpu_offload would step on the CPU (the 8-bit kernel is CUDA "
-            "only; its CPU reference is ~27x slower than torch's AdamW): use adamw with cpu_offload, or "
-            "adamw8bit with the state on the GPUs (FSDP2 shards it)"
-        )
-    if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
-        raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
-    cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
-    return cfg
-
-
+__all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
 # ----------------------------------------------------------------------------------------------------------
 # Learning rate, FLOPs, devices.
 
@@ -269,129 +80,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: out_dir/checkpoints/step_00000100/ with meta.json (written last), model.safetensors,
-# optimizer.pt and one rank_<r>.pt per process (loader state, RNG states). The folder is written under a
-# temporary name and renamed when complete, so a kill during a save leaves the previous one as the newest.
-
-_CKPT = re.compile(r"^step_(\d{8})$")
-
-
-def latest_checkpoint(out_dir: str) -> Optional[Path]:
-    root = Path(out_dir) / "checkpoints"
-    found = [p for p in root.glob("step_*") if _CKPT.match(p.name) and (p / "meta.json").exists()]
-    return max(found, key=lambda p: int(_CKPT.match(p.name).group(1))) if found else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    random.setstate(s["python"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-
-
-def _state_dict_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def save_checkpoint(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: dict, rank: int, world: int):
-    """Write one checkpoint atomically (every rank calls this)."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(world)
-    # Full (unsharded) state dicts, gathered to rank 0 on the CPU; a no-op gather without FSDP.
-    msd, osd = get_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
-    torch.save(rank_state, tmp / f"rank_{rank}.pt")
-    _fsync(tmp / f"rank_{rank}.pt")
-    if rank == 0:
-        # Tied weights share storage, which safetensors refuses: store each tensor on its own.
-        save_file(
-            {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
-        )
-        torch.save(osd, tmp / "optimizer.pt")
-        names = ["model.safetensors", "optimizer.pt"]
-        if meta.get("tokenizer"):  # the checkpoint carries its tokenizer (export-hf, generation)
-            names.append("tokenmill-tokenizer" + Path(meta["tokenizer"]).suffix)
-            shutil.copyfile(meta["tokenizer"], tmp / names[-1])
-            meta = {**meta, "tokenizer": names[-1]}
-        for name in names:
-            _fsync(tmp / name)
-    _barrier(world)
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _fsync(tmp / "meta.json")
-        _fsync(tmp)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        os.replace(tmp, ckpt_dir)
-        _fsync(ckpt_dir.parent)
-    _barrier(world)
-
-
-def read_meta(ckpt_dir: Path) -> dict:
-    try:
-        return json.loads((Path(ckpt_dir) / "meta.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{ckpt_dir}: not a tokenmill checkpoint (no meta.json)") from None
-
-
-def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
-    theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
-    if theirs != model_cfg:
-        diff = {
-            k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v
-        }
-        raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
-
-
-def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
-    """Load a checkpoint's weights into ``model`` (sharded or not) after checking the shapes match."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    check_same_shape(ckpt_dir, model_cfg)
-    state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
-    check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
-    set_model_state_dict(model, state, options=_state_dict_options())
-
-
-def _shape_probe(cfg: LlamaConfig) -> torch.nn.Module:
-    with torch.device("meta"):
-        return Llama(cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Distributed helpers (no-ops in a single process).
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -638,11 +327,11 @@ def train(
             raise ValueError(f"{resume}: saved by {meta['world_size']} processes, resumed with {world}{why}")
         load_weights(resume, model, model_cfg)
         osd = torch.load(resume / "optimizer.pt", weights_only=True, map_location="cpu")
-        set_optimizer_state_dict(model, optimizer, osd, options=_state_dict_options())
+        set_optimizer_state_dict(model, optimizer, osd, options=ckpt.state_dict_options())
         rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
         if rs.get("loader") is not None:
             train_data.load_state_dict(rs["loader"])
-        _set_rng_state(rs["rng"])
+        ckpt.set_rng_state(rs["rng"])
         step, bad_steps, tokens_seen = meta["step"], meta["bad_steps"], meta["tokens"]
         history = [h for h in meta.get("history", []) if h["step"] <= step]
         if rank == 0 and log_path.exists():  # drop what the interrupted run logged after the checkpoint
@@ -717,11 +406,11 @@ def train(
             "tokenmill": tokenmill.__version__,
             "history": [h for h in history if "tokens" in h or "val_loss" in h],
         }
-        save_checkpoint(
-            path, model, optimizer, meta, {"loader": loader_state, "rng": _rng_state()}, rank, world
+        ckpt.save(
+            path, model, optimizer, meta, {"loader": loader_state, "rng": ckpt.rng_state()}, rank, world
         )
         if rank == 0:
-            done = sorted(p for p in path.parent.glob("step_*") if _CKPT.match(p.name))
+            done = sorted(p for p in path.parent.glob("step_*") if ckpt.STEP_DIR.match(p.name))
             for old in done[: max(0, len(done) - cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
 
