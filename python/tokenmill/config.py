@@ -20,6 +20,38 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1's rotary frequency scaling (Hugging Face ``rope_scaling`` with ``rope_type = "llama3"``):
+    long wavelengths are divided by ``factor``, short ones kept, the band between interpolated. The fields
+    and their names are Hugging Face's, so ``to_dict()`` is the ``rope_scaling`` of a config.json."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ValueError(f"rope_scaling: unsupported rope_type {self.rope_type!r} (supported: llama3)")
+        if not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0):
+            raise ValueError(
+                f"rope_scaling: need factor > 0 and high_freq_factor > low_freq_factor > 0: {self}"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError(f"rope_scaling: original_max_position_embeddings must be positive: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names - set(d) if n != "rope_type")
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"rope_scaling: missing keys {missing}, unknown keys {unknown} (llama3 scaling)")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000
     dim: int = 4096
@@ -32,8 +64,15 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    rope_scaling: Optional[RopeScaling] = None  # a dict (TOML table, meta.json) becomes a RopeScaling
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"rope_scaling must be a table of llama3 scaling keys, got {self.rope_scaling!r}"
+            )
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
             raise ValueError(f"LlamaConfig sizes must be positive: {self}")
         if self.dim % self.n_heads:
