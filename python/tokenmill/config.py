@@ -205,9 +205,7 @@ class OptimSection:
 class TrainSection:
     steps: int = 1000
     grad_accum: int = 1
-    init_from: str = (
-        ""  # checkpoint or Hugging Face folder whose weights start the run (SFT, continued pre-training)
-    )
+    init_from: str = ""  # checkpoint or Hugging Face folder whose weights start the run (SFT, etc.)
     log_every: int = 10
     eval_every: int = 100  # 0: no evaluation
     eval_batches: int = 20
