@@ -48,20 +48,33 @@ def child(what: str, hf_dir: str, out: str, dtype: str) -> None:
     """Runs in the subprocess: import what the task needs, do it, print the peak RSS as JSON."""
     import torch
 
-    if what in ("base-ours", "import-hf", "from_hf"):
+    if what in ("base-ours", "import-hf", "from_hf", "safe_open"):
         import tokenmill.cli
         import tokenmill.hf
         import tokenmill.model
     else:
         import transformers
+    model = None
     if what == "import-hf":
         assert tokenmill.cli.main(["import-hf", hf_dir, out, "--dtype", dtype]) == 0
     elif what == "from_hf":
         model = tokenmill.model.Llama.from_hf(hf_dir, dtype=getattr(torch, dtype))
-        del model
     elif what == "from_pretrained":
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
-        del model
+    elif what == "safe_open":  # reading alone, each tensor dropped: the floor under import-hf
+        from safetensors import safe_open
+
+        for shard in sorted(Path(hf_dir).glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k).to(getattr(torch, dtype))
+                    del t
+    if model is not None:
+        # Touch every weight: transformers 5 leaves bf16 weights as views of the mmap'd files, resident only
+        # once read; a model in use has read them all.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sum(dtype=torch.float32)
     print(json.dumps({"peak_mib": vm_hwm_mib()}))
 
 
@@ -127,7 +140,13 @@ def main() -> None:
     rows = []
     base_ours = run("--child", "base-ours", str(hf_dir), "-", a.dtype)
     base_peer = run("--child", "base-peer", str(hf_dir), "-", a.dtype)
-    for what, base in (("import-hf", base_ours), ("from_hf", base_ours), ("from_pretrained", base_peer)):
+    runs = (
+        ("import-hf", base_ours),
+        ("safe_open", base_ours),
+        ("from_hf", base_ours),
+        ("from_pretrained", base_peer),
+    )
+    for what, base in runs:
         if out.exists():
             import shutil
 
@@ -139,12 +158,13 @@ def main() -> None:
     print(f"{'':<36}{'peak MiB':>10}{'above base':>12}{'x weights':>11}{'wall s':>8}")
     names = {
         "import-hf": "tokenmill import-hf (to disk)",
+        "safe_open": "read only (safe_open, tensors dropped)",
         "from_hf": "tokenmill Llama.from_hf",
         "from_pretrained": "transformers from_pretrained",
     }
     for what, peak, above, wall in rows:
         print(f"{names[what]:<36}{peak:>10,.0f}{above:>12,.0f}{above / weights_mib:>10.2f}x{wall:>8.1f}")
-    ratio = rows[1][2] / rows[2][2]
+    ratio = rows[2][2] / rows[3][2]
     print(f"from_hf / from_pretrained memory above base: {ratio:.2f}x   ({today()})")
     if out.exists():
         import shutil

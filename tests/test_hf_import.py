@@ -94,6 +94,7 @@ CASES = {
     "llama3_rope": dict(rope_theta=10000.0, rope_scaling=LLAMA3),
     "sharded": dict(max_shard_size="60KB", num_key_value_heads=2),
     "mistral": dict(kind="mistral", num_key_value_heads=2),
+    "mistral_window_covers_context": dict(kind="mistral", sliding_window=64),
 }
 
 
@@ -112,6 +113,20 @@ def test_from_hf_logits_equal_transformers(tmp_path, case):
         assert model.output.weight is model.tok_embeddings.weight
     if case == "llama3_rope":
         assert model.config.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
+
+
+def test_transformers4_config_layout(tmp_path):
+    """LLaMA-3.1 as published (transformers 4): rope_theta and rope_scaling at the top level."""
+    path = make_hf(tmp_path / "hf", rope_theta=10000.0, rope_scaling=LLAMA3)
+    c = json.loads((path / "config.json").read_text())
+    rope = c.pop("rope_parameters")
+    c["rope_theta"] = rope.pop("rope_theta")
+    c["rope_scaling"] = rope
+    (path / "config.json").write_text(json.dumps(c))
+    assert hf.read_config(path).rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
+    assert hf.read_config(path).rope_theta == 10000.0
+    with torch.no_grad():
+        assert max_diff(Llama.from_hf(path)(ids()), hf_logits(path, ids())) <= 1e-4
 
 
 def test_llama3_scaling_changes_logits(tmp_path):

@@ -7,10 +7,8 @@ one name map (below) serves both directions.
 
 Import checks everything it can from config.json and the safetensors headers (architecture, rope scaling,
 biases, shards, tensor names, shapes and dtypes) before it reads a weight or writes a byte, then streams the
-tensors one at a time, so that its peak memory is about one copy of the weights in the target dtype
-(benches/bench_import.py). Safetensors files are read with plain reads rather than mmap: pages of a mapped
-file count in the process's resident memory until it is unmapped, which for a one-file model would add a
-second full copy.
+tensors one at a time (safetensors ``safe_open``) into the output, so that ``import-hf`` holds about one
+tensor and ``Llama.from_hf`` about one copy of the weights in the target dtype (benches/bench_import.py).
 """
 
 from __future__ import annotations
@@ -212,6 +210,8 @@ def _header(path: Path) -> dict[str, dict]:
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     return header
 
@@ -278,22 +278,17 @@ def _inspect(hf_dir: PathLike) -> _Source:
 
 
 def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor) for each name, one tensor in memory at a time, read file by file in offset order."""
+    """(our name, tensor) for each name, one tensor in memory at a time, read file by file through
+    safetensors' ``safe_open`` (mmap; each tensor is copied out and the pages are not kept resident)."""
+    from safetensors import safe_open
+
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(src.tensors[n][0], []).append(n)
     for file, ours in sorted(by_file.items()):
-        header = _header(file)
-        with open(file, "rb") as f:
-            base = 8 + struct.unpack("<Q", f.read(8))[0]
-            for n in sorted(ours, key=lambda n: header[src.tensors[n][1]]["data_offsets"][0]):
-                e = header[src.tensors[n][1]]
-                start, end = e["data_offsets"]
-                t = torch.empty(end - start, dtype=torch.uint8)
-                f.seek(base + start)
-                if f.readinto(t.numpy()) != end - start:
-                    raise ValueError(f"{file}: tensor {src.tensors[n][1]} is truncated")
-                yield n, t.view(_ST_FLOAT[e["dtype"]]).view(src.shapes[n])
+        with safe_open(str(file), framework="pt") as f:
+            for n in ours:
+                yield n, f.get_tensor(src.tensors[n][1])
 
 
 def _load_tokenizer(src: _Source):
@@ -373,7 +368,8 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: to
         f.truncate(base + offset)
         f.flush()
         os.fsync(f.fileno())
-    assert written == set(shapes), sorted(set(shapes) - written)
+    if written != set(shapes):  # a hole would read back as zeros
+        raise RuntimeError(f"{path}: tensors never written: {sorted(set(shapes) - written)[:5]}")
 
 
 def _fsync_dir(path: Path) -> None:
