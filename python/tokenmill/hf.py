@@ -7,8 +7,14 @@ one name map (below) serves both directions.
 
 Import checks everything it can from config.json and the safetensors headers (architecture, rope scaling,
 biases, shards, tensor names, shapes and dtypes) before it reads a weight or writes a byte, then streams the
-tensors one at a time (safetensors ``safe_open``) into the output, so that ``import-hf`` holds about one
-tensor and ``Llama.from_hf`` about one copy of the weights in the target dtype (benches/bench_import.py).
+tensors one at a time into the output, so that ``import-hf`` holds about one tensor and ``Llama.from_hf``
+about one copy of the weights in the target dtype.
+
+Tensors are read with plain reads at their header offsets, not through safetensors' ``safe_open``: pages
+of its mmap, once read, count in the process's resident memory until the file is closed, i.e. up to a
+whole shard on top. Measured on a 1.1B bf16 model in 3 shards (benches/bench_import.py, 2-core CPU), peak
+RSS above the interpreter: import-hf 0.07x the weights with plain reads vs 0.45x through safe_open;
+from_hf 1.14x vs 1.35x (transformers' from_pretrained: 1.22x).
 """
 
 from __future__ import annotations
@@ -278,17 +284,22 @@ def _inspect(hf_dir: PathLike) -> _Source:
 
 
 def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor) for each name, one tensor in memory at a time, read file by file through
-    safetensors' ``safe_open`` (mmap; each tensor is copied out and the pages are not kept resident)."""
-    from safetensors import safe_open
-
+    """(our name, tensor) for each name, one tensor in memory at a time, read file by file in offset order."""
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(src.tensors[n][0], []).append(n)
     for file, ours in sorted(by_file.items()):
-        with safe_open(str(file), framework="pt") as f:
-            for n in ours:
-                yield n, f.get_tensor(src.tensors[n][1])
+        header = _header(file)
+        with open(file, "rb") as f:
+            base = 8 + struct.unpack("<Q", f.read(8))[0]
+            for n in sorted(ours, key=lambda n: header[src.tensors[n][1]]["data_offsets"][0]):
+                e = header[src.tensors[n][1]]
+                start, end = e["data_offsets"]
+                t = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(base + start)
+                if f.readinto(t.numpy()) != end - start:
+                    raise ValueError(f"{file}: tensor {src.tensors[n][1]} is truncated")
+                yield n, t.view(_ST_FLOAT[e["dtype"]]).view(src.shapes[n])
 
 
 def _load_tokenizer(src: _Source):
