@@ -218,6 +218,30 @@ def test_from_hf_dtype_and_sentencepiece_tokenizer_absent_is_fine(tmp_path):
     assert "tokenizer" not in json.loads((out / "meta.json").read_text())
 
 
+def test_import_tokenizer_model_when_no_tokenizer_json(tmp_path):
+    """A LLaMA-2 style folder: tokenizer.model (SentencePiece BPE, byte fallback) beside the weights."""
+    spm = pytest.importorskip("sentencepiece")
+    path = make_hf(tmp_path / "hf", tokenizer=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        model_type="bpe",
+        vocab_size=300,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    (tmp_path / "sp.model").rename(path / "tokenizer.model")
+    out = hf.import_hf(path, tmp_path / "ckpt")
+    tok = Tokenizer.load(out / json.loads((out / "meta.json").read_text())["tokenizer"])
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    text = "the lazy fox, hello world"
+    assert tok.encode_ordinary(text) == sp.encode(text)
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 
