@@ -272,6 +272,10 @@ def _inspect(hf_dir: PathLike) -> _Source:
             raise ValueError(
                 f"{file}: tensor {name} has shape {tuple(entry.get('shape', ()))}, config.json implies {want[ours]}"
             )
+        offsets = entry.get("data_offsets")
+        nbytes = math.prod(want[ours]) * _ST_FLOAT[entry["dtype"]].itemsize
+        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes):
+            raise ValueError(f"{file}: tensor {name}: data_offsets {offsets} do not span its {nbytes} bytes")
         tensors[ours] = (file, name)
     if cfg.tie_embeddings and "tok_embeddings.weight" in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
