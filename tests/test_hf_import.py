@@ -338,6 +338,26 @@ def test_export_of_imported_fine_tuned_model_loads_in_transformers(tmp_path):
     assert max_diff(theirs, hf_logits(path, x)) > 1e-3  # fine-tuning changed the model
 
 
+def test_exported_then_imported_run_continues_with_the_same_preset(tmp_path):
+    """The fine-tuning path: a run on a preset -> export-hf -> import-hf -> a run with the same preset
+    starting from the imported folder (its config spells out sizes the preset derives)."""
+    base = ["--model.preset=tiny", "--model.vocab_size=320"]
+    T.train(run_config(tmp_path / "a", "", *base), Batches(batches()))
+    ckpt = sorted((tmp_path / "a" / "run" / "checkpoints").glob("step_*"))[-1]
+    hf.export(ckpt, tmp_path / "hf")
+    imported = hf.import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert json.loads((imported / "meta.json").read_text())["model"]["ffn_hidden"] is not None
+    history = T.train(run_config(tmp_path / "b", imported, *base, "--train.steps=1"), Batches(batches()))
+    first = next(h for h in history if "loss" in h)
+    expect = torch.nn.functional.cross_entropy(
+        hf_logits(tmp_path / "hf", batches()[0]["input_ids"]).reshape(-1, V),
+        batches()[0]["labels"].reshape(-1),
+    )
+    assert abs(first["loss"] - expect.item()) <= 1e-4
+    with pytest.raises(ValueError, match="another model shape"):
+        T.train(run_config(tmp_path / "c", imported, "--model.preset=tiny", "--model.vocab_size=384"))
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 

@@ -112,10 +112,9 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
-    if theirs != model_cfg:
-        diff = {
-            k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v
-        }
+    if theirs.canonical() != model_cfg.canonical():
+        mine = model_cfg.canonical().to_dict()
+        diff = {k: (v, mine[k]) for k, v in theirs.canonical().to_dict().items() if mine[k] != v}
         raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
 
 
@@ -128,7 +127,7 @@ def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
     from tokenmill import hf
 
     if hf.is_hf_folder(ckpt_dir):
-        if hf.read_config(ckpt_dir) != model_cfg:
+        if hf.read_config(ckpt_dir).canonical() != model_cfg.canonical():
             raise ValueError(f"{ckpt_dir}: config.json describes another model shape than the run's")
         state = hf.read_state_dict(ckpt_dir)
     else:

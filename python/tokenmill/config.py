@@ -109,6 +109,13 @@ class LlamaConfig:
         total = self.n_layers * per_layer + d + head  # + final norm
         return total + (emb if include_embeddings else 0)
 
+    def canonical(self) -> LlamaConfig:
+        """The same model with derived sizes spelled out (n_kv_heads, ffn_hidden): two configs describe the
+        same weights exactly when their canonical forms are equal (a preset vs an imported config.json)."""
+        return dataclasses.replace(
+            self, n_kv_heads=self.kv_heads, ffn_hidden=self.hidden_dim, multiple_of=256
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -455,29 +455,13 @@ def run_model_config(hf_dir: PathLike, model_section: dict[str, Any], default_pr
             theirs = cfg.replace(**{key: value})
         except (TypeError, ValueError) as e:
             raise ValueError(f"model.{key} = {value!r}: {e}") from None
-        if _shape(theirs) != _shape(cfg):
+        if theirs.canonical() != cfg.canonical():
             raise ValueError(
                 f"model.{key} = {value!r} conflicts with {Path(hf_dir) / 'config.json'} "
                 f"({key} = {getattr(cfg, key)!r} there); with train.init_from naming a Hugging Face folder "
                 "the model shape comes from its config.json"
             )
     return cfg
-
-
-def _shape(c: LlamaConfig) -> tuple:
-    return (
-        c.vocab_size,
-        c.dim,
-        c.n_layers,
-        c.n_heads,
-        c.kv_heads,
-        c.hidden_dim,
-        c.norm_eps,
-        c.rope_theta,
-        c.max_seq_len,
-        c.tie_embeddings,
-        c.rope_scaling,
-    )
 
 
 # ------------------------------------------------------------------------------------------------ export
