@@ -49,8 +49,10 @@ class TorchOps:
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
     @staticmethod
-    def rope_cos_sin(positions, head_dim, theta=10000.0, dtype=None):
+    def rope_cos_sin(positions, head_dim, theta=10000.0, dtype=None, scaling=None):
         import torch
+
+        assert scaling is None, "the presets benchmarked here have no rope scaling"
 
         inv = 1.0 / (
             theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)

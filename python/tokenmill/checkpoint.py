@@ -112,20 +112,27 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
-    if theirs != model_cfg:
-        diff = {
-            k: (v, getattr(model_cfg, k)) for k, v in theirs.to_dict().items() if getattr(model_cfg, k) != v
-        }
+    if theirs.canonical() != model_cfg.canonical():
+        mine = model_cfg.canonical().to_dict()
+        diff = {k: (v, mine[k]) for k, v in theirs.canonical().to_dict().items() if mine[k] != v}
         raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
 
 
 def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
-    """Load a checkpoint's weights into ``model`` (sharded or not) after checking the shapes match."""
+    """Load a checkpoint's weights into ``model`` (sharded or not) after checking the shapes match;
+    ``ckpt_dir`` may also be a Hugging Face folder (``tokenmill.hf.is_hf_folder``)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    check_same_shape(ckpt_dir, model_cfg)
-    state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    from tokenmill import hf
+
+    if hf.is_hf_folder(ckpt_dir):
+        if hf.read_config(ckpt_dir).canonical() != model_cfg.canonical():
+            raise ValueError(f"{ckpt_dir}: config.json describes another model shape than the run's")
+        state = hf.read_state_dict(ckpt_dir)
+    else:
+        check_same_shape(ckpt_dir, model_cfg)
+        state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
     check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
     set_model_state_dict(model, state, options=state_dict_options())
 

@@ -132,6 +132,14 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from tokenmill import hf
+
+    out = hf.import_hf(args.hf_dir, args.out, dtype=args.dtype)
+    print(f"wrote {out} (train.init_from = {str(out)!r}, or tm.model.Llama.from_checkpoint)")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -529,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--section.key=value overrides, e.g. --optim.lr=1e-3 --resume auto",
     )
     tr.set_defaults(func=_cmd_train)
+
+    im = sub.add_parser("import-hf", help="convert a Hugging Face LLaMA/Mistral folder into a checkpoint")
+    im.add_argument(
+        "hf_dir", help="save_pretrained folder: config.json, *.safetensors, tokenizer.json/.model"
+    )
+    im.add_argument("out", help="new checkpoint folder (meta.json, model.safetensors, tokenizer)")
+    im.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    im.set_defaults(func=_cmd_import_hf)
 
     ex = sub.add_parser("export-hf", help="export a checkpoint as a Hugging Face model folder")
     ex.add_argument("checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N)")

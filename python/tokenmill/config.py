@@ -20,6 +20,38 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1's rotary frequency scaling (Hugging Face ``rope_scaling`` with ``rope_type = "llama3"``):
+    long wavelengths are divided by ``factor``, short ones kept, the band between interpolated. The fields
+    and their names are Hugging Face's, so ``to_dict()`` is the ``rope_scaling`` of a config.json."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ValueError(f"rope_scaling: unsupported rope_type {self.rope_type!r} (supported: llama3)")
+        if not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0):
+            raise ValueError(
+                f"rope_scaling: need factor > 0 and high_freq_factor > low_freq_factor > 0: {self}"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError(f"rope_scaling: original_max_position_embeddings must be positive: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names - set(d) if n != "rope_type")
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"rope_scaling: missing keys {missing}, unknown keys {unknown} (llama3 scaling)")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000
     dim: int = 4096
@@ -32,8 +64,15 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    rope_scaling: Optional[RopeScaling] = None  # a dict (TOML table, meta.json) becomes a RopeScaling
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"rope_scaling must be a table of llama3 scaling keys, got {self.rope_scaling!r}"
+            )
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
             raise ValueError(f"LlamaConfig sizes must be positive: {self}")
         if self.dim % self.n_heads:
@@ -69,6 +108,13 @@ class LlamaConfig:
         head = 0 if self.tie_embeddings else self.vocab_size * d
         total = self.n_layers * per_layer + d + head  # + final norm
         return total + (emb if include_embeddings else 0)
+
+    def canonical(self) -> LlamaConfig:
+        """The same model with derived sizes spelled out (n_kv_heads, ffn_hidden): two configs describe the
+        same weights exactly when their canonical forms are equal (a preset vs an imported config.json)."""
+        return dataclasses.replace(
+            self, n_kv_heads=self.kv_heads, ffn_hidden=self.hidden_dim, multiple_of=256
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,7 +212,7 @@ class OptimSection:
 class TrainSection:
     steps: int = 1000
     grad_accum: int = 1
-    init_from: str = ""  # checkpoint folder whose weights start the run (SFT, continued pre-training)
+    init_from: str = ""  # checkpoint or Hugging Face folder whose weights start the run (SFT, etc.)
     log_every: int = 10
     eval_every: int = 100  # 0: no evaluation
     eval_batches: int = 20

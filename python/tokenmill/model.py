@@ -144,7 +144,8 @@ class Llama(nn.Module):
             position_ids = position_ids.contiguous()
             mask = document_mask(position_ids)
         # Rotary tables once per forward, shared by every layer: [T, head_dim] or [B, T, head_dim].
-        rope = K.rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        rope = K.rope_cos_sin(position_ids, c.head_dim, c.rope_theta, scaling=c.rope_scaling)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -178,6 +179,21 @@ class Llama(nn.Module):
         check_state_dict(model, state, str(path))
         model.load_state_dict(state)
         return model.to(device)
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_dir: Union[str, Path],
+        dtype: Union[str, torch.dtype] = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+    ) -> Llama:
+        """The model of a Hugging Face ``save_pretrained`` folder (``LlamaForCausalLM``, or
+        ``MistralForCausalLM`` without a sliding window; safetensors, one file or sharded), built in
+        ``dtype`` on ``device`` and filled one tensor at a time. Unsupported folders raise before any weight
+        is read (see ``tokenmill.hf``); ``tokenmill import-hf`` writes the same as a checkpoint folder."""
+        from tokenmill import hf
+
+        return hf.load_model(hf_dir, dtype, device)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import tokenmill
 from tokenmill import checkpoint as ckpt
+from tokenmill import hf
 from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_weights, read_meta
 from tokenmill.config import OptimSection, TrainConfig, load_config
 from tokenmill.model import Llama, LlamaConfig
@@ -236,8 +237,13 @@ def train(
     param_dtype = _dtype(cfg.run.param_dtype)
 
     # -- everything that can be wrong with the inputs is checked before the first step
-    tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
-    model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
+    if cfg.train.init_from and hf.is_hf_folder(cfg.train.init_from):
+        # A Hugging Face folder: the model shape (and vocabulary) come from its config.json, also on resume.
+        model_cfg = hf.run_model_config(cfg.train.init_from, cfg.model, TrainConfig().model["preset"])
+        tok = _load_tokenizer(cfg, model_cfg.vocab_size)
+    else:
+        tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
+        model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
     resume = None
@@ -249,7 +255,8 @@ def train(
     if cfg.data.sft and not cfg.train.init_from:
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
     for ck in filter(None, (resume, init_from)):
-        check_same_shape(ck, model_cfg)
+        if not hf.is_hf_folder(ck):  # an HF folder's shape was checked above (it defines model_cfg)
+            check_same_shape(ck, model_cfg)
     if cfg.dist.cpu_offload and not cuda:
         raise ValueError("dist.cpu_offload moves GPU state to the host: it needs CUDA devices")
     if train_data is None:

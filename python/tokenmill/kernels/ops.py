@@ -411,16 +411,21 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+    scaling=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for ``apply_rope`` from position_ids (shape positions.shape + (head_dim,))."""
+    """cos/sin tables for ``apply_rope`` from position_ids (shape positions.shape + (head_dim,));
+    ``scaling``: a ``tokenmill.config.RopeScaling`` (LLaMA-3.1 frequencies) or None."""
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"positions must be an integer torch.Tensor, got {getattr(positions, 'dtype', type(positions).__name__)}"
         )
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
-    return reference.rope_cos_sin(positions, head_dim, theta, dtype)
+    return reference.rope_cos_sin(positions, head_dim, theta, dtype, scaling)
 
 
 # ---------------------------------------------------------------------------------------------- SwiGLU

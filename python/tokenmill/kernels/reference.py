@@ -13,6 +13,8 @@ dtype once at the end, as the kernels do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -56,18 +58,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Hugging Face's default inverse frequencies (fp32)."""
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling=None) -> torch.Tensor:
+    """Hugging Face's inverse frequencies (fp32): the default ones, or LLaMA-3.1's when ``scaling`` is a
+    ``tokenmill.config.RopeScaling`` -- operation for operation transformers' ``_compute_llama3_parameters``
+    so that the tables agree bit for bit."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (theta**exponent)
+    inv_freq = 1.0 / (theta**exponent)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths divided by factor, short ones kept, the band between interpolated
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+    scaling=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape positions.shape + (head_dim,), as LlamaRotaryEmbedding builds them: angles in
-    fp32, then cast to ``dtype``. Positions may restart at document boundaries (packed sequences)."""
-    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
+    fp32, then cast to ``dtype``. Positions may restart at document boundaries (packed sequences).
+    ``scaling``: a ``RopeScaling`` (LLaMA-3.1) or None."""
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device, scaling)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
