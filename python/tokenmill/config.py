@@ -339,7 +339,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
     lo = cfg.lora
     if lo.rank < 0:
         raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {lo.rank}")
-    if lo.rank > 0:
-        check_lora(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.base_dtype)
+    # The other keys are checked even with LoRA off, so a typo shows before the run that turns it on.
+    check_lora(lo.rank or 1, lo.alpha, lo.dropout, lo.targets, lo.base_dtype)
     cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
     return cfg

@@ -101,6 +101,8 @@ def apply_lora(
     >>> model = apply_lora(Llama(LlamaConfig.preset("tiny")), rank=8, targets=("wq", "wv"))
     """
     check_lora(rank, alpha, dropout, list(targets), base_dtype)
+    if base_dtype == "nf4":
+        from tokenmill import quant  # noqa: F401  (fails here, before the model is touched, when it is missing)
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters (merge_lora folds them in first)")
     for p in model.parameters():

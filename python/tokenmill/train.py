@@ -283,8 +283,12 @@ def train(
                 raise ValueError(
                     f"{resume}: adapters of base {theirs['base']}, but train.init_from is {base}"
                 )
-    if lora and lora.base_dtype == "nf4" and world > 1 and cfg.dist.fsdp:
-        raise ValueError("lora.base_dtype = nf4 runs in one process (FSDP2 does not shard the NF4 base yet)")
+    if lora and lora.base_dtype == "nf4":
+        if world > 1:
+            raise ValueError(
+                "lora.base_dtype = nf4 runs in one process (FSDP2 does not shard the NF4 base yet)"
+            )
+        from tokenmill import quant  # noqa: F401  (the QLoRA base; a missing module fails before any work)
     if cfg.dist.cpu_offload and not cuda:
         raise ValueError("dist.cpu_offload moves GPU state to the host: it needs CUDA devices")
     if train_data is None:
