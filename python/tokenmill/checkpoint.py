@@ -3,7 +3,9 @@
 A checkpoint is a folder ``out_dir/checkpoints/step_00000100/`` holding ``meta.json`` (written last: step,
 counters, model shape, run config, history), ``model.safetensors`` (full, unsharded weights),
 ``optimizer.pt`` and one ``rank_<r>.pt`` per process (loader state, RNG states), plus the run's tokenizer
-when it had one. The folder is written under a temporary name and renamed when complete, so a kill during
+when it had one. A LoRA run's checkpoint holds the adapters alone (``model.safetensors`` and the optimizer
+state of the adapter tensors: megabytes); ``meta.json`` records the adapter settings (``meta["lora"]``) and
+the base checkpoint they adapt (``meta["base"]``). The folder is written under a temporary name and renamed when complete, so a kill during
 a save leaves the previous one as the newest.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tokenmill.lora import base_state_for, is_adapter_key
 from tokenmill.model import Llama, LlamaConfig, check_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -75,8 +78,14 @@ def save(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: dict, rank: i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    # Full (unsharded) state dicts, gathered to rank 0 on the CPU; a no-op gather without FSDP.
-    msd, osd = get_state_dict(model, optimizer, options=state_dict_options(cpu_offload=True))
+    # Full (unsharded) state dicts, gathered to rank 0 on the CPU; a no-op gather without FSDP. LoRA: the
+    # frozen base is neither gathered nor stored, only the adapters.
+    lora = bool(meta.get("lora"))
+    msd, osd = get_state_dict(
+        model, optimizer, options=state_dict_options(cpu_offload=True, ignore_frozen_params=lora)
+    )
+    if lora:
+        msd = {k: v for k, v in msd.items() if is_adapter_key(k)}
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
     _fsync(tmp / f"rank_{rank}.pt")
     if rank == 0:
@@ -118,9 +127,10 @@ def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
         raise ValueError(f"{ckpt_dir}: checkpoint is from another model shape; (checkpoint, config): {diff}")
 
 
-def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
+def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig, adapters: Optional[dict] = None) -> None:
     """Load a checkpoint's weights into ``model`` (sharded or not) after checking the shapes match;
-    ``ckpt_dir`` may also be a Hugging Face folder (``tokenmill.hf.is_hf_folder``)."""
+    ``ckpt_dir`` may also be a Hugging Face folder (``tokenmill.hf.is_hf_folder``). A LoRA model takes them
+    as its frozen base, and ``adapters`` (its initial adapter tensors) with them."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -132,9 +142,38 @@ def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig) -> None:
         state = hf.read_state_dict(ckpt_dir)
     else:
         check_same_shape(ckpt_dir, model_cfg)
+        if read_meta(ckpt_dir).get("lora"):
+            raise ValueError(
+                f"{ckpt_dir}: a LoRA adapter checkpoint, not a full model: resume it (--resume), or merge it "
+                "(`tokenmill export-hf CKPT OUT --merge`) and start from the merged weights"
+            )
         state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
     check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
+    if adapters is not None:
+        state = {**base_state_for(model, state), **adapters}
     set_model_state_dict(model, state, options=state_dict_options())
+
+
+def load_adapters(ckpt_dir: Path, model) -> None:
+    """Load an adapter checkpoint's tensors into the adapters of ``model`` (sharded or not), after checking
+    that the names and shapes are those of ``model``'s adapters (an adapter of another base is refused)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    own = {k: tuple(p.shape) for k, p in model.named_parameters() if is_adapter_key(k)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt_dir}: adapters do not match the model's: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for k, shape in own.items():
+        if tuple(state[k].shape) != shape:
+            raise ValueError(
+                f"{ckpt_dir}: adapter tensor {k} has shape {tuple(state[k].shape)} but the model expects "
+                f"{shape} (an adapter of another base or rank?)"
+            )
+    set_model_state_dict(model, state, options=state_dict_options(strict=False))
 
 
 def _shape_probe(cfg: LlamaConfig) -> torch.nn.Module:

@@ -127,8 +127,21 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from tokenmill import hf
 
-    hf.export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
-    print(f"wrote {args.out} (load with transformers.LlamaForCausalLM.from_pretrained)")
+    hf.export(
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        adapter=args.adapter,
+        merge=args.merge,
+        base_model=args.base_model,
+    )
+    how = (
+        "peft.PeftModel.from_pretrained(base, OUT)"
+        if args.adapter
+        else "transformers.LlamaForCausalLM.from_pretrained"
+    )
+    print(f"wrote {args.out} (load with {how})")
     return 0
 
 
@@ -551,6 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer.json)")
     ex.add_argument("--tokenizer", help="tokenizer file (default: the one recorded in the checkpoint)")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    kind = ex.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA checkpoint: write a PEFT adapter folder (adapter_config.json)",
+    )
+    kind.add_argument("--merge", action="store_true", help="LoRA checkpoint: write the merged full weights")
+    ex.add_argument(
+        "--base-model", help="--adapter: base_model_name_or_path (default: the base checkpoint's path)"
+    )
     ex.set_defaults(func=_cmd_export_hf)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")

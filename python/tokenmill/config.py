@@ -235,6 +235,41 @@ class DistSection:
     )
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention q k v o; SwiGLU gate, down, up
+
+
+def check_lora(
+    rank: int, alpha: float, dropout: float, targets: Sequence[str], base_dtype: Optional[str]
+) -> None:
+    """Raise ValueError naming the first bad LoRA setting (shared by [lora] and tm.model.apply_lora)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"lora alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(
+            f"lora targets must be a non-empty list of {', '.join(LORA_TARGETS)}; got {targets!r}"
+        )
+    for t in targets:
+        if t not in LORA_TARGETS:
+            raise ValueError(f"lora target {t!r} does not exist; valid targets: {', '.join(LORA_TARGETS)}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"lora targets list a module twice: {list(targets)}")
+    if base_dtype not in (None, "", "nf4"):
+        raise ValueError(f'lora base_dtype must be "" (run.param_dtype) or "nf4", got {base_dtype!r}')
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0: train every weight; > 0: train rank-r adapters on a frozen base (train.init_from)
+    alpha: float = 32.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    base_dtype: str = ""  # "": the base in run.param_dtype; "nf4": 4-bit NormalFloat base (QLoRA)
+
+
 @dataclass
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -244,6 +279,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     dist: DistSection = field(default_factory=DistSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,5 +382,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         )
     if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
         raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {lo.rank}")
+    # The other keys are checked even with LoRA off, so a typo shows before the run that turns it on.
+    check_lora(lo.rank or 1, lo.alpha, lo.dropout, lo.targets, lo.base_dtype)
     cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
     return cfg

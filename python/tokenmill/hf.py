@@ -1,6 +1,7 @@
 """Hugging Face model folders in and out: ``tokenmill import-hf`` / ``Llama.from_hf`` read a
 ``save_pretrained`` folder of a ``LlamaForCausalLM`` or ``MistralForCausalLM`` (no sliding window);
-``tokenmill export-hf`` writes a trainer checkpoint as a ``LlamaForCausalLM`` folder.
+``tokenmill export-hf`` writes a trainer checkpoint as a ``LlamaForCausalLM`` folder, and a LoRA adapter
+checkpoint as a PEFT adapter folder (``--adapter``) or as merged full weights (``--merge``).
 
 Our rotary embeddings use the Hugging Face "rotate half" pairing, so weights are renamed, never permuted;
 one name map (below) serves both directions.
@@ -60,6 +61,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _ST_FLOAT = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ST_NAME = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+
+# LoRA targets -> PEFT's target_modules (the Hugging Face module names)
+HF_MODULE = {
+    k.split(".")[1]: v.split(".")[1] for k, v in _LAYER.items() if k.startswith(("attention.w", "feed_"))
+}
 
 
 def hf_name(name: str) -> str:
@@ -499,24 +506,81 @@ def export(
     out: Union[str, Path],
     tokenizer: Optional[str] = None,
     dtype: str = "float32",
+    adapter: bool = False,
+    merge: bool = False,
+    base_model: Optional[str] = None,
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
     given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
-    it is written under a temporary name and renamed."""
-    from safetensors.torch import load_file, save_file
+    it is written under a temporary name and renamed.
+
+    A LoRA adapter checkpoint needs ``adapter=True`` (a PEFT adapter folder: adapter_config.json +
+    adapter_model.safetensors, for ``peft.PeftModel.from_pretrained``; ``base_model`` fills its
+    base_model_name_or_path, by default the base checkpoint's path) or ``merge=True`` (the adapters folded
+    into the base: a normal Hugging Face folder)."""
+    from safetensors.torch import load_file
 
     from tokenmill.checkpoint import read_meta
 
     ckpt, out = Path(checkpoint), Path(out)
     meta = read_meta(ckpt)
     cfg = LlamaConfig.from_dict(meta["model"])
-    state = load_file(str(ckpt / "model.safetensors"))
     tdtype = dtype_of(dtype)
+    if adapter and merge:
+        raise ValueError("--adapter and --merge exclude each other: a PEFT adapter folder or merged weights")
+    if meta.get("lora"):
+        if not (adapter or merge):
+            raise ValueError(
+                f"{ckpt} is a LoRA adapter checkpoint (adapters only, base {meta['base']}): export it with "
+                "--adapter (a PEFT adapter folder) or --merge (the merged full weights)"
+            )
+    elif adapter or merge:
+        raise ValueError(
+            f"{ckpt} is a full checkpoint, not LoRA adapters: export it without --adapter/--merge"
+        )
+
+    if adapter:
+        state = _checked_adapters(ckpt, meta)
+        lo = meta["lora"]
+        tensors = {_peft_name(k): v.to(tdtype).contiguous() for k, v in state.items()}
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model or meta["base"],
+            "r": lo["rank"],
+            "lora_alpha": lo["alpha"],
+            "lora_dropout": lo["dropout"],
+            "target_modules": sorted(HF_MODULE[t] for t in lo["targets"]),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": None,
+        }
+        return _write(out, {"adapter_model.safetensors": tensors}, {"adapter_config.json": config})
+
+    if merge:
+        from tokenmill.model import Llama
+
+        _checked_adapters(ckpt, meta)  # before loading the (large) base
+        state = Llama.from_checkpoint(ckpt, merge=True).state_dict()
+    else:
+        state = load_file(str(ckpt / "model.safetensors"))
     tensors = {hf_name(k): v.to(tdtype).contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
 
     tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
+    if not tok_path and merge:  # adapters trained without a tokenizer: the base's, if it has one
+        base_meta = read_meta(Path(meta["base"]))
+        tok_path = str(Path(meta["base"]) / base_meta["tokenizer"]) if base_meta.get("tokenizer") else ""
     tok = None
     if tok_path:
         import tokenmill
@@ -529,24 +593,70 @@ def export(
     specials = dict(tok.special_tokens) if tok is not None else {}
     bos = tok.bos_token_id if tok is not None else None
     eos = tok.eos_token_id if tok is not None else None
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, bos, eos), indent=2))
-    (tmp / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2)
-    )
+    files: dict = {
+        "config.json": hf_config(cfg, dtype, bos, eos),
+        "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos},
+    }
     if tok is not None:
-        tok.save_huggingface(str(tmp / "tokenizer.json"))
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
         names = {v: k for k, v in specials.items()}
         if bos is not None:
             tok_cfg["bos_token"] = names[bos]
         if eos is not None:
             tok_cfg["eos_token"] = names[eos]
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+        files["tokenizer_config.json"] = tok_cfg
+    return _write(out, {"model.safetensors": tensors}, files, tok)
+
+
+def _peft_name(name: str) -> str:
+    """``layers.3.attention.wq.lora_A.weight`` -> ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``
+    (PEFT's saved names: the adapter name ``default`` is dropped in the file)."""
+    module, _, ab = name.rpartition(".lora_")
+    return f"base_model.model.{hf_name(module + '.weight')[: -len('.weight')]}.lora_{ab}"
+
+
+def _checked_adapters(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The adapter tensors of ``ckpt``, checked (names and shapes) against the model shape it records."""
+    from safetensors.torch import load_file
+
+    from tokenmill.lora import apply_lora
+    from tokenmill.model import Llama
+
+    lo = meta["lora"]
+    with torch.device("meta"):
+        probe = apply_lora(
+            Llama(LlamaConfig.from_dict(meta["model"])), lo["rank"], lo["alpha"], lo["dropout"], lo["targets"]
+        )
+    own = {k: tuple(p.shape) for k, p in probe.named_parameters() if p.requires_grad}
+    state = load_file(str(ckpt / "model.safetensors"))
+    for k, shape in own.items():
+        if k not in state or tuple(state[k].shape) != shape:
+            got = tuple(state[k].shape) if k in state else "missing"
+            raise ValueError(f"{ckpt}: adapter tensor {k} is {got}, the recorded model expects {shape}")
+    if set(state) - set(own):
+        raise ValueError(f"{ckpt}: unexpected tensors {sorted(set(state) - set(own))[:5]}")
+    return state
+
+
+def _write(out: Path, tensors: dict, json_files: dict, tok=None) -> Path:
+    """Write the folder under a temporary name, fsync every file, rename it into place."""
+    from safetensors.torch import save_file
+
+    from tokenmill.checkpoint import _fsync
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, t in tensors.items():
+        save_file(t, str(tmp / name), metadata={"format": "pt"})
+    for name, obj in json_files.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2))
+    if tok is not None:
+        tok.save_huggingface(str(tmp / "tokenizer.json"))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    _fsync(out.parent)
     return out

@@ -17,8 +17,18 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenmill import kernels as K
 from tokenmill.config import PRESETS, LlamaConfig
+from tokenmill.lora import apply_lora, merge_lora
 
-__all__ = ["PRESETS", "LlamaConfig", "Llama", "check_state_dict", "document_mask", "generate"]
+__all__ = [
+    "PRESETS",
+    "LlamaConfig",
+    "Llama",
+    "apply_lora",
+    "check_state_dict",
+    "document_mask",
+    "generate",
+    "merge_lora",
+]
 
 
 class RMSNorm(nn.Module):
@@ -166,14 +176,47 @@ class Llama(nn.Module):
         return K.linear_cross_entropy(h.reshape(b * t, -1), w, labels.reshape(b * t), reduction=reduction)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Llama:
-        """The model of a trainer checkpoint folder (``meta.json`` + ``model.safetensors``)."""
+    def from_checkpoint(
+        cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu", merge: bool = True
+    ) -> Llama:
+        """The model of a trainer checkpoint folder (``meta.json`` + ``model.safetensors``).
+
+        A LoRA adapter checkpoint (``[lora] rank > 0``) holds the adapters alone: its base checkpoint
+        (``meta["base"]``) is loaded, adapted as it was trained (an NF4 base is quantised again) and, with
+        ``merge=True`` (the default), the adapters are folded in: a plain ``Llama`` with dense weights.
+        ``merge=False`` keeps the ``LoraLinear`` modules (``tm.model.merge_lora`` folds them later)."""
         from safetensors.torch import load_file
 
-        from tokenmill.checkpoint import read_meta  # imports this module
+        from tokenmill.checkpoint import load_adapters, read_meta  # imports this module
 
         path = Path(path)
         meta = read_meta(path)
+        if meta.get("lora"):
+            if (
+                not (Path(meta["base"]) / "meta.json").exists()
+                and not (Path(meta["base"]) / "config.json").exists()
+            ):
+                raise FileNotFoundError(
+                    f"{path}: the base checkpoint of these adapters, {meta['base']}, is gone"
+                )
+            from tokenmill import hf
+
+            if hf.is_hf_folder(meta["base"]):  # train.init_from named a Hugging Face folder
+                model = cls.from_hf(meta["base"])
+            else:
+                model = cls.from_checkpoint(meta["base"], device="cpu")
+            if LlamaConfig.from_dict(meta["model"]) != model.config:
+                raise ValueError(
+                    f"{path}: adapter checkpoint of another model shape than its base {meta['base']}"
+                )
+            lo = meta["lora"]
+            apply_lora(model, lo["rank"], lo["alpha"], lo["dropout"], lo["targets"])
+            load_adapters(path, model)
+            if lo.get("base_dtype") == "nf4":
+                from tokenmill.lora import quantize_base
+
+                quantize_base(model)
+            return (merge_lora(model) if merge else model).to(device)
         model = cls(LlamaConfig.from_dict(meta["model"]))
         state = load_file(str(path / "model.safetensors"), device=str(device))
         check_state_dict(model, state, str(path))

@@ -11,6 +11,7 @@ skipping, logging, evaluation and checkpointing. Single process, or one process 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -28,7 +29,8 @@ import torch.distributed as dist
 import tokenmill
 from tokenmill import checkpoint as ckpt
 from tokenmill import hf
-from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_weights, read_meta
+from tokenmill import lora as L
+from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_adapters, load_weights, read_meta
 from tokenmill.config import OptimSection, TrainConfig, load_config
 from tokenmill.model import Llama, LlamaConfig
 
@@ -254,9 +256,46 @@ def train(
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     if cfg.data.sft and not cfg.train.init_from:
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
-    for ck in filter(None, (resume, init_from)):
+    # LoRA: the frozen base always comes from train.init_from, resumed or not; checkpoints hold adapters.
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    base = Path(cfg.train.init_from).resolve() if lora else None
+    if lora and not cfg.train.init_from:
+        raise ValueError(
+            "lora.rank > 0 trains adapters on a frozen base: set train.init_from to its checkpoint"
+        )
+    for ck in filter(None, (resume, init_from, base)):
         if not hf.is_hf_folder(ck):  # an HF folder's shape was checked above (it defines model_cfg)
             check_same_shape(ck, model_cfg)
+    if base is not None and not hf.is_hf_folder(base) and read_meta(base).get("lora"):
+        raise ValueError(f"train.init_from {base}: a LoRA adapter checkpoint; the base must be full weights")
+    if resume is not None:
+        theirs = read_meta(resume)
+        if bool(theirs.get("lora")) != bool(lora):
+            raise ValueError(
+                f"{resume}: "
+                + (
+                    "a LoRA adapter checkpoint but lora.rank = 0"
+                    if theirs.get("lora")
+                    else f"a full checkpoint but lora.rank = {cfg.lora.rank}"
+                )
+            )
+        if lora:
+            mine = dataclasses.asdict(lora)
+            diff = {k: (v, mine.get(k)) for k, v in theirs["lora"].items() if mine.get(k) != v}
+            if diff:
+                raise ValueError(
+                    f"{resume}: adapters trained with other [lora] settings; (checkpoint, config): {diff}"
+                )
+            if theirs["base"] != str(base):
+                raise ValueError(
+                    f"{resume}: adapters of base {theirs['base']}, but train.init_from is {base}"
+                )
+    if lora and lora.base_dtype == "nf4":
+        if world > 1:
+            raise ValueError(
+                "lora.base_dtype = nf4 runs in one process (FSDP2 does not shard the NF4 base yet)"
+            )
+        from tokenmill import quant  # noqa: F401  (the QLoRA base; a missing module fails before any work)
     if cfg.dist.cpu_offload and not cuda:
         raise ValueError("dist.cpu_offload moves GPU state to the host: it needs CUDA devices")
     if train_data is None:
@@ -277,6 +316,8 @@ def train(
     finally:
         torch.set_default_dtype(default_dtype)
     model.activation_checkpointing = cfg.run.activation_checkpointing
+    if lora:  # before fully_shard, so that FSDP2 groups the adapters with their block
+        L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
     if cfg.run.compile:
         for layer in model.layers:
             layer.compile()
@@ -298,10 +339,14 @@ def train(
         model.reset_parameters()
     elif world > 1:
         raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
-    if init_from is not None:
+    if base is not None:
+        load_weights(base, model, model_cfg, adapters=L.adapter_init(model, cfg.run.seed))
+        if lora.base_dtype == "nf4":
+            L.quantize_base(model)
+    elif init_from is not None:
         load_weights(init_from, model, model_cfg)
 
-    # -- optimizer: weight decay on matrices only (not norms)
+    # -- optimizer: weight decay on matrices only (not norms); LoRA: the adapters alone
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
@@ -332,7 +377,10 @@ def train(
                 else ""
             )
             raise ValueError(f"{resume}: saved by {meta['world_size']} processes, resumed with {world}{why}")
-        load_weights(resume, model, model_cfg)
+        if lora:
+            load_adapters(resume, model)
+        else:
+            load_weights(resume, model, model_cfg)
         osd = torch.load(resume / "optimizer.pt", weights_only=True, map_location="cpu")
         set_optimizer_state_dict(model, optimizer, osd, options=ckpt.state_dict_options())
         rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
@@ -357,6 +405,9 @@ def train(
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     if rank == 0:
         kind = f"resumed at step {step} from {resume}" if resume else "fresh"
+        if lora:
+            n_adapt = sum(p.numel() for p in params)
+            kind += f"; LoRA rank {lora.rank}: {n_adapt / 1e6:.2f}M trainable on the frozen base {base}"
         print(
             f"tokenmill train: {n_params / 1e6:.2f}M parameters, {world} x {gpu}, "
             f"{cfg.train.steps} steps of {cfg.data.batch_size * cfg.train.grad_accum * world} x "
@@ -413,6 +464,8 @@ def train(
             "tokenmill": tokenmill.__version__,
             "history": [h for h in history if "tokens" in h or "val_loss" in h],
         }
+        if lora:
+            meta.update(lora=dataclasses.asdict(lora), base=str(base))
         ckpt.save(
             path, model, optimizer, meta, {"loader": loader_state, "rng": ckpt.rng_state()}, rank, world
         )
