@@ -163,7 +163,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     levels, _, code = _tables(q.packed.device)
     n = q.shape[0] * q.shape[1]
     args = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset, levels, code, n, q.block_size)
-    if q.packed.is_cuda:
+    if ops._runs_kernel(q.packed):
         out = ops.nf4_dequantize(*args, dtype if dtype in ops._CUDA_DTYPES else torch.float32)
         return out.view(q.shape).to(dtype)
     return reference.nf4_dequantize(*args, dtype).view(q.shape)
