@@ -224,5 +224,10 @@ def nf4_dequantize(
     n_blocks = absmax_q.numel()
     absmax = code[absmax_q.long()] * absmax_scale.repeat_interleave(256)[:n_blocks] + absmax_offset
     pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=-1)  # byte -> (high, low)
-    values = pairs[packed.long()].view(n_blocks, block_size)
-    return (values * absmax[:, None]).view(-1)[:n].to(dtype)
+    out = torch.empty(n_blocks * block_size, dtype=dtype, device=packed.device)
+    step = max(1, (1 << 16) // block_size)  # blocks at a time: temporaries stay small next to the output
+    for b0 in range(0, n_blocks, step):
+        b1 = min(n_blocks, b0 + step)
+        values = pairs[packed[b0 * block_size // 2 : b1 * block_size // 2].long()].view(b1 - b0, block_size)
+        out[b0 * block_size : b1 * block_size] = (values * absmax[b0:b1, None]).view(-1)  # rounds once
+    return out[:n]
