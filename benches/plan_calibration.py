@@ -313,13 +313,20 @@ def apply_qlora(model: nn.Module, rank: int) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.layers:
-        for owner, names in (
-            (block.attention, ("wq", "wk", "wv", "wo")),
-            (block.feed_forward, ("w1", "w2", "w3")),
-        ):
-            for name in names:
-                setattr(owner, name, _QLoraLinear(getattr(owner, name), rank))
+        qlora_block(block, rank)
     return model
+
+
+def qlora_block(block: nn.Module, rank: int) -> nn.Module:
+    """_QLoraLinear on the seven projections of one block, quantised there and then (so a 65B model never
+    needs its dense weights all at once)."""
+    for owner, names in (
+        (block.attention, ("wq", "wk", "wv", "wo")),
+        (block.feed_forward, ("w1", "w2", "w3")),
+    ):
+        for name in names:
+            setattr(owner, name, _QLoraLinear(getattr(owner, name).requires_grad_(False), rank))
+    return block
 
 
 def measure_qlora(

@@ -297,6 +297,22 @@ def test_qlora_memory_against_measured_cpu_step(case):
     assert pred == pytest.approx(meas, rel=0.10)
 
 
+def test_gpu_qlora_check_runs_on_cpu(capsys):
+    """benches/gpu_qlora_check.py (the 7B/13B/65B QLoRA step on a lent GPU): its block-by-block build and
+    the step, on CPU with the tiny preset."""
+    import gpu_qlora_check
+    from tokenmill.quant import Linear4bit
+
+    cfg = LlamaConfig.preset("tiny")
+    m = gpu_qlora_check.build(cfg, "cpu")
+    assert sum(isinstance(x, Linear4bit) for x in m.modules()) == 7 * cfg.n_layers
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert sum(m.get_parameter(n).numel() for n in trainable) == plan._lora_params(cfg, 16)
+    assert gpu_qlora_check.main(["--dry-run"]) == 0
+    assert "| tiny |" in capsys.readouterr().out
+
+
 def test_gpu_check_script_runs_on_cpu():
     """benches/gpu_plan_check.py's check(), which the lead runs on a GPU, exercised here on CPU."""
     import gpu_plan_check
