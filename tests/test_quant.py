@@ -115,8 +115,11 @@ def test_quantise_matches_naive_and_stays_within_the_nf4_bound(
     clear = ref["margin"] > 1e-5
     assert torch.equal(unpack(q.packed)[clear], ref["idx"][clear])
     assert torch.allclose(q.absmax_offset.double(), ref["offset"].reshape(1), rtol=1e-6, atol=0)
-    assert torch.allclose(q.absmax_scale.double(), ref["scale"], rtol=1e-6, atol=1e-30)
-    clear = ref["qmargin"] > 1e-5
+    # absmax - mean cancels in fp32: errors scale with the offset, not with the (maybe much smaller) spread
+    fp32_slack = 1e-6 * ref["offset"].abs().item()
+    assert torch.allclose(q.absmax_scale.double(), ref["scale"], rtol=1e-6, atol=fp32_slack + 1e-30)
+    s_of_block = ref["scale"].repeat_interleave(256)[: len(ref["a"])]
+    clear = ref["qmargin"] > 1e-5 + 2 * fp32_slack / s_of_block.clamp_min(1e-300)
     assert torch.equal(q.absmax.long()[clear], ref["qa"][clear])
 
     # dequantised value = level * (code * scale + offset), from the stored codes

@@ -192,6 +192,11 @@ class Linear4bit(nn.Module):
     The quantised state is buffers (``.to(device)``, ``state_dict``); the fp32 absmax scale and offset are
     stored as int32 bit patterns so that ``model.to(torch.bfloat16)`` leaves them exact."""
 
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax_scale: torch.Tensor
+    absmax_offset: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -209,12 +214,13 @@ class Linear4bit(nn.Module):
         self.block_size = _check_block_size(block_size)
         self.compute_dtype = compute_dtype
         n_blocks = -(-in_features * out_features // block_size)
-        u8 = dict(dtype=torch.uint8, device=device)
-        self.register_buffer("packed", torch.zeros(n_blocks * block_size // 2, **u8))
-        self.register_buffer("absmax", torch.zeros(n_blocks, **u8))
-        i32 = dict(dtype=torch.int32, device=device)
-        self.register_buffer("absmax_scale", torch.zeros(-(-n_blocks // ABSMAX_BLOCK), **i32))
-        self.register_buffer("absmax_offset", torch.zeros(1, **i32))
+        u8, i32 = torch.uint8, torch.int32
+        self.register_buffer("packed", torch.zeros(n_blocks * block_size // 2, dtype=u8, device=device))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=u8, device=device))
+        self.register_buffer(
+            "absmax_scale", torch.zeros(-(-n_blocks // ABSMAX_BLOCK), dtype=i32, device=device)
+        )
+        self.register_buffer("absmax_offset", torch.zeros(1, dtype=i32, device=device))
 
     @classmethod
     def from_linear(
