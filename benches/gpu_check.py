@@ -16,6 +16,9 @@ comparisons, timing, goal evaluation, table) on tiny shapes through the CPU refe
    (the minimum traffic of a fused implementation), achieved bandwidth, extra peak memory (peak allocated
    during the call minus what the call returns), side by side with eager torch and torch.compile, plus the
    measured device-to-device copy bandwidth; the goals of issue 6 are evaluated in the last column.
+   NF4 (QLoRA base weights): dequantisation of the 14336 x 4096 FFN matrix (bytes: the 4-bit state read, bf16
+   written) against the pure-torch reference, and Linear4bit forward + input gradient against a dense bf16
+   layer (the overhead a fused dequant+matmul could at most remove).
    For rms_norm, rope and swiglu each implementation also gets a back-to-back time (calls issued without a
    sync) and a device time (the forward+backward captured in a CUDA graph and replayed, else the profiler's
    kernel sum): at these sizes one call is ~0.2 ms of DRAM traffic, comparable to the host's launch work,
@@ -352,6 +355,7 @@ def packed_positions(batch: int, seq: int, doc_len: int, device) -> torch.Tensor
 
 def correctness(cfg: Config) -> list[Check]:
     from tokenmill import kernels as K
+    from tokenmill import quant
     from tokenmill.kernels import launch, reference
     from tokenmill.optim import AdamW8bit
 
@@ -526,6 +530,51 @@ def correctness(cfg: Config) -> list[Check]:
                 )
 
             guarded("adamw8bit step x5", dtype, f"n={'+'.join(map(str, sizes))}", adam)
+            # NF4 (QLoRA base weights): the kernel's dequantisation equals the reference bit for bit (8-wide
+            # and scalar paths); Linear4bit forward + input gradient against float64 math on that weight
+            nf4_shapes = ((40, 96, 64), (7, 13, 6)) if small else ((14336, 4096, 64), (777, 1001, 64))
+            for rows, cols, block in nf4_shapes:
+                shape = f"{rows}x{cols} block {block}"
+
+                def nf4(rows=rows, cols=cols, block=block, dtype=dtype, tol=tol, shape=shape):
+                    w = torch.randn(rows, cols, device=dev) * 0.02
+                    w[0, :block] = 0  # a zero block
+                    q = quant.quantize_nf4(w, block)
+                    levels, _, code = quant._tables(w.device)
+                    args = (
+                        q.packed,
+                        q.absmax,
+                        q.absmax_scale,
+                        q.absmax_offset,
+                        levels,
+                        code,
+                        w.numel(),
+                        block,
+                    )
+                    got = quant.dequantize_nf4(q, dtype).view(-1)
+                    differ = int((got != reference.nf4_dequantize(*args, dtype)).sum())  # NaN differs too
+                    layer = quant.Linear4bit(cols, rows, block, device=dev)
+                    layer.load_quantized(q)
+                    x = torch.randn(64, cols, device=dev).to(dtype).requires_grad_()
+                    dy = torch.randn(64, rows, device=dev).to(dtype)
+                    y = layer(x)
+                    (gx,) = torch.autograd.grad(y, x, dy)
+                    wd = layer.dequantize(torch.float64)
+                    err = max(rel_err(y, x.detach().double() @ wd.T), rel_err(gx, dy.double() @ wd))
+                    out.append(
+                        Check(
+                            "nf4 dequant + Linear4bit",
+                            str(dtype).replace("torch.", ""),
+                            shape,
+                            err,
+                            tol,
+                            differ == 0 and err <= tol,
+                            f"dequantised values differing from the reference (must be 0): {differ}; "
+                            "rel.err: Linear4bit fwd + input grad vs float64",
+                        )
+                    )
+
+                guarded("nf4 dequant + Linear4bit", dtype, shape, nf4)
     finally:
         launch.DEBUG_FILL_NAN = False
     return out
@@ -852,6 +901,62 @@ def perf(cfg: Config, copy_gbps: float) -> list[Row]:
             b2b_ratio = f", back to back {r.b2b_ms / eager.b2b_ms:.2f}x" if r.b2b_ms and eager.b2b_ms else ""
             r.goal = f"{'MET' if ok else 'MISSED'} ({bytes8:.3f} B state/param <= 2.1: {'yes' if bytes8 <= 2.1 else 'no'}; {ratio:.2f}x fused AdamW time <= 1.2: {'yes' if ratio <= 1.2 else 'no'}{b2b_ratio})"
             eager.note += f"; {bytes_t:.1f} B state/param"
+
+    guarded(section, run_section)
+
+    # --- NF4 dequantisation (QLoRA base weight, the LLaMA-3-8B FFN matrix) and its cost inside a layer
+    section = "nf4 dequant"
+
+    def run_section() -> None:
+        from tokenmill import quant
+
+        q = quant.quantize_nf4(torch.randn(FF, H, device=dev) * 0.02)
+        levels, _, code = quant._tables(dev)
+        args = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset, levels, code, FF * H, q.block_size)
+        comp = maybe_compile(cfg, reference.nf4_dequantize) if cfg.compile else None
+        variants = {
+            "tokenmill": lambda: quant.dequantize_nf4(q, dt),
+            "eager": lambda: reference.nf4_dequantize(*args, dt),
+        }
+        with_compile(variants, (lambda: comp(*args, dt)) if comp else None)
+        gb = (q.nbytes + FF * H * e) / 1e9  # read the 4-bit state, write bf16
+        res = bench_variants(
+            cfg, section, variants, gb, rows, **light, note=f"W [{FF}, {H}] -> bf16", device=True
+        )
+        bandwidth_goal(res, copy_gbps)
+
+    guarded(section, run_section)
+
+    # Linear4bit forward + input gradient (dequantised twice) against the same matmuls on a dense bf16
+    # weight: the time a fused dequant+matmul kernel could at most win back.
+    section = "Linear4bit fwd+bwd"
+
+    def run_section() -> None:
+        from tokenmill import quant
+
+        dense = torch.nn.Linear(H, FF, bias=False, device=dev, dtype=dt).requires_grad_(False)
+        layer = quant.Linear4bit.from_linear(dense)
+        x = torch.randn(T, H, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(T, FF, device=dev, dtype=dt)
+        w16 = layer.dequantize(dt)
+        variants = {
+            "tokenmill": lambda: torch.autograd.grad(layer(x), (x,), dy),
+            "eager": lambda: torch.autograd.grad(F.linear(x, w16), (x,), dy),
+        }
+        res = bench_variants(
+            cfg,
+            section,
+            variants,
+            0.0,
+            rows,
+            **light,
+            note=f"x [{T}, {H}] @ W^T [{H}, {FF}]; eager = dense bf16 W",
+        )
+        r, eager = res.get("tokenmill"), res.get("eager")
+        if r and eager and r.time_ms and eager.time_ms:
+            r.goal = f"dequantisation overhead {r.time_ms / eager.time_ms - 1:+.1%} of a dense bf16 layer"
+        for x_ in res.values():
+            x_.gbytes = x_.gbps = None
 
     guarded(section, run_section)
     return rows

@@ -3,7 +3,8 @@
 #   bash benches/gpu_check.sh dist/tokenmill-*.whl [gpu_check.py options, e.g. --no-compile --json out.json]
 # Installs the wheel (no dependencies, no index), then runs benches/gpu_check.py: correctness of every
 # kernel against its reference, then one table of time / bytes / bandwidth / peak memory next to eager torch
-# and torch.compile, plus copy bandwidth. About 4 minutes on an H100. Exit status 1 if any check failed.
+# and torch.compile, plus copy bandwidth (NF4 dequantisation included); then benches/gpu_qlora_check.py (QLoRA
+# step memory). About 6 minutes on an H100. Exit status 1 if any check failed.
 set -uo pipefail
 if [ $# -lt 1 ] || [ ! -f "$1" ]; then
     echo "usage: bash benches/gpu_check.sh path/to/tokenmill-*.whl [gpu_check.py options]" >&2
@@ -20,4 +21,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
     exit 1
 }
 # `python benches/gpu_check.py` puts benches/ (not the repo root) on sys.path: tokenmill comes from the wheel.
-exec timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-420}" "$PY" "$HERE/gpu_check.py" "$@"
+timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-420}" "$PY" "$HERE/gpu_check.py" "$@"
+status=$?
+# Issue 12's QLoRA memory goals (7B, 13B on a capped 24 GB card, 65B on 48 GB); QLORA_CHECK=0 skips them.
+if [ "${QLORA_CHECK:-1}" != "0" ]; then
+    echo
+    echo "== QLoRA step memory (benches/gpu_qlora_check.py)"
+    timeout --signal=INT --kill-after=20 "${QLORA_CHECK_TIMEOUT:-300}" "$PY" "$HERE/gpu_qlora_check.py" || status=1
+fi
+exit $status

@@ -283,6 +283,133 @@ def measure(
     )
 
 
+# ---------------------------------------------------------------------------------------------- QLoRA
+
+
+class _QLoraLinear(nn.Module):
+    """LoRA on an NF4 base, y = base(x) + B(A(x)) * 2: the stand-in for tokenmill.lora when that module is
+    absent, with the same tensors (A [rank, in] and B [out, rank] as bias-free Linears)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        from tokenmill.quant import Linear4bit
+
+        self.base = Linear4bit.from_linear(base)
+        kw = dict(bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * 2.0
+
+
+def apply_qlora(model: nn.Module, rank: int) -> nn.Module:
+    """Rank-``rank`` adapters on all seven projections of every block over an NF4 base, everything else
+    frozen: tokenmill.lora.apply_lora(..., base_dtype="nf4") when present, else _QLoraLinear."""
+    if importlib.util.find_spec("tokenmill.lora") is not None:
+        from tokenmill import lora
+
+        return lora.apply_lora(model, rank=rank, alpha=2.0 * rank, base_dtype="nf4")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.layers:
+        qlora_block(block, rank)
+    return model
+
+
+def qlora_block(block: nn.Module, rank: int) -> nn.Module:
+    """_QLoraLinear on the seven projections of one block, quantised there and then (so a 65B model never
+    needs its dense weights all at once)."""
+    for owner, names in (
+        (block.attention, ("wq", "wk", "wv", "wo")),
+        (block.feed_forward, ("w1", "w2", "w3")),
+    ):
+        for name in names:
+            setattr(owner, name, _QLoraLinear(getattr(owner, name).requires_grad_(False), rank))
+    return block
+
+
+def measure_qlora(
+    cfg: LlamaConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    checkpointing: bool = True,
+    rank: int = 16,
+    steps: int = 2,
+) -> Measured:
+    """A QLoRA step on CPU: the model is built dense and quantised first (outside the measurement, as an
+    import would stream it); the peak is the resident weights (counted tensor by tensor) plus the peak of
+    what the training steps allocate on top (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    torch.manual_seed(0)
+    tokens = torch.randint(cfg.vocab_size, (micro_batch, seq_len + 1))
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    m = build_model(cfg, checkpointing).to(dtype)
+    n_params = sum(p.numel() for p in m.parameters())  # the dense base, as the planner counts it
+    m = apply_qlora(m, rank)
+    resident = _tensor_bytes([*m.parameters(), *m.buffers()])
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    opt_kw = {"adamw": dict(foreach=True), "adamw-fused": dict(fused=True)}[optimizer]
+
+    def run():
+        opt = torch.optim.AdamW(trainable, lr=1e-4, **opt_kw)
+        for _ in range(steps):
+            loss = F.cross_entropy(m(inp).float().flatten(0, 1), tgt.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        return opt
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt = run()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        peak = resident + _cpu_peak(path)
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return Measured(
+        n_params=n_params,
+        weights=resident,
+        grads=_tensor_bytes(p.grad for p in trainable),
+        optimizer=_tensor_bytes(state),
+        saved_activations=None,
+        peak=peak,
+    )
+
+
+# Scaled-down LLaMA-13B QLoRA steps (rank 16 on all seven projections, activation checkpointing, micro-batch
+# 1 and without): the planner's structure -- 4-bit base, adapters with gradients and AdamW state,
+# checkpointed activations, the recomputed block and the dequantised projection -- against a measured step.
+QLORA_SHAPE = LlamaConfig(vocab_size=4096, dim=512, n_layers=4, n_heads=4, ffn_hidden=1376, max_seq_len=512)
+QLORA_CASES = [
+    dict(seq_len=512, micro_batch=1, precision="fp32", checkpointing=True),
+    dict(seq_len=512, micro_batch=2, precision="fp32", checkpointing=False),
+    dict(seq_len=512, micro_batch=1, precision="bf16", checkpointing=True),
+]
+
+
+def run_qlora_case(case: dict, cfg: LlamaConfig = QLORA_SHAPE) -> dict:
+    kw = dict(seq_len=case["seq_len"], micro_batch=case["micro_batch"], checkpointing=case["checkpointing"])
+    meas = measure_qlora(cfg, precision=case["precision"], **kw)
+    pred = plan.memory(cfg, gpus=1, precision=case["precision"], finetune="qlora", lora_rank=16, **kw)
+    return dict(
+        case=dict(case, model="13B-shaped", optimizer="adamw"),
+        precision=case["precision"],
+        n_params_planner=cfg.num_params(),
+        n_params_model=meas.n_params,
+        weights=(pred.weights + pred.master_weights, meas.weights),
+        grads=(pred.grads, meas.grads),
+        optimizer=(pred.optimizer, meas.optimizer),
+        activations=(pred.activations, None),
+        peak=(pred.peak, meas.peak),
+    )
+
+
 def predicted(
     cfg: LlamaConfig,
     *,
@@ -377,4 +504,7 @@ if __name__ == "__main__":
     print(HEADER)
     for case in CPU_CASES:
         print(format_row(run_case(case)))
+    print(f"\nQLoRA, rank 16, {QLORA_SHAPE}:\n\n{HEADER}")
+    for case in QLORA_CASES:
+        print(format_row(run_qlora_case(case)))
     print(f"(torch {torch.__version__}; weights, grads and optimizer bytes match exactly: asserted in tests)")

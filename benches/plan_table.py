@@ -63,6 +63,7 @@ COMMODITY = [
     ("RTX-4090", 8, "LoRA r=16", dict(finetune="lora")),
     ("RTX-4090", 2, "LoRA r=16", dict(finetune="lora", checkpointing=True)),
     ("RTX-4090", 1, "LoRA r=16", dict(finetune="lora", checkpointing=True)),
+    ("RTX-4090", 1, "QLoRA r=16", dict(finetune="qlora", checkpointing=True)),
     ("RTX-3090", 8, "full fine-tune", dict(finetune="full", checkpointing=True, optimizer="adamw8bit")),
     ("RTX-5090", 4, "LoRA r=16", dict(finetune="lora", checkpointing=True)),
     ("L40S", 8, "pre-train", dict(checkpointing=True)),
@@ -97,7 +98,12 @@ def summary() -> str:
     def usd(tokens, gpu):
         return _money(round(plan.estimate("llama-13b", tokens, gpu, 128, mfu=DATACENTER_MFU).usd, -3))
 
-    lora = plan.smallest_fix("llama-13b", gpu="RTX-4090", gpus=1, finetune="lora", checkpointing=True)
+    lora_gpus = next(
+        k
+        for k in (1, 2, 4, 8)
+        if plan.memory("llama-13b", gpu="RTX-4090", gpus=k, finetune="lora", checkpointing=True).fits
+    )
+    qlora = plan.memory("llama-13b", gpu="RTX-4090", finetune="qlora", checkpointing=True)
     return (
         f"So: a Chinchilla-optimal 13B (260B tokens) costs about {usd('chinchilla', 'H100-SXM')} on H100s or "
         f"{usd('chinchilla', 'A100-80GB')} on A100s at these prices and {DATACENTER_MFU:.0%} MFU; LLaMA-1's 1T "
@@ -106,7 +112,8 @@ def summary() -> str:
         "sharding hops, which is how it earns a higher MFU. Eight RTX 4090s hold a 13B training step only "
         "with activation checkpointing and 8-bit AdamW (or CPU offload), which makes pre-training a "
         "multi-year job, but fine-tuning 13B on them takes hours: a full fine-tune fits on eight, LoRA on "
-        f"{lora[1]['gpus']} cards (the frozen bf16 base alone is 26 GB; a 4-bit base is not modelled)."
+        f"{lora_gpus} cards (the frozen bf16 base alone is 26 GB), QLoRA (an NF4 base, 4.1 bits per weight) on "
+        f"one card: {qlora.peak / 1e9:.1f} GB."
     )
 
 
@@ -124,7 +131,8 @@ def render() -> str:
             pretraining_table(),
             "",
             f"Commodity cards (MFU {COMMODITY_MFU}: FSDP traffic over PCIe), LLaMA-13B, micro-batch 1 x 2048 "
-            f"tokens, bf16 mixed precision (LoRA: frozen bf16 base, rank 16 on all seven projections). Pre-training "
+            f"tokens, bf16 mixed precision (LoRA: frozen bf16 base, rank 16 on all seven projections; QLoRA: the "
+            f"same on an NF4 base). Pre-training "
             f"rows: 1T tokens; fine-tuning rows: {_tokens(FINETUNE_TOKENS)} tokens. Offload times leave out the CPU "
             f"optimizer step, which usually bounds them.",
             "",

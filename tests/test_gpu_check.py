@@ -37,8 +37,9 @@ def test_dry_run_prints_one_table_and_passes(tmp_path, capsys):
         "swiglu fwd+bwd",
         "linear_cross_entropy",
         "adamw8bit step x5",
+        "nf4 dequant + Linear4bit",
     } <= names
-    assert all(c["ok"] for c in data["checks"]) and len(data["checks"]) == 18
+    assert all(c["ok"] for c in data["checks"]) and len(data["checks"]) == 22
     ops = {(r["op"], r["impl"]) for r in data["rows"]}
     for op in (
         "rms_norm fwd+bwd",
@@ -46,11 +47,19 @@ def test_dry_run_prints_one_table_and_passes(tmp_path, capsys):
         "swiglu fwd+bwd",
         "linear_cross_entropy fwd+bwd",
         "AdamW step",
+        "nf4 dequant",
+        "Linear4bit fwd+bwd",
     ):
         assert (op, "tokenmill") in ops
     assert all(r["time_ms"] is not None for r in data["rows"])
     for r in data["rows"]:  # back-to-back timing runs on CPU too; device time (graph/profiler) needs CUDA
-        timed_b2b = r["op"] in ("rms_norm fwd+bwd", "rope fwd+bwd", "swiglu fwd+bwd", "AdamW step")
+        timed_b2b = r["op"] in (
+            "rms_norm fwd+bwd",
+            "rope fwd+bwd",
+            "swiglu fwd+bwd",
+            "AdamW step",
+            "nf4 dequant",
+        )
         assert (r["b2b_ms"] is not None) == timed_b2b and r["dev_ms"] is None
     assert "device ms" in text and "evaluated on device time" in text
     assert "rms_norm fwd+bwd" in data["launch_overhead"] and "apply_rope fwd+bwd" in data["launch_overhead"]

@@ -369,6 +369,7 @@ EXPECTED_KERNELS = {
     "swiglu": [f"swiglu_{p}_{v}" for p in ("fwd", "bwd") for v in VARIANTS],
     "linear_ce": [f"ce_rows_{v}" for v in VARIANTS],
     "adamw8bit": ["adamw8bit_bf16", "adamw8bit_f32"],
+    "nf4": [f"nf4_dequant_{v}" for v in ("bf16_v8", "bf16_v1", "f32_v8", "f32_v1")],
 }
 
 

@@ -553,3 +553,46 @@ def test_adamw8bit_random_state_bit_identical(seed, n, bf16, lo, span):
     assert torch.equal(p.view(torch.uint8), pc.view(torch.uint8))
     for name in ("state1", "state2", "absmax1", "absmax2"):
         assert torch.equal(st_k[name], st_r[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- NF4
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize(
+    "shape,block,vec",
+    [((40, 64), 64, 8), ((9, 100), 64, 1), ((33, 96), 32, 8), ((7, 13), 6, 1), ((700, 400), 64, 8)],
+)
+def test_nf4_dequant_bit_identical_to_reference(emulated, dtype, shape, block, vec):
+    # (700, 400): 4375 blocks = 18 absmax groups (the scale index b >> 8), more values than the 2-SM grid
+    # covers in one pass (grid-stride loop); (9, 100) and (7, 13): odd counts, the scalar path
+    from tokenmill import quant
+
+    w = rnd(*shape, seed=3) * torch.linspace(0.1, 5, shape[0])[:, None]  # absmax spread over blocks
+    w[0, : min(shape[1], block)] = 0  # a zero block
+    q = quant.quantize_nf4(w, block)
+    levels, _, code = quant._tables(w.device)
+    n = w.numel()
+    args = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset, levels, code, n, block)
+    out = ops.nf4_dequantize(*args, dtype)
+    assert torch.equal(out, reference.nf4_dequantize(*args, dtype))  # NaN pre-fill: every value written
+    assert [f for _, f, _, _ in emulated.launches] == [f"nf4_dequant_{ops._TYPE_NAME[dtype]}_v{vec}"]
+
+
+def test_nf4_linear_through_the_kernel(emulated, monkeypatch):
+    # Linear4bit forward and backward taking the CUDA dequantisation path (CPU tensors, emulated kernel)
+    from tokenmill import quant
+
+    torch.manual_seed(0)
+    layer = quant.Linear4bit.from_linear(torch.nn.Linear(64, 48, bias=False))
+    x, dy = rnd(5, 64, dtype=BF16), rnd(5, 48, dtype=BF16, seed=1)
+    xr = x.clone().requires_grad_()
+    y_ref = layer(xr)
+    (g_ref,) = torch.autograd.grad(y_ref, xr, dy)
+    assert emulated.launches == []
+    monkeypatch.setattr(ops, "_runs_kernel", lambda t: True)
+    xk = x.clone().requires_grad_()
+    y = layer(xk)
+    (g,) = torch.autograd.grad(y, xk, dy)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    assert [f for _, f, _, _ in emulated.launches] == ["nf4_dequant_bf16_v8"] * 2  # forward, backward

@@ -15,7 +15,7 @@ from tokenmill import _core
 
 __version__: str = _core.__version__
 
-_SUBMODULES = ("corpus", "data", "eval", "kernels", "lora", "model", "optim", "plan", "train")
+_SUBMODULES = ("corpus", "data", "eval", "kernels", "lora", "model", "optim", "plan", "quant", "train")
 _ATTRS = {"Tokenizer": "tokenmill.tokenizer"}
 
 __all__ = ["Tokenizer", "__version__", *_SUBMODULES]

@@ -421,7 +421,11 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--checkpointing", action="store_true", help="full activation checkpointing per block")
     pl.add_argument("--offload", action="store_true", help="CPU offload of weights, grads, optimizer state")
     pl.add_argument("--sharding", choices=["fsdp", "ddp"], default="fsdp")
-    pl.add_argument("--finetune", choices=["full", "lora"], help="fine-tuning instead of pre-training")
+    pl.add_argument(
+        "--finetune",
+        choices=["full", "lora", "qlora"],
+        help="fine-tuning instead of pre-training (qlora: LoRA on a 4-bit NF4 base)",
+    )
     pl.add_argument("--lora-rank", type=int, default=16)
     pl.add_argument("--fused-loss", action="store_true", help="fused linear-cross-entropy (no logits kept)")
     pl.add_argument("--no-flash-attention", action="store_true", help="math attention (saves s^2 probs)")

@@ -14,7 +14,8 @@ FLOPs per trained token (model FLOPs, as in PaLM's MFU, Chowdhery et al. 2022, A
   AV cost 2 * 2 s d FLOPs per token per layer forward without a mask (PaLM's 12 L H Q T counts fwd+bwd
   = 3x that); a causal mask halves it (only the lower triangle is computed by flash attention), so
   3 * 2 s d = 6 s d per layer. LoRA fine-tuning skips the 2N weight-gradient FLOPs of the frozen base:
-  4 N + 6 L s d + 6 N_lora. Activation checkpointing recomputes the forward (2N + 2 L s d): that is
+  4 N + 6 L s d + 6 N_lora (QLoRA the same: dequantising the base is memory traffic, not FLOPs).
+  Activation checkpointing recomputes the forward (2N + 2 L s d): that is
   extra hardware work, not model FLOPs, so throughput from an assumed MFU is divided by
   (model + recompute) / model.
 
@@ -52,6 +53,13 @@ Memory per GPU (bytes), the strategy of FSDP / ZeRO-3 (Rajbhandari et al. 2020) 
   peak = weights + grads + master + optimizer state + FSDP buffers
          + max(activations + backward workspace, optimizer transient)
   (gradients counted throughout: they persist across micro-batches under gradient accumulation).
+  QLoRA (finetune="qlora"; Dettmers et al. 2023, tokenmill.quant): the seven projections of every block are
+    stored in NF4, exactly 0.5 B/param + one 8-bit absmax code per 64 values + one fp32 scale per 256
+    codes + one fp32 offset per matrix (4.127 bits/param); the embedding, head and norms stay in the weight
+    precision; adapters, their gradients, master copy and optimizer state as for LoRA. The 4-bit state is
+    module buffers, which FSDP does not shard: each GPU holds all of it (the adapters shard). Each matmul
+    dequantises its weight into a dense temporary in the activation dtype (forward, recompute and
+    backward alike), so a block's backward adds the largest projection (d x f) on top.
   CPU offload (FSDP2 CPUOffloadPolicy / ZeRO-Offload) keeps weights, gradients, master weights and
   optimizer state in host memory; the GPU holds the FSDP buffers and activations.
   A plan fits when the peak is at most USABLE_FRACTION of the GPU's memory (the rest: CUDA context,
@@ -77,6 +85,8 @@ DEFAULT_MFU = 0.40  # a well-tuned FSDP LLaMA run on data-centre GPUs reaches 0.
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: 1B -> 20.2B tokens, 67B -> 1.5T
 GPUS_PER_NODE = 8
 LORA_TARGETS = 7  # wq, wk, wv, wo, w1, w2, w3 in every block
+NF4_BLOCK = 64  # values per NF4 absmax (tokenmill.quant.BLOCK)
+NF4_ABSMAX_BLOCK = 256  # absmax codes per fp32 scale
 ADAMW8BIT_BLOCK = 256
 
 
@@ -284,6 +294,18 @@ def _lora_params(cfg: LlamaConfig, rank: int) -> int:
     return cfg.n_layers * per_layer
 
 
+def _projections(cfg: LlamaConfig) -> list[tuple[int, int]]:
+    """(out, in) of the seven projections of one block: wq wk wv wo w1 w3 w2."""
+    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
+    return [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
+
+
+def nf4_bytes(rows: int, cols: int) -> int:
+    """Bytes of an NF4 matrix with double-quantised absmax (= tokenmill.quant.state_bytes, tested so)."""
+    blocks = -(-rows * cols // NF4_BLOCK)
+    return blocks * NF4_BLOCK // 2 + blocks + 4 * -(-blocks // NF4_ABSMAX_BLOCK) + 4
+
+
 def flops_per_token(
     cfg: LlamaConfig,
     seq_len: int,
@@ -296,7 +318,7 @@ def flops_per_token(
     total = n_params if n_params is not None else cfg.num_params()
     n = total - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)  # matmul parameters
     attn = 2 * cfg.n_layers * seq_len * cfg.dim  # causal forward
-    if finetune == "lora":
+    if finetune in ("lora", "qlora"):
         flops = 4 * n + 3 * attn + 6 * _lora_params(cfg, lora_rank)
     else:
         flops = 6 * n + 3 * attn
@@ -375,16 +397,25 @@ def memory(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if sharding not in ("fsdp", "ddp"):
         raise ValueError(f"unknown sharding {sharding!r}; choose fsdp or ddp")
-    if finetune not in (None, "full", "lora"):
-        raise ValueError(f"unknown finetune mode {finetune!r}; choose full or lora")
+    if finetune not in (None, "full", "lora", "qlora"):
+        raise ValueError(f"unknown finetune mode {finetune!r}; choose full, lora or qlora")
     if gpus < 1 or micro_batch < 1 or seq_len < 1:
         raise ValueError("gpus, micro_batch and seq_len must be >= 1")
     wb, gb, mb, sb = PRECISIONS[precision]
-    lora = finetune == "lora"
+    lora, qlora = finetune in ("lora", "qlora"), finetune == "qlora"
     trainable = _lora_params(cfg, lora_rank) if lora else n_params
     shard = gpus if (sharding == "fsdp" or offload) else 1
+    act = 4 if precision == "fp32" else 2
+    dequant = 0.0  # the dense temporary of one dequantised projection (QLoRA)
 
-    weights = wb * (n_params + (trainable if lora else 0)) / shard
+    if qlora:  # 4-bit projections, replicated (buffers); the rest of the base and the adapters as LoRA
+        proj = _projections(cfg)
+        n_quant = cfg.n_layers * sum(r * c for r, c in proj)
+        base = cfg.n_layers * sum(nf4_bytes(r, c) for r, c in proj) + wb * (n_params - n_quant)
+        weights = base + wb * trainable / shard
+        dequant = max(r * c for r, c in proj) * act
+    else:
+        weights = wb * (n_params + (trainable if lora else 0)) / shard
     grads = gb * trainable / shard
     master = mb * trainable / shard
     if optimizer == "adamw8bit":
@@ -398,10 +429,10 @@ def memory(
     block = (n_params - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
     unit = max(block, cfg.vocab_size * cfg.dim)
     unit_trainable = trainable / cfg.n_layers if lora else unit
-    buffers = (2 * unit * wb + unit_trainable * gb) if shard > 1 or offload else 0.0
+    gathered = unit_trainable if qlora else unit  # QLoRA: FSDP gathers only the adapters
+    buffers = (2 * gathered * wb + unit_trainable * gb) if shard > 1 or offload else 0.0
 
     tokens = micro_batch * seq_len
-    act = 4 if precision == "fp32" else 2
     layer = _activation_bytes(cfg, seq_len, act, flash_attention, lora_rank if lora else None) * tokens
     head = tokens * (2 * cfg.dim * act + 4 + (0 if fused_loss else 4 * cfg.vocab_size))
     stored = cfg.n_layers * (tokens * cfg.dim * act if checkpointing else layer)
@@ -411,6 +442,7 @@ def memory(
     # checkpointing; the head's tensors are freed by then).
     loss_phase = activations + (0 if fused_loss else 8 * cfg.vocab_size * tokens)
     block_phase = stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 3 * cfg.hidden_dim) * act
+    block_phase += dequant
     workspace = max(loss_phase, block_phase) - activations
     offloaded = 0.0
     if offload:
@@ -557,7 +589,7 @@ def estimate(
 
     gpu_hours = n_tokens / tps / 3600
     price = g.usd_per_hour if usd_per_gpu_hour is None else float(usd_per_gpu_hour)
-    trainable = _lora_params(cfg, lora_rank) if finetune == "lora" else n_params
+    trainable = _lora_params(cfg, lora_rank) if finetune in ("lora", "qlora") else n_params
     settings = dict(mem_kw, fp8=fp8)
     fix = fix_settings = fix_peak = None
     if not mem.fits and suggest_fix:
@@ -602,16 +634,20 @@ def estimate(
 # Changes the planner may suggest: (setting, value, cost, description). Costs rank what a user gives up:
 # nothing much (1), compute (checkpointing ~+33%), a little optimizer precision (3), hardware (3 per
 # doubling of the GPU count), speed (offload, 7: the step is then bound by a CPU AdamW over every
-# parameter and PCIe traffic), or a different result (LoRA, 9). Rejected: doubling cost 2 -- it answers
+# parameter and PCIe traffic), or a different result (LoRA, 9; QLoRA from LoRA 3, like 8-bit AdamW: a
+# little base precision and the time to dequantise it; from a full fine-tune 9 + 3). The last field: the current values a change applies
+# to (None: any other value). Rejected: doubling cost 2 -- it answers
 # "8x RTX 4090, 13B" with "buy 8 more" instead of "checkpointing + 8-bit AdamW" on the cards you have.
 _CHANGES = (
-    ("micro_batch", 1, 1, "micro-batch 1 with gradient accumulation (--micro-batch 1)"),
-    ("fused_loss", True, 1, "fused linear-cross-entropy (--fused-loss)"),
-    ("sharding", "fsdp", 1, "FSDP sharding (--sharding fsdp)"),
-    ("checkpointing", True, 2, "activation checkpointing (--checkpointing, ~+33% compute)"),
-    ("optimizer", "adamw8bit", 3, "8-bit AdamW (--optimizer adamw8bit)"),
-    ("offload", True, 7, "CPU offload of weights, gradients and optimizer state (--offload, slow)"),
-    ("finetune", "lora", 9, "LoRA instead of full fine-tuning (--finetune lora)"),
+    ("micro_batch", 1, 1, "micro-batch 1 with gradient accumulation (--micro-batch 1)", None),
+    ("fused_loss", True, 1, "fused linear-cross-entropy (--fused-loss)", None),
+    ("sharding", "fsdp", 1, "FSDP sharding (--sharding fsdp)", None),
+    ("checkpointing", True, 2, "activation checkpointing (--checkpointing, ~+33% compute)", None),
+    ("optimizer", "adamw8bit", 3, "8-bit AdamW (--optimizer adamw8bit)", None),
+    ("offload", True, 7, "CPU offload of weights, gradients and optimizer state (--offload, slow)", None),
+    ("finetune", "lora", 9, "LoRA instead of full fine-tuning (--finetune lora)", ("full",)),
+    ("finetune", "qlora", 12, "QLoRA instead of full fine-tuning (--finetune qlora)", ("full",)),
+    ("finetune", "qlora", 3, "QLoRA: LoRA on a 4-bit NF4 base (--finetune qlora)", ("lora",)),
 )
 _DOUBLING_COST = 3
 _MAX_GPUS = 1 << 14
@@ -626,11 +662,13 @@ def smallest_fix(model, *, gpu, gpus: int, **settings) -> Optional[tuple[str, di
         for c in _CHANGES
         if settings.get(c[0]) != c[1]
         and not (c[0] == "micro_batch" and settings.get("micro_batch", 1) <= 1)
-        and not (c[0] == "finetune" and settings.get("finetune") != "full")
+        and (c[4] is None or settings.get(c[0]) in c[4])
     ]
     best = None
     for r in range(len(options) + 1):
         for combo in itertools.combinations(options, r):
+            if len({c[0] for c in combo}) < r:  # two values of one setting
+                continue
             trial = dict(settings, **{c[0]: c[1] for c in combo})
             k, doublings = gpus, 0
             grows = trial.get("sharding") == "fsdp" or trial.get("offload")
@@ -764,7 +802,8 @@ def format_estimate(e: Estimate) -> str:
     strategy += [k for k in ("checkpointing", "offload", "fused_loss") if s[k]]
     if s["finetune"]:
         strategy.append(
-            f"finetune={s['finetune']}" + (f" r={s['lora_rank']}" if s["finetune"] == "lora" else "")
+            f"finetune={s['finetune']}"
+            + (f" r={s['lora_rank']}" if s["finetune"] in ("lora", "qlora") else "")
         )
     lines = [
         f"model      {e.model}: {e.n_params / 1e9:.2f}B parameters, {e.shape['n_layers']} layers x dim "
@@ -819,6 +858,7 @@ __all__ = [
     "gpus",
     "load_gpu_table",
     "memory",
+    "nf4_bytes",
     "read_train_log",
     "register_gpu",
     "resolve_model",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("rms_norm", "rope", "swiglu", "linear_ce", "adamw8bit")
+SOURCES = ("rms_norm", "rope", "swiglu", "linear_ce", "adamw8bit", "nf4")
 DEBUG_FILL_NAN = False
 # Tensors reach kernels as raw device pointers (numpy uint64). TOKENMILL_KERNEL_ARGS=dlpack passes
 # DLPack-imported CuPy arrays instead: same memory, but the first H100 run measured 239 us of host time per

@@ -627,3 +627,60 @@ def linear_cross_entropy(
     return LinearCrossEntropyFunction.apply(
         hidden, weight, targets, ignore_index, reduction, chunk_rows, torch.is_grad_enabled()
     )
+
+
+# ---------------------------------------------------------------------------------------------- NF4
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    levels: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """NF4 dequantisation on CUDA (kernels/nf4.cu), the layout and arithmetic of
+    ``reference.nf4_dequantize``: the first ``n`` values, flat, in ``dtype`` (float32 or bfloat16).
+    One thread writes 8 values (one 32-bit load of codes, one or two 16-byte stores) when 8 divides n and
+    the block size; else one value per thread."""
+    if dtype not in _CUDA_DTYPES:
+        raise ValueError(f"nf4_dequantize: dtype must be float32 or bfloat16, got {dtype}")
+    for name, t, want in (
+        ("packed", packed, torch.uint8),
+        ("absmax_q", absmax_q, torch.uint8),
+        ("absmax_scale", absmax_scale, torch.float32),
+        ("absmax_offset", absmax_offset, torch.float32),
+        ("levels", levels, torch.float32),
+        ("code", code, torch.float32),
+    ):
+        if t.dtype != want or t.device != packed.device or not t.is_contiguous():
+            raise ValueError(f"nf4_dequantize: {name} must be a contiguous {want} tensor on {packed.device}")
+    if packed.numel() * 2 != absmax_q.numel() * block_size or n > packed.numel() * 2:
+        raise ValueError(
+            f"nf4_dequantize: {packed.numel()} packed bytes, {absmax_q.numel()} blocks of {block_size} "
+            f"and {n} values do not agree"
+        )
+    out = launch.empty((n,), dtype, packed.device)
+    if n == 0:
+        return out
+    dev = packed.device.index
+    vec = 8 if n % 8 == 0 and block_size % 8 == 0 and packed.data_ptr() % 4 == 0 else 1
+
+    def make():
+        grid = _grid_stride(n // vec, 256, dev)
+        return f"nf4_dequant_{_TYPE_NAME[dtype]}_v{vec}", (grid,), (np.int64(n), np.int32(block_size))
+
+    fn, grid, scalars = _plan(("nf4", n, block_size, dtype, dev, vec), make)
+    launch.launch(
+        "nf4",
+        fn,
+        dev,
+        grid,
+        (256,),
+        (packed, absmax_q, code, absmax_scale, absmax_offset, levels, out, *scalars),
+    )
+    return out

@@ -219,3 +219,36 @@ def linear_cross_entropy_fwd(
     total = losses.sum()
     loss = total / n_valid.to(acc_dtype) if reduction == "mean" else total
     return loss, gh, gw
+
+
+# ---------------------------------------------------------------------------------------------- NF4
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    levels: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The first ``n`` values of an NF4 tensor (tokenmill.quant's layout), flat, in ``dtype``.
+
+    packed: uint8, two 4-bit level indices per byte (element 2i in the high nibble, as bitsandbytes);
+    absmax_q: uint8 indices into ``code`` (bitsandbytes' signed dynamic 8-bit map), one per block of
+    ``block_size`` values; absmax_scale: fp32, one per 256 absmax values; absmax_offset: fp32 [1].
+    In fp32, in the kernel's order: absmax = code[q] * scale + offset, value = level * absmax; rounded once.
+    """
+    n_blocks = absmax_q.numel()
+    absmax = code[absmax_q.long()] * absmax_scale.repeat_interleave(256)[:n_blocks] + absmax_offset
+    pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=-1)  # byte -> (high, low)
+    out = torch.empty(n_blocks * block_size, dtype=dtype, device=packed.device)
+    step = max(1, (1 << 16) // block_size)  # blocks at a time: temporaries stay small next to the output
+    for b0 in range(0, n_blocks, step):
+        b1 = min(n_blocks, b0 + step)
+        values = pairs[packed[b0 * block_size // 2 : b1 * block_size // 2].long()].view(b1 - b0, block_size)
+        out[b0 * block_size : b1 * block_size] = (values * absmax[b0:b1, None]).view(-1)  # rounds once
+    return out[:n]
