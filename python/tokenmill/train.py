@@ -27,8 +27,10 @@ import torch.distributed as dist
 
 import tokenmill
 from tokenmill import checkpoint as ckpt
+from tokenmill import tracking
 from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_weights, read_meta
 from tokenmill.config import OptimSection, TrainConfig, load_config
+from tokenmill.extras import install_hint, require
 from tokenmill.model import Llama, LlamaConfig
 
 __all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
@@ -183,11 +185,25 @@ def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Logging: console (tqdm), out_dir/log.jsonl (one line per logged step; the planner reads it), loss.png.
+# Logging: console (tqdm), out_dir/log.jsonl (one line per logged step or evaluation; the planner reads it),
+# the [log] trackers (tracking.py) with the same records, loss.png.
+
+
+_told_no_matplotlib = False
 
 
 def plot_losses(path: Path, history: list[dict]) -> None:
-    import matplotlib
+    """Write the loss curve; without matplotlib, no plot and one notice per process (not an error)."""
+    global _told_no_matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        if not _told_no_matplotlib:
+            from tqdm import tqdm
+
+            tqdm.write(f"no loss plot: matplotlib is not installed ({install_hint('plot')})")
+            _told_no_matplotlib = True
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,6 +252,10 @@ def train(
     param_dtype = _dtype(cfg.run.param_dtype)
 
     # -- everything that can be wrong with the inputs is checked before the first step
+    require("train", "training")  # safetensors is first needed at the end, for the checkpoint
+    if cuda:
+        require("cuda", "training on a GPU (the CUDA kernels)")
+    tracking.check(cfg.log.trackers)
     tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
     model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
@@ -357,6 +377,9 @@ def train(
             flush=True,
         )
 
+    trackers = (
+        tracking.Trackers(cfg.log, out, cfg.to_dict(), step) if rank == 0 and cfg.log.trackers else None
+    )
     data_iter: Iterator[dict] = iter(train_data)
 
     def next_batch() -> dict:
@@ -498,9 +521,11 @@ def train(
             if rank == 0:
                 tqdm.write(f"step {step}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
         history.append(record)
-        if rank == 0 and "tokens" in record:
+        if rank == 0 and ("tokens" in record or "val_loss" in record):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if trackers is not None:
+                trackers.log(record)
         if rank == 0 and "val_loss" in record:
             plot_losses(out / "loss.png", history)
         bar.update(1)
@@ -509,6 +534,8 @@ def train(
         if on_step is not None:
             on_step(step, record)
     bar.close()
+    if trackers is not None:
+        trackers.close()
     if rank == 0:
         plot_losses(out / "loss.png", history)
     return history
