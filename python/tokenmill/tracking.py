@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from tokenmill.config import LogSection
 from tokenmill.extras import require
@@ -39,8 +39,13 @@ class Trackers:
     """The open trackers of one run (rank 0 only)."""
 
     def __init__(self, log: LogSection, out_dir: Path, config: dict[str, Any], start_step: int) -> None:
+        global _open
         check(log.trackers)
-        self._tb = self._wandb = None
+        if _open is not None:  # a train() in this process that ended with an exception (atexit closes others)
+            _open.close()
+        _open = self
+        self._tb: Any = None
+        self._wandb: Any = None
         if "tensorboard" in log.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -56,6 +61,7 @@ class Trackers:
                 dir=str(out_dir),
                 mode=log.wandb_mode,
                 config=config,
+                reinit="create_new",  # one run per train(); a run the caller opened is left alone
                 settings=wandb.Settings(console="off", silent=True),  # the console stays tqdm's
             )
 
@@ -69,7 +75,14 @@ class Trackers:
             self._wandb.log(values, step=step)
 
     def close(self) -> None:
+        global _open
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        self._tb = self._wandb = None
+        if _open is self:
+            _open = None
+
+
+_open: Optional[Trackers] = None

@@ -243,6 +243,8 @@ def train(
     ``train_data``/``val_data`` override the token files of ``cfg.data`` (each process passes its own shard).
     ``on_step(step, record)`` is called after every optimizer step (tests use it to interrupt a run).
     """
+    require("train", "training")  # safetensors is first needed at the end, for the checkpoint
+    tracking.check(cfg.log.trackers)
     rank, world, device = _init_distributed(cfg.run.device)
     out = Path(cfg.run.out_dir)
     if rank == 0:
@@ -252,10 +254,8 @@ def train(
     param_dtype = _dtype(cfg.run.param_dtype)
 
     # -- everything that can be wrong with the inputs is checked before the first step
-    require("train", "training")  # safetensors is first needed at the end, for the checkpoint
     if cuda:
         require("cuda", "training on a GPU (the CUDA kernels)")
-    tracking.check(cfg.log.trackers)
     tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
     model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
