@@ -92,9 +92,10 @@ def test_require_names_the_extra(monkeypatch):
 
 # ------------------------------------------------------------------------------------- hidden packages
 
+OPTIONAL = ("matplotlib", "tensorboard", "wandb", "pyarrow", "cupy")
 HIDE = """
 import importlib.abc, sys
-HIDDEN = {"matplotlib", "tensorboard", "wandb", "pyarrow", "cupy"}
+HIDDEN = set(sys.argv.pop(1).split(","))
 class Hide(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in HIDDEN:
@@ -109,11 +110,14 @@ for m in HIDDEN:
 """
 
 
-def run_hidden(code: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_hidden(code: str, tmp_path: Path, *args: str, hidden=OPTIONAL) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where importing any of ``hidden`` fails as if not installed."""
     script = tmp_path / "hidden.py"
     tests = str(Path(__file__).parent)
     script.write_text(f"import sys; sys.path.insert(0, {tests!r})\n" + HIDE + textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(script), ",".join(hidden), *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_trainer_runs_with_optional_packages_hidden(tmp_path):
@@ -177,6 +181,39 @@ def test_cli_refuses_naming_the_extra(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "wandb" in r.stderr and "pip install 'tokenmill[track]'" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_core_commands_need_numpy_alone(tmp_path):
+    """With torch and every extra hidden, what README lists under no extra works; train and demo
+    refuse, naming tokenmill[train]."""
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    (tmp_path / "a.jsonl").write_text('{"text": "the quick brown fox"}\n' * 5)
+    (tmp_path / "hyp.txt").write_text("the quick brown fox jumps over a lazy dog\n" * 50)
+    r = run_hidden(
+        """
+        from tokenmill.cli import main
+        for argv in sys.argv[1:]:
+            print("RC", argv.split()[0], main(argv.split()), flush=True)
+        """,
+        tmp_path,
+        f"tokenizer train {tmp_path}/a.txt --vocab-size 300 --special-token <|endoftext|> --out {tmp_path}/t.json --quiet",
+        f"prepare {tmp_path}/a.jsonl --tokenizer {tmp_path}/t.json -o {tmp_path}/d -q",
+        f"inspect {tmp_path}/d --verify",
+        "plan --model llama-13b --tokens chinchilla --gpu H100 --gpus 64",
+        f"eval wer {tmp_path}/a.txt {tmp_path}/hyp.txt",
+        f"train {REPO}/configs/example.toml",
+        f"demo --out {tmp_path}/demo",
+        hidden=(*OPTIONAL, "torch", "safetensors", "tqdm"),
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    rcs = dict(ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("RC "))
+    assert rcs == {k: "0" for k in ("tokenizer", "prepare", "inspect", "plan", "eval")} | {
+        "train": "1",
+        "demo": "1",
+    }
+    assert "WER 0.111111" in r.stdout and "fits" in r.stdout
+    assert r.stderr.count("pip install 'tokenmill[train]'") == 2, r.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 # ------------------------------------------------------------------------------------------- trackers
