@@ -15,7 +15,8 @@ $(PY):
 # Dependencies come from one place: pyproject.toml's extras (what a user gets from
 # `pip install 'tokenmill[EXTRAS]'`), installed by `maturin develop -E`; requirements-dev.txt adds the
 # test, lint and benchmark tools and the peer libraries we compare against.
-EXTRAS ?= all
+# (the extras spelled out: `all` names tokenmill itself, which pip resolves but maturin develop need not)
+EXTRAS ?= train,data,cuda,plot,track
 
 $(VENV)/.stamp-dev: requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt

@@ -43,6 +43,8 @@ def test_extras_table_is_pyproject():
     (everything,) = declared["all"]
     assert everything == f"tokenmill[{','.join(extras.EXTRAS)}]"
     assert set(TRACKERS) == set(extras.EXTRAS["track"])
+    make_extras = re.search(r"^EXTRAS \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert make_extras.split(",") == list(extras.EXTRAS)  # `make develop` installs every extra
 
 
 def _third_party_imports() -> dict[str, set[str]]:
