@@ -357,6 +357,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.finetune or args.qlora:
+        from tokenmill import demo_finetune
+
+        return demo_finetune.main(args)
     from tokenmill import demo
 
     return demo.main(args)
@@ -537,7 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
     demo.add_argument("--steps", type=int, help="training steps (default: 150 on CPU, 600 on GPU)")
     demo.add_argument(
-        "--out", default="demo-out", help="folder for the tokenizer, log, loss curve, checkpoint"
+        "--finetune",
+        action="store_true",
+        help="the fine-tuning demo: HF folder -> import-hf -> SFT with LoRA -> PEFT adapter + merged model",
+    )
+    demo.add_argument("--qlora", action="store_true", help="--finetune with the frozen base in NF4 (QLoRA)")
+    demo.add_argument(
+        "--out", default=None, help="output folder (default demo-out, or demo-finetune-out with --finetune)"
     )
     demo.set_defaults(func=_cmd_demo)
     return p
