@@ -16,7 +16,7 @@ $(PY):
 # `pip install 'tokenmill[EXTRAS]'`), installed by `maturin develop -E`; requirements-dev.txt adds the
 # test, lint and benchmark tools and the peer libraries we compare against.
 # (the extras spelled out: `all` names tokenmill itself, which pip resolves but maturin develop need not)
-EXTRAS ?= train,data,cuda,plot,track
+EXTRAS ?= train,data,cuda,plot,track,hf
 
 $(VENV)/.stamp-dev: requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt

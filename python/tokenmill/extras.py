@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "cuda": ("cupy",),
     "plot": ("matplotlib",),
     "track": ("tensorboard", "wandb"),
+    "hf": ("transformers", "peft"),
 }
 
 
