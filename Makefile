@@ -12,18 +12,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.stamp-run: requirements.txt | $(PY)
-	$(PY) -m pip install -q -r requirements.txt
-	touch $@
+# Dependencies come from one place: pyproject.toml's extras (what a user gets from
+# `pip install 'tokenmill[EXTRAS]'`), installed by `maturin develop -E`; requirements-dev.txt adds the
+# test, lint and benchmark tools and the peer libraries we compare against.
+# (the extras spelled out: `all` names tokenmill itself, which pip resolves but maturin develop need not)
+EXTRAS ?= train,data,cuda,plot,track,hf
 
-$(VENV)/.stamp-dev: requirements-dev.txt requirements.txt $(VENV)/.stamp-run
+$(VENV)/.stamp-dev: requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# Build the extension in release mode into the venv (incremental through ./target).
-develop: $(VENV)/.stamp-run
+$(BIN)/maturin: | $(PY)
 	$(PY) -m pip install -q "maturin>=1.7,<2"
-	$(BIN)/maturin develop --release -q
+
+# Build the extension in release mode into the venv (incremental through ./target), with the extras.
+develop: $(BIN)/maturin
+	$(BIN)/maturin develop --release -q -E $(EXTRAS)
 
 demo: develop
 	$(PY) -m tokenmill demo
@@ -51,8 +55,7 @@ bench: $(VENV)/.stamp-dev develop
 	$(PY) benches/run_all.py
 
 # The abi3 wheel (one wheel for CPython >= 3.9), e.g. to carry to a GPU machine.
-wheel: $(VENV)/.stamp-run
-	$(PY) -m pip install -q "maturin>=1.7,<2"
+wheel: $(BIN)/maturin
 	$(BIN)/maturin build --release --out dist
 
 clean:

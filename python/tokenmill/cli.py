@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 import tokenmill
+from tokenmill import extras
 
 USAGE_ERROR = 2  # as argparse exits on a usage error
 
@@ -605,6 +606,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
         print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional dependency: name the extra that brings it
+        extra = extras.extra_of(e.name)
+        if extra is None:
+            raise
+        hint = "" if isinstance(e, extras.MissingExtraError) else f": {extras.install_hint(extra)}"
+        print(f"tokenmill {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"tokenmill {args.command}: {e or 'interrupted'}", file=sys.stderr)

@@ -271,6 +271,17 @@ class LoraSection:
 
 
 @dataclass
+class LogSection:
+    # What log.jsonl gets also goes to: "tensorboard" (out_dir/tensorboard), "wandb" (a run in out_dir/wandb).
+    trackers: list = field(default_factory=list)
+    wandb_project: str = "tokenmill"
+    wandb_mode: str = "offline"  # "offline" (no network; `wandb sync` uploads later) or "online"
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + any LlamaConfig field
@@ -280,6 +291,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     dist: DistSection = field(default_factory=DistSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -380,6 +392,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
             "only; its CPU reference is ~27x slower than torch's AdamW): use adamw with cpu_offload, or "
             "adamw8bit with the state on the GPUs (FSDP2 shards it)"
         )
+    unknown = [name for name in cfg.log.trackers if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"log.trackers: unknown tracker(s) {unknown}; known: {', '.join(TRACKERS)}")
+    if cfg.log.wandb_mode not in ("offline", "online"):
+        raise ValueError(f"log.wandb_mode must be offline or online, got {cfg.log.wandb_mode!r}")
     if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
         raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
     lo = cfg.lora

@@ -144,7 +144,9 @@ def main(args: argparse.Namespace | None = None) -> int:
         outp = generate(model, ids, 48, temperature=0.8, top_k=40, generator=g)
         text = tok.decode(outp.tolist())
         print("      | " + text.replace("\n", "\n      | "), flush=True)
-    print(f"      loss curve: {out / 'run' / 'loss.png'}; log: {out / 'run' / 'log.jsonl'}", flush=True)
+    png = out / "run" / "loss.png"
+    curve = f"loss curve: {png}" if png.exists() else "no loss curve (matplotlib is not installed)"
+    print(f"      {curve}; log: {out / 'run' / 'log.jsonl'}", flush=True)
 
     # 5. the same recipe at 13B -----------------------------------------------------------------------------
     try:

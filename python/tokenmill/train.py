@@ -28,10 +28,11 @@ import torch.distributed as dist
 
 import tokenmill
 from tokenmill import checkpoint as ckpt
-from tokenmill import hf
+from tokenmill import hf, tracking
 from tokenmill import lora as L
 from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_adapters, load_weights, read_meta
 from tokenmill.config import OptimSection, TrainConfig, load_config
+from tokenmill.extras import install_hint, require
 from tokenmill.model import Llama, LlamaConfig
 
 __all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
@@ -186,11 +187,25 @@ def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Logging: console (tqdm), out_dir/log.jsonl (one line per logged step; the planner reads it), loss.png.
+# Logging: console (tqdm), out_dir/log.jsonl (one line per logged step or evaluation; the planner reads it),
+# the [log] trackers (tracking.py) with the same records, loss.png.
+
+
+_told_no_matplotlib = False
 
 
 def plot_losses(path: Path, history: list[dict]) -> None:
-    import matplotlib
+    """Write the loss curve; without matplotlib, no plot and one notice per process (not an error)."""
+    global _told_no_matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        if not _told_no_matplotlib:
+            from tqdm import tqdm
+
+            tqdm.write(f"no loss plot: matplotlib is not installed ({install_hint('plot')})")
+            _told_no_matplotlib = True
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,6 +245,8 @@ def train(
     ``train_data``/``val_data`` override the token files of ``cfg.data`` (each process passes its own shard).
     ``on_step(step, record)`` is called after every optimizer step (tests use it to interrupt a run).
     """
+    require("train", "training")  # safetensors is first needed at the end, for the checkpoint
+    tracking.check(cfg.log.trackers)
     rank, world, device = _init_distributed(cfg.run.device)
     out = Path(cfg.run.out_dir)
     if rank == 0:
@@ -239,6 +256,8 @@ def train(
     param_dtype = _dtype(cfg.run.param_dtype)
 
     # -- everything that can be wrong with the inputs is checked before the first step
+    if cuda:
+        require("cuda", "training on a GPU (the CUDA kernels)")
     if cfg.train.init_from and hf.is_hf_folder(cfg.train.init_from):
         # A Hugging Face folder: the model shape (and vocabulary) come from its config.json, also on resume.
         model_cfg = hf.run_model_config(cfg.train.init_from, cfg.model, TrainConfig().model["preset"])
@@ -415,6 +434,9 @@ def train(
             flush=True,
         )
 
+    trackers = (
+        tracking.Trackers(cfg.log, out, cfg.to_dict(), step) if rank == 0 and cfg.log.trackers else None
+    )
     data_iter: Iterator[dict] = iter(train_data)
 
     def next_batch() -> dict:
@@ -558,9 +580,11 @@ def train(
             if rank == 0:
                 tqdm.write(f"step {step}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
         history.append(record)
-        if rank == 0 and "tokens" in record:
+        if rank == 0 and ("tokens" in record or "val_loss" in record):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if trackers is not None:
+                trackers.log(record)
         if rank == 0 and "val_loss" in record:
             plot_losses(out / "loss.png", history)
         bar.update(1)
@@ -569,6 +593,8 @@ def train(
         if on_step is not None:
             on_step(step, record)
     bar.close()
+    if trackers is not None:
+        trackers.close()
     if rank == 0:
         plot_losses(out / "loss.png", history)
     return history

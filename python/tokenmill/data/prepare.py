@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from tokenmill import _core
+from tokenmill.extras import require
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -119,11 +120,9 @@ class _ParquetSource:
         self._batches: Optional[Any] = None
 
     def open(self, path: str) -> None:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as e:  # pragma: no cover - pyarrow is in requirements.txt
-            raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+        import pyarrow as pa  # prepare() checked it is installed
+        import pyarrow.parquet as pq
+
         try:
             f = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
@@ -227,7 +226,10 @@ def prepare(
                 "pass input_format="
             )
         specs.append((f, "external" if fmt == "parquet" else fmt, delimiter if fmt == "text" else None))
-    external = _ParquetSource(text_key) if any(s[1] == "external" for s in specs) else None
+    external = None
+    if any(s[1] == "external" for s in specs):
+        require("data", f"reading Parquet ({next(s[0] for s in specs if s[1] == 'external')})")
+        external = _ParquetSource(text_key)
     if progress is None:
         progress = sys.stderr.isatty()
     manifest = json.loads(
