@@ -87,14 +87,17 @@ def main(args: argparse.Namespace | None = None) -> int:
             f.write(json.dumps({"text": text}) + "\n")
     tm.data.prepare([str(work / "pre.jsonl")], str(work / "pre"), str(tok_path))
     seq = 128
-    base_overrides = [
-        f"--run.out_dir={work / 'pretrain'}",
+    shape = [
         "--model.preset=small",
         "--model.dim=128",
         "--model.n_layers=4",
         "--model.n_heads=4",
         "--model.n_kv_heads=2",
         f"--model.max_seq_len={seq}",
+    ]
+    base_overrides = [
+        f"--run.out_dir={work / 'pretrain'}",
+        *shape,
         f"--data.train=['{work / 'pre'}']",
         f"--data.tokenizer={tok_path}",
         f"--data.seq_len={seq}",
@@ -120,12 +123,14 @@ def main(args: argparse.Namespace | None = None) -> int:
     imported = out / "base-tokenmill"
     hf.import_hf(base_hf, imported)
     ids = torch.tensor([tok.encode("def mean(values):\n    return")])
-    ours = Llama.from_checkpoint(imported)(ids)
+    with torch.no_grad():
+        ours = Llama.from_checkpoint(imported)(ids)
     check = ""
     try:
         from transformers import AutoModelForCausalLM
 
-        theirs = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)(ids).logits
+        with torch.no_grad():
+            theirs = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)(ids).logits
         check = f"; logits vs transformers: max abs diff {float((ours - theirs).abs().max()):.1e}"
     except ImportError:
         pass
@@ -152,6 +157,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     run = out / "lora-run"
     sft_overrides = [
         f"--run.out_dir={run}",
+        *shape,
         f"--train.init_from={imported}",
         f"--data.train=['{work / 'sft-train'}']",
         f"--data.val=['{work / 'sft-val'}']",
@@ -212,8 +218,9 @@ def main(args: argparse.Namespace | None = None) -> int:
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
-            peft_logits = PeftModel.from_pretrained(base, adapter)(torch.tensor([prompt_ids])).logits
-            merged_logits = model(torch.tensor([prompt_ids])).logits
+            with torch.no_grad():
+                peft_logits = PeftModel.from_pretrained(base, adapter)(torch.tensor([prompt_ids])).logits
+                merged_logits = model(torch.tensor([prompt_ids])).logits
             diff = float((peft_logits - merged_logits).abs().max())
             print(f"      peft base + adapter vs merged logits: max abs diff {diff:.1e}", flush=True)
         except ImportError:
