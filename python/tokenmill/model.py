@@ -205,7 +205,7 @@ class Llama(nn.Module):
                 model = cls.from_hf(meta["base"])
             else:
                 model = cls.from_checkpoint(meta["base"], device="cpu")
-            if LlamaConfig.from_dict(meta["model"]) != model.config:
+            if LlamaConfig.from_dict(meta["model"]).canonical() != model.config.canonical():
                 raise ValueError(
                     f"{path}: adapter checkpoint of another model shape than its base {meta['base']}"
                 )
