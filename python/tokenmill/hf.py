@@ -6,13 +6,13 @@ Our rotary embeddings use the Hugging Face "rotate half" pairing, so weights are
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from tokenmill._fsutil import replace_dir
 from tokenmill.model import LlamaConfig
 
 # ours -> Hugging Face, per layer and global
@@ -121,6 +121,5 @@ def export(
         if eos is not None:
             tok_cfg["eos_token"] = names[eos]
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
