@@ -40,11 +40,15 @@ test-rust:
 test-python:
 	$(PY) -m pytest -q
 
-lint: $(VENV)/.stamp-dev
+# Types: mypy over the package (settings in pyproject.toml), and stubtest checks _core.pyi against the
+# compiled module (hence `develop`).
+lint: $(VENV)/.stamp-dev develop
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(BIN)/ruff check python tests benches
 	$(BIN)/ruff format --check python tests benches
+	$(PY) -m mypy
+	MYPYPATH=python $(PY) -m mypy.stubtest tokenmill._core
 
 fmt: $(VENV)/.stamp-dev
 	cargo fmt --all

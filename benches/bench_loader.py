@@ -80,12 +80,12 @@ def busy_consumer(prefix: str, n: int, prefetch: int, step_s: float) -> float:
 
 
 def h100_tokens_per_s(mfu: float = 0.6, peak_tflops: float = 989.0) -> tuple[float, int]:
-    """Tokens/s one H100 (dense BF16 peak 989 TFLOP/s) consumes training LLaMA-1B at `mfu`: FLOPs per
-    token = 6 * params + 12 * layers * dim * T (attention, PaLM appendix B)."""
+    """Tokens/s one H100 (dense BF16 peak 989 TFLOP/s) consumes training LLaMA-1B at `mfu`, with FLOPs
+    per token counted as the planner and the trainer count them (`plan.flops_per_token`)."""
+    from tokenmill import plan
+
     cfg = LlamaConfig.preset("llama-1b")
-    n = cfg.num_params()
-    flops_per_token = 6 * n + 12 * cfg.n_layers * cfg.dim * T
-    return peak_tflops * 1e12 * mfu / flops_per_token, n
+    return peak_tflops * 1e12 * mfu / plan.flops_per_token(cfg, T), cfg.num_params()
 
 
 def resume_time(prefix: str, batch: int) -> float:

@@ -188,7 +188,9 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             rows[name] = {"error": f"timed out after {spec[-1]} s"}
         print(f"   {rows[name]}", flush=True)
-    print("\n| section | GPU | params | tokens/s | MFU (PaLM count) | peak mem GiB | loss first -> last |")
+    print(
+        "\n| section | GPU | params | tokens/s | MFU (plan.flops_per_token) | peak mem GiB | loss first -> last |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "tokens_per_s" in r:

@@ -407,7 +407,7 @@ def test_gpu_table_and_registration(tmp_path):
         plan.load_gpu_table(tmp_path / "broken.toml")
 
 
-def _write_log(path, tps, n_params, seq_len=2048, gpu="H100-SXM", mfu=None, warm=None):
+def _write_log(path, tps, n_params, seq_len=2048, gpu="H100-SXM", mfu=None, warm=None, model=None):
     with open(path, "w") as f:
         for step, v in enumerate(tps):
             row = dict(
@@ -423,6 +423,8 @@ def _write_log(path, tps, n_params, seq_len=2048, gpu="H100-SXM", mfu=None, warm
                 seq_len=seq_len,
                 gpu=gpu,
             )
+            if model is not None:
+                row["model"] = model
             if mfu is not None:
                 row["mfu"] = mfu
             f.write(json.dumps(row) + "\n")
@@ -440,7 +442,8 @@ def test_from_log_same_model_uses_median_after_warmup(tmp_path):
     e = plan.estimate("llama-7b", 1e12, "H100", 8, from_log=tmp_path / "log.jsonl")
     assert e.tokens_per_s_per_gpu == pytest.approx(3035.0)
     assert "measured" in e.throughput_source
-    # another model: the log's MFU carries over, converted from the trainer's PaLM count (12 L d s)
+    # another model: the log's MFU carries over; a log without the model shape comes from a trainer that
+    # counted PaLM's 12 L d s attention FLOPs, converted to ours
     matmul = PRESETS["llama-7b"].num_params(include_embeddings=False)
     attn = 32 * 4096 * 2048
     ours = 0.41 * (6 * matmul + 6 * attn) / (6 * matmul + 12 * attn)
@@ -451,6 +454,28 @@ def test_from_log_same_model_uses_median_after_warmup(tmp_path):
     assert plan.estimate("llama-7b", 1e12, "A100", 8, from_log=tmp_path / "log.jsonl").mfu == pytest.approx(
         ours
     )
+
+
+def test_from_log_reads_the_recorded_shape(tmp_path):
+    """A log that records the model shape: FLOPs from that shape (not a guess from the parameter count)
+    and its MFU taken as it is (the trainer counts as the planner does)."""
+    cfg = LlamaConfig(vocab_size=50000, dim=1536, n_layers=20, n_heads=12, n_kv_heads=4, ffn_hidden=4096)
+    n = cfg.num_params()
+    assert plan.shape_of(plan.shape_for_params(n)) != plan.shape_of(cfg)  # a guess would be wrong
+    _write_log(
+        tmp_path / "log.jsonl", [2000.0] * 10, n, gpu="NVIDIA A100-SXM4-80GB", model=plan.shape_of(cfg)
+    )
+    log = plan.read_train_log(tmp_path / "log.jsonl")
+    assert log.shape is not None and plan.shape_of(log.shape) == plan.shape_of(cfg)
+    # no mfu field: tokens/s x this shape's FLOPs (6N + 6 L s d, N without the input embedding) / peak
+    matmul = n - 50000 * 1536
+    assert log.mfu == pytest.approx(2000.0 * (6 * matmul + 6 * 20 * 2048 * 1536) / 312e12)
+    _write_log(tmp_path / "m.jsonl", [2000.0] * 10, n, mfu=0.41, model=plan.shape_of(cfg))
+    assert plan.read_train_log(tmp_path / "m.jsonl").mfu == pytest.approx(0.41)
+    bad = dict(plan.shape_of(cfg), dim=0)
+    _write_log(tmp_path / "bad.jsonl", [2000.0] * 10, n, model=bad)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: model\.dim must be a positive integer"):
+        plan.read_train_log(tmp_path / "bad.jsonl")
 
 
 def test_from_log_without_mfu_uses_the_gpu_peak(tmp_path):

@@ -393,3 +393,24 @@ def test_argument_errors(tok, tmp_path):
         dp.prepare(src, tmp_path / "ds", no_eos)
     dp.prepare(src, tmp_path / "ds", no_eos, append_eos=False)
     assert megatron_read(tmp_path / "ds")[1] == [list(no_eos.encode_ordinary("x"))]
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_parquet_source_errors_keep_their_type(tok, tmp_path, monkeypatch):
+    """An exception raised inside the Parquet source comes back from prepare as raised (type and message),
+    not as a ValueError, and nothing is left behind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "in.parquet")
+
+    def next_batch(self):
+        raise _Boom("reader broke at batch 0")
+
+    monkeypatch.setattr(dp._ParquetSource, "next_batch", next_batch)
+    with pytest.raises(_Boom, match="reader broke at batch 0"):
+        dp.prepare(tmp_path / "in.parquet", tmp_path / "out" / "ds", tok)
+    assert not list((tmp_path / "out").iterdir())

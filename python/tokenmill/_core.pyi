@@ -4,10 +4,35 @@ import os
 from typing import Iterable, Literal, Optional, Sequence, Union
 
 import numpy
+from typing_extensions import final
 
 __version__: str
+__all__ = [
+    "__version__",
+    "edit_counts",
+    "error_rate",
+    "align",
+    "levenshtein",
+    "write_token_file",
+    "open_token_file",
+    "token_dtype",
+    "Loader",
+    "Prefetcher",
+    "_BatchBuffer",
+    "CoreTokenizer",
+    "resolve_pattern",
+    "train_bpe",
+    "train_bpe_files",
+    "prepare_corpus",
+    "prepared_stats",
+    "prepared_verify",
+    "prepared_merge",
+    "manifest_file_info",
+]
 
-_Unit = Literal["word", "char"]
+# Names passed as str are checked in Rust (ValueError naming the valid ones); the Python wrappers
+# take them from users, so the stubs say str and list the valid names in a comment.
+_Unit = str  # "word" | "char"
 _Counts = tuple[int, int, int, int]
 
 def edit_counts(references: Sequence[str], hypotheses: Sequence[str], unit_name: _Unit) -> _Counts:
@@ -26,30 +51,34 @@ def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
 
 # -- token files and the loader (tokenmill.data) --
 
-_DType = Literal["uint8", "uint16", "int32", "int64"]
+_DType = str  # "uint8" | "uint16" | "int32" | "int64"
 
 def write_token_file(prefix: str, docs: Sequence[Sequence[int]], dtype_name: _DType) -> None:
     """Write documents to PREFIX.bin/.idx (Megatron MMIDIDX) atomically."""
 
+def token_dtype(vocab_size: int) -> Literal["uint16", "int32"]:
+    """Megatron's dtype for token ids of a vocabulary: uint16 below 65,500 ids, else int32."""
+
 def open_token_file(prefix: str) -> tuple[str, numpy.ndarray, numpy.ndarray]:
     """Validate PREFIX.bin/.idx; (dtype name, int64 lengths, int64 token offsets) per document."""
 
+@final
 class Loader:
     """The loader core: mixture, per-epoch packing layouts, batch rendering (see tokenmill.data.loader)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         prefixes: Sequence[str],
         masks: Sequence[Optional[str]],
         weights: Sequence[float],
         seq_len: int,
-        packing: Literal["concat", "best_fit", "none"],
+        packing: str,  # "concat" | "best_fit" | "none"
         seed: int,
         document_mask: bool,
         epochs: Optional[int],
         pad_id: int,
         num_threads: int,
-    ) -> None: ...
+    ) -> Loader: ...
     def num_samples(self) -> Optional[int]:
         """Samples in the global stream; None when endless."""
     def samples_per_epoch(self) -> list[int]: ...
@@ -71,6 +100,7 @@ class Loader:
     def prefetch(self, first: int, stride: int, rows: int, count: Optional[int], depth: int) -> Prefetcher:
         """Render batches first + j * stride (j < count; endless when None) on a Rust thread, depth ahead."""
 
+@final
 class Prefetcher:
     """A Rust thread rendering batches ahead into Rust-owned arrays."""
 
@@ -81,8 +111,13 @@ class Prefetcher:
     def close(self) -> None:
         """Stop the thread now."""
 
+@final
+class _BatchBuffer:
+    """Owns one rendered batch while the numpy arrays of ``Prefetcher.next`` borrow it (no Python API)."""
+
 # ----- tokenizer (rust/tokenmill-py/src/tokenizer.rs) -----
 
+@final
 class CoreTokenizer:
     """A byte-level BPE (tiktoken semantics) or SentencePiece-BPE tokenizer; immutable, thread-safe."""
 
@@ -165,12 +200,12 @@ def train_bpe_files(
 # ----- corpus preparation (tokenmill.data.prepare) -----
 
 def prepare_corpus(
-    inputs: Sequence[tuple[str, Literal["text", "jsonl", "external"], Optional[str]]],
+    inputs: Sequence[tuple[str, str, Optional[str]]],  # format: "text" | "jsonl" | "external"
     prefix: str,
     tokenizer: object,
     text_key: str,
     eos_id: Optional[int],
-    on_error: Literal["skip", "fail"],
+    on_error: str,  # "skip" | "fail"
     num_workers: Optional[int],
     num_shards: int,
     shard_index: int,
@@ -189,3 +224,6 @@ def prepared_verify(prefix: str) -> list[str]:
 
 def prepared_merge(shards: Sequence[str], prefix: str) -> str:
     """Merge all shards of one partition into prefix; returns the merged manifest JSON."""
+
+def manifest_file_info(path: str) -> tuple[str, int, str]:
+    """A file's manifest entry: (name, size, xxh3-128 hex), as ``prepare`` records it."""

@@ -12,17 +12,17 @@ a save leaves the previous one as the newest.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from tokenmill._fsutil import fsync_path, replace_dir
 from tokenmill.lora import base_state_for, is_adapter_key
 from tokenmill.model import Llama, LlamaConfig, check_state_dict
 
@@ -32,19 +32,11 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 def latest_checkpoint(out_dir: str) -> Optional[Path]:
     root = Path(out_dir) / "checkpoints"
     found = [p for p in root.glob("step_*") if STEP_DIR.match(p.name) and (p / "meta.json").exists()]
-    return max(found, key=lambda p: int(STEP_DIR.match(p.name).group(1))) if found else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return max(found, key=lambda p: p.name) if found else None  # 8 digits: name order is step order
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # (name, keys, pos, has_gauss, gauss)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -87,28 +79,22 @@ def save(ckpt_dir: Path, model, optimizer, meta: dict, rank_state: dict, rank: i
     if lora:
         msd = {k: v for k, v in msd.items() if is_adapter_key(k)}
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
-    _fsync(tmp / f"rank_{rank}.pt")
+    fsync_path(tmp / f"rank_{rank}.pt")
     if rank == 0:
         # Tied weights share storage, which safetensors refuses: store each tensor on its own.
+        tensors = cast(dict[str, torch.Tensor], msd)
         save_file(
-            {k: v.detach().clone().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors")
+            {k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors")
         )
         torch.save(osd, tmp / "optimizer.pt")
-        names = ["model.safetensors", "optimizer.pt"]
         if meta.get("tokenizer"):  # the checkpoint carries its tokenizer (export-hf, generation)
-            names.append("tokenmill-tokenizer" + Path(meta["tokenizer"]).suffix)
-            shutil.copyfile(meta["tokenizer"], tmp / names[-1])
-            meta = {**meta, "tokenizer": names[-1]}
-        for name in names:
-            _fsync(tmp / name)
+            name = "tokenmill-tokenizer" + Path(meta["tokenizer"]).suffix
+            shutil.copyfile(meta["tokenizer"], tmp / name)
+            meta = {**meta, "tokenizer": name}
     barrier(world)
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _fsync(tmp / "meta.json")
-        _fsync(tmp)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        os.replace(tmp, ckpt_dir)
-        _fsync(ckpt_dir.parent)
+        replace_dir(tmp, ckpt_dir)  # syncs every file (meta.json, written last, included) first
     barrier(world)
 
 
@@ -151,7 +137,7 @@ def load_weights(ckpt_dir: Path, model, model_cfg: LlamaConfig, adapters: Option
     check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
     if adapters is not None:
         state = {**base_state_for(model, state), **adapters}
-    set_model_state_dict(model, state, options=state_dict_options())
+    set_model_state_dict(model, cast(dict[str, Any], state), options=state_dict_options())
 
 
 def load_adapters(ckpt_dir: Path, model) -> None:

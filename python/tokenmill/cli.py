@@ -322,9 +322,6 @@ def _load_tokenizer(path: str, pattern: str):
 
 
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
     import numpy as np
 
     tok = _load_tokenizer(args.tokenizer, args.pattern)
@@ -337,18 +334,9 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
             text = f.read()
     ids = tok.encode_to_numpy(text, allowed_special="all" if args.allow_special else ())
     if args.out:
-        # Atomic: a temporary beside the target, then rename.
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tokenmill-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, ids)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, args.out)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        from tokenmill._fsutil import write_atomic
+
+        write_atomic(args.out, lambda f: np.save(f, ids))
         print(f"{len(ids)} tokens -> {args.out}", file=sys.stderr)
     else:
         print(" ".join(map(str, ids.tolist())))
@@ -473,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("--out", help="write the ids as a uint32 .npy file instead of printing them")
     enc.set_defaults(func=_cmd_tokenizer_encode)
-    tok.set_defaults(func=lambda a: (tok.print_help(), USAGE_ERROR)[1])
+
+    def tokenizer_usage(_args: argparse.Namespace) -> int:
+        tok.print_help()
+        return USAGE_ERROR
+
+    tok.set_defaults(func=tokenizer_usage)
 
     pr = sub.add_parser("prepare", help="tokenize corpora into Megatron-compatible .bin/.idx token files")
     pr.add_argument(

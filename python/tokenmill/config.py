@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -322,7 +322,7 @@ def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> No
     fields = {f.name: f for f in dataclasses.fields(sec)}
     if key not in fields:
         raise ValueError(f"{where}: unknown key {section}.{key}; known: {', '.join(fields)}")
-    default = getattr(type(sec)(), key)
+    default = getattr(cast(Any, type(sec))(), key)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

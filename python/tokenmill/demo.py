@@ -135,7 +135,11 @@ def main(args: argparse.Namespace | None = None) -> int:
         print("      WARNING: the validation loss did not fall clearly", flush=True)
 
     # 4. samples --------------------------------------------------------------------------------------------
-    ckpt = T.latest_checkpoint(str(out / "run"))
+    from tokenmill.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(str(out / "run"))
+    if ckpt is None:
+        raise RuntimeError(f"{out / 'run'}: training wrote no checkpoint")
     model = Llama.from_checkpoint(ckpt)
     g = torch.Generator().manual_seed(0)
     print(f"[4/5] samples from {ckpt} (temperature 0.8, top-k 40):", flush=True)

@@ -141,6 +141,9 @@ def _edit_ops(unit: str, reference: Texts, hypothesis: Texts, flags: tuple) -> E
     refs, hyps = _as_lists(reference, hypothesis, flags)
     aligned = [_core.align(r, h, unit) for r, h in zip(refs, hyps)]
     counts = _core.edit_counts(refs, hyps, unit)
+    ref_tokens: list
+    hyp_tokens: list
+    alignment: list
     if single:
         ref_tokens, hyp_tokens, alignment = aligned[0]
     else:

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from tokenmill._fsutil import replace_dir
 from tokenmill.config import LlamaConfig, RopeScaling
 
 PathLike = Union[str, Path]
@@ -394,14 +395,6 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: to
         raise RuntimeError(f"{path}: tensors never written: {sorted(set(shapes) - written)[:5]}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype] = "float32") -> Path:
     """Convert a Hugging Face ``save_pretrained`` folder into a tokenmill checkpoint folder ``out_dir``
     (``meta.json``, ``model.safetensors`` in ``dtype``, the folder's tokenizer as
@@ -431,15 +424,7 @@ def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype
             meta["tokenizer"] = "tokenmill-tokenizer.json"
             tok.save(tmp / meta["tokenizer"])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        for p in tmp.iterdir():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(tmp)
-        os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -642,8 +627,6 @@ def _write(out: Path, tensors: dict, json_files: dict, tok=None) -> Path:
     """Write the folder under a temporary name, fsync every file, rename it into place."""
     from safetensors.torch import save_file
 
-    from tokenmill.checkpoint import _fsync
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -653,10 +636,5 @@ def _write(out: Path, tensors: dict, json_files: dict, tok=None) -> Path:
         (tmp / name).write_text(json.dumps(obj, indent=2))
     if tok is not None:
         tok.save_huggingface(str(tmp / "tokenizer.json"))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    _fsync(out.parent)
+    replace_dir(tmp, out)
     return out

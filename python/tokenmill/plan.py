@@ -246,13 +246,14 @@ def shape_for_params(n_params: float, vocab_size: int = 32000) -> LlamaConfig:
     of LLaMA-7B/13B (12 L d^2 + 2 V d parameters)."""
     if n_params <= 0:
         raise ValueError(f"parameter count must be positive, got {n_params}")
-    best = None
+    best: Optional[tuple[float, LlamaConfig]] = None
     for layers in range(1, 200):
         dim = max(128, 128 * round(layers * 128 / 128))
         cfg = LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=dim // 128)
         err = abs(cfg.num_params() - n_params)
         if best is None or err < best[0]:
             best = (err, cfg)
+    assert best is not None
     return best[1]
 
 
@@ -472,7 +473,7 @@ def memory(
 @dataclass(frozen=True)
 class Estimate:
     model: str
-    shape: dict[str, int]  # dim, n_layers, n_heads, kv_heads, ffn_hidden, vocab_size
+    shape: dict[str, Any]  # shape_of(): dim, n_layers, n_heads, kv_heads, ffn_hidden, vocab_size, tie
     n_params: int
     n_trainable: int
     tokens: float
@@ -543,7 +544,7 @@ def estimate(
         raise ValueError(f"tokens must be positive, got {tokens!r}")
     if sum(x is not None for x in (mfu, tokens_per_gpu_s, from_log)) > 1:
         raise ValueError("give at most one of mfu, tokens_per_gpu_s, from_log")
-    mem_kw = dict(
+    mem_kw: dict[str, Any] = dict(
         seq_len=seq_len,
         micro_batch=micro_batch,
         precision=precision,
@@ -596,17 +597,9 @@ def estimate(
         found = smallest_fix(cfg if name == "custom" else model, gpu=g, gpus=gpus, **mem_kw)
         if found:
             fix, fix_settings, fix_peak = found
-    shape = dict(
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        kv_heads=cfg.kv_heads,
-        ffn_hidden=cfg.hidden_dim,
-        vocab_size=cfg.vocab_size,
-    )
     return Estimate(
         model=name,
-        shape=shape,
+        shape=shape_of(cfg),
         n_params=n_params,
         n_trainable=trainable,
         tokens=n_tokens,
@@ -722,12 +715,57 @@ def parse_setup(text: str, default_gpus: int = 1) -> tuple[str, int]:
 @dataclass(frozen=True)
 class TrainLog:
     tokens_per_s_per_gpu: float
-    mfu: float  # under the planner's FLOP count (the trainer logs PaLM's; converted)
+    mfu: float  # under the planner's FLOP count (logs from before the trainer used it are converted)
     n_params: int
     seq_len: int
     gpu: Optional[str]
     world_size: int
     n_steps: int  # steps used (after warm-up)
+    shape: Optional[LlamaConfig] = None  # the model shape the log records (None in older logs)
+
+
+#: The fields of a model shape (`shape_of`), as `Estimate.shape` and each training-log step carry it.
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden", "vocab_size", "tie")
+
+
+def shape_of(c: LlamaConfig) -> dict[str, Any]:
+    """The model shape as `Estimate.shape` and `tokenmill train`'s log record it: what
+    `flops_per_token` needs, so `plan --from-log` does not guess it from the parameter count.
+
+    >>> shape_of(PRESETS["llama-7b"])
+    {'dim': 4096, 'n_layers': 32, 'n_heads': 32, 'kv_heads': 32, 'ffn_hidden': 11008, 'vocab_size': 32000, 'tie': False}
+    """
+    return {
+        "dim": c.dim,
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "kv_heads": c.kv_heads,
+        "ffn_hidden": c.hidden_dim,
+        "vocab_size": c.vocab_size,
+        "tie": c.tie_embeddings,
+    }
+
+
+def _shape_from_log(m: Any, where: str) -> LlamaConfig:
+    if not isinstance(m, dict) or set(m) != set(SHAPE_KEYS):
+        raise ValueError(f"{where}: model must be an object with keys {', '.join(SHAPE_KEYS)}, got {m!r}")
+    for k in SHAPE_KEYS[:-1]:
+        if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] <= 0:
+            raise ValueError(f"{where}: model.{k} must be a positive integer, got {m[k]!r}")
+    if not isinstance(m["tie"], bool):
+        raise ValueError(f"{where}: model.tie must be true or false, got {m['tie']!r}")
+    try:
+        return LlamaConfig(
+            vocab_size=m["vocab_size"],
+            dim=m["dim"],
+            n_layers=m["n_layers"],
+            n_heads=m["n_heads"],
+            n_kv_heads=m["kv_heads"],
+            ffn_hidden=m["ffn_hidden"],
+            tie_embeddings=m["tie"],
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: model: {e}") from None
 
 
 def read_train_log(path: Union[str, Path], warmup: Optional[int] = None) -> TrainLog:
@@ -751,6 +789,8 @@ def read_train_log(path: Union[str, Path], warmup: Optional[int] = None) -> Trai
                 v = row.get(k)
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                     raise ValueError(f"{path}:{lineno}: {k} must be a positive number, got {v!r}")
+            if "model" in row:
+                row = {**row, "model": _shape_from_log(row["model"], f"{path}:{lineno}")}
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no training steps with tokens_per_s_per_gpu")
@@ -763,13 +803,16 @@ def read_train_log(path: Union[str, Path], warmup: Optional[int] = None) -> Trai
     mfus = [r["mfu"] for r in used if isinstance(r.get("mfu"), (int, float)) and r["mfu"] > 0]
     gpu = last.get("gpu")
     n_params, seq_len = int(last["n_params"]), int(last["seq_len"])
-    # The log carries no shape: take the preset with this parameter count, else a LLaMA-like shape.
-    cfg = next((c for c in PRESETS.values() if c.num_params() == n_params), None) or shape_for_params(
-        n_params
-    )
+    shape: Optional[LlamaConfig] = last.get("model")
+    # Logs from before the trainer recorded its shape: the preset with this parameter count, else a
+    # LLaMA-like shape.
+    cfg = shape or next((c for c in PRESETS.values() if c.num_params() == n_params), None)
+    cfg = cfg or shape_for_params(n_params)
     ours = flops_per_token(cfg, seq_len, n_params)
-    if mfus:
-        # `tokenmill train` counts PaLM's unmasked 12 L d s attention term; convert to ours (6 L d s).
+    if mfus and shape is not None:
+        mfu = statistics.median(mfus)  # the trainer's MFU is `flops_per_token`'s
+    elif mfus:
+        # Older trainers counted PaLM's unmasked 12 L d s attention term; convert to ours (6 L d s).
         palm = ours + 3 * 2 * cfg.n_layers * cfg.dim * seq_len
         mfu = statistics.median(mfus) * ours / palm
     else:
@@ -785,6 +828,7 @@ def read_train_log(path: Union[str, Path], warmup: Optional[int] = None) -> Trai
         gpu=None if gpu is None else str(gpu),
         world_size=int(last.get("world_size", 1)),
         n_steps=len(used),
+        shape=shape,
     )
 
 
@@ -823,7 +867,11 @@ def format_estimate(e: Estimate) -> str:
         + (f"  host RAM {_gb(m.cpu_offloaded)}/GPU" if m.cpu_offloaded else ""),
         f"  peak {_gb(m.peak)} of {_gb(m.usable)} usable ({_gb(m.capacity)} x {USABLE_FRACTION})",
         f"verdict    {'fits' if e.fits else 'does NOT fit'}"
-        + (f"; smallest change: {e.fix} -> peak {_gb(e.fix_memory_peak)} GB" if e.fix else ""),
+        + (
+            f"; smallest change: {e.fix} -> peak {_gb(e.fix_memory_peak)} GB"
+            if e.fix and e.fix_memory_peak is not None
+            else ""
+        ),
     ]
     if not e.fits and not e.fix:
         lines[-1] += "; no change in reach makes it fit"
@@ -863,5 +911,6 @@ __all__ = [
     "register_gpu",
     "resolve_model",
     "shape_for_params",
+    "shape_of",
     "smallest_fix",
 ]

@@ -26,6 +26,12 @@ Specials = Union[Literal["all"], Collection[str]]
 #: Names accepted wherever a pattern is expected; each is the exact string tiktoken / LLaMA-3 use.
 PATTERNS = ("gpt2", "cl100k", "o200k", "llama3")
 
+#: Special tokens that end a text, in order of preference (the one list: ``eos_token_id``, the EOS that
+#: ``prepare`` appends, SFT templates and the Hugging Face export all take the first one present).
+EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|eot_id|>")
+#: Special tokens that begin a text, in order of preference.
+BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>")
+
 
 def pattern_string(name: str) -> str:
     """The exact regex behind a pattern name (tiktoken's / LLaMA-3's string); other strings unchanged.
@@ -149,8 +155,8 @@ class Tokenizer:
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(ranks), pattern, [])
             specials = _specials_dict(special_tokens, core.n_vocab)
             if specials:
-                tokens = [t for _, t in core.mergeable_tokens()]
-                core = _core.CoreTokenizer.from_ranks(tokens, pattern, list(specials.items()))
+                mergeable = [t for _, t in core.mergeable_tokens()]
+                core = _core.CoreTokenizer.from_ranks(mergeable, pattern, list(specials.items()))
             return cls(core)
         if isinstance(ranks, Mapping):
             tokens: list[bytes] = [b""] * len(ranks)
@@ -223,14 +229,14 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> Optional[int]:
-        """Id of the first special token that names an end of text (``<|endoftext|>``,
-        ``<|end_of_text|>``, ``</s>``, ``<|eot_id|>``, ``<eos>``), else None."""
-        return self._first_special(("<|endoftext|>", "<|end_of_text|>", "</s>", "<|eot_id|>", "<eos>"))
+        """Id of the first of :data:`EOS_TOKENS` (``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ...)
+        that is a special token, else None."""
+        return self._first_special(EOS_TOKENS)
 
     @property
     def bos_token_id(self) -> Optional[int]:
-        """Id of ``<|begin_of_text|>``, ``<s>``, ``<|startoftext|>`` or ``<bos>`` if present, else None."""
-        return self._first_special(("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"))
+        """Id of the first of :data:`BOS_TOKENS` (``<|begin_of_text|>``, ``<s>``, ...) present, else None."""
+        return self._first_special(BOS_TOKENS)
 
     def _first_special(self, names: Sequence[str]) -> Optional[int]:
         for n in names:

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -30,10 +30,11 @@ import tokenmill
 from tokenmill import checkpoint as ckpt
 from tokenmill import hf, tracking
 from tokenmill import lora as L
+from tokenmill._fsutil import write_atomic
 from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_adapters, load_weights, read_meta
 from tokenmill.config import OptimSection, TrainConfig, load_config
 from tokenmill.extras import install_hint, require
-from tokenmill.model import Llama, LlamaConfig
+from tokenmill.model import Llama
 
 __all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
 # ----------------------------------------------------------------------------------------------------------
@@ -56,14 +57,6 @@ def lr_at(step: int, o: OptimSection, total_steps: int) -> float:
         return o.lr + frac * (o.min_lr - o.lr)
     frac = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
     return o.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (o.lr - o.min_lr)
-
-
-def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token as PaLM's MFU counts them (Chowdhery et al. 2022, App. B):
-    6 x matmul parameters + 12 x layers x dim x seq_len (attention without the causal discount, as
-    nanoGPT and torchtitan report it; ``tokenmill.plan`` converts from this). Recomputation is not counted."""
-    matmul_params = c.num_params(include_embeddings=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
-    return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
 
 
 def peak_flops(device_name: str) -> Optional[float]:
@@ -131,11 +124,13 @@ def _load_tokenizer(cfg: TrainConfig, model_vocab: Optional[int]):
 def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
     """Each token file's manifest (PREFIX.json, written by `tokenmill prepare`) against the tokenizer
     and the model: a different tokenizer or a larger vocabulary is an error before any step."""
+    from tokenmill.data.dataset import read_manifest
+
     for prefix in [*cfg.data.train, *cfg.data.val]:
-        path = Path(str(prefix) + ".json")
-        if not path.exists():
+        manifest = read_manifest(prefix)
+        if manifest is None:
             continue
-        info = json.loads(path.read_text()).get("tokenizer") or {}
+        info = manifest.get("tokenizer") or {}
         n_vocab, fp = info.get("n_vocab"), info.get("fingerprint")
         if n_vocab is not None and n_vocab > vocab_size:
             raise ValueError(
@@ -152,7 +147,7 @@ def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
             )
 
 
-def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Iterable]:
+def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Optional[Iterable]]:
     if not cfg.data.train:
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
     from tokenmill.data import DataLoader
@@ -220,10 +215,8 @@ def plot_losses(path: Path, history: list[dict]) -> None:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="tokenmill training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class BadLossError(RuntimeError):
@@ -372,6 +365,7 @@ def train(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     o = cfg.optim
+    optimizer: torch.optim.Optimizer
     if o.name == "adamw8bit":
         from tokenmill.optim import AdamW8bit
 
@@ -404,18 +398,21 @@ def train(
         set_optimizer_state_dict(model, optimizer, osd, options=ckpt.state_dict_options())
         rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
         if rs.get("loader") is not None:
-            train_data.load_state_dict(rs["loader"])
+            cast(Any, train_data).load_state_dict(rs["loader"])  # a DataLoader: the state came from one
         ckpt.set_rng_state(rs["rng"])
         step, bad_steps, tokens_seen = meta["step"], meta["bad_steps"], meta["tokens"]
         history = [h for h in meta.get("history", []) if h["step"] <= step]
         if rank == 0 and log_path.exists():  # drop what the interrupted run logged after the checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            write_atomic(log_path, "".join(ln + "\n" for ln in kept))
 
     n_params = model_cfg.num_params()
-    flops_tok = flops_per_token(model_cfg, cfg.data.seq_len)
+    from tokenmill import plan
+
+    flops_tok = plan.flops_per_token(model_cfg, cfg.data.seq_len)  # the convention: plan's docstring
+    shape = plan.shape_of(model_cfg)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak = peak_flops(gpu) if cuda else None
+    peak = peak_flops(gpu)  # None for "cpu" and GPUs missing from the planner's table
     vocab = model_cfg.vocab_size
     val_batches = (
         list(itertools.islice(iter(val_data), cfg.train.eval_batches)) if val_data is not None else []
@@ -516,7 +513,7 @@ def train(
         for i, b in enumerate(micro):
             b = to_dev(b)
             if fsdp:
-                model.set_requires_gradient_sync(i == len(micro) - 1)
+                cast(Any, model).set_requires_gradient_sync(i == len(micro) - 1)  # FSDP2's method
             with amp():
                 ls = model(b["input_ids"], b["labels"], b.get("position_ids"), reduction="sum")
             # FSDP averages gradients over ranks; the factor `world` turns that average into a sum.
@@ -524,8 +521,8 @@ def train(
             loss_sum += ls.detach().double()
         loss = float(_all_sum(loss_sum, world)) / n_tok if n_tok > 0 else float("nan")
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         step += 1
         batch_tokens = sum(b["input_ids"].numel() for b in micro) * world
         tokens_seen += batch_tokens
@@ -563,6 +560,7 @@ def train(
                 world_size=world,
                 n_params=n_params,
                 seq_len=cfg.data.seq_len,
+                model=shape,  # so `tokenmill plan --from-log` need not guess the shape
                 gpu=gpu,
             )
             bar.set_postfix(

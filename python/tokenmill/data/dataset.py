@@ -123,10 +123,10 @@ def write_token_file(
     prefix: PathLike, docs, vocab_size: Optional[int] = None, dtype: Optional[str] = None
 ) -> None:
     """Write ``docs`` (sequences of ids) to ``PREFIX.bin/.idx`` atomically. The dtype follows Megatron
-    (uint16 below 65,500 ids, else int32) unless given."""
+    (``_core.token_dtype``: uint16 below 65,500 ids, else int32) unless given."""
     docs = [np.asarray(d, dtype=np.int64).tolist() for d in docs]
     if dtype is None:
         if vocab_size is None:
             vocab_size = 1 + max((max(d) for d in docs if d), default=0)
-        dtype = "uint16" if vocab_size < 65_500 else "int32"
+        dtype = _core.token_dtype(vocab_size)
     _core.write_token_file(normalize_prefix(prefix), docs, dtype)

@@ -47,6 +47,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from tokenmill import _core
 from tokenmill.extras import require
+from tokenmill.tokenizer import EOS_TOKENS
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,8 +57,6 @@ _TEXT = (".txt", ".text", ".md")
 _JSONL = (".jsonl", ".ndjson", ".json")
 _PARQUET = (".parquet",)
 _COMPRESSED = (".gz", ".zst", ".zstd")
-# Special tokens that end a document, in the order we look for them.
-EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 
 
 def _format_of(path: str, in_directory: bool = False) -> Optional[str]:
@@ -166,12 +165,11 @@ def _eos_id(tokenizer: Any, append_eos: bool, eos_token: Union[str, int, None]) 
         if eos_token not in specials:
             raise ValueError(f"eos_token {eos_token!r} is not a special token of this tokenizer")
         return specials[eos_token]
-    for name in EOS_NAMES:
-        if name in specials:
-            return specials[name]
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
     raise ValueError(
         "append_eos=True but the tokenizer has none of the usual end-of-document special tokens "
-        f"({', '.join(EOS_NAMES)}); pass eos_token=... or append_eos=False"
+        f"({', '.join(EOS_TOKENS)}); pass eos_token=... or append_eos=False"
     )
 
 

@@ -12,7 +12,8 @@ Outputs (all written atomically, the manifest last):
   part of a response the model must learn (assistant content and its end-of-turn token), 0 elsewhere
   (template text, system and user turns). ``DataLoader`` finds it beside the tokens and sets
   ``labels`` to -100 wherever the *predicted* token has mask 0;
-* ``PREFIX.json``: template, tokenizer (fingerprint, n_vocab) as ``prepare`` records it, counts, checksums.
+* ``PREFIX.json``: template, tokenizer (fingerprint, n_vocab), counts and the four files (name, size,
+  xxh3-128), each recorded as ``prepare`` records it.
 
 Templates (``S`` = a special token of the tokenizer, encoded by id; ``[...]`` = learned):
 
@@ -29,7 +30,6 @@ plain text), so the mask boundary always falls between tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from tokenmill import _core
+from tokenmill._fsutil import write_atomic
 from tokenmill.data.dataset import MASK_SUFFIX, PathLike, normalize_prefix
 
 TEMPLATES = ("alpaca", "chatml", "llama3")
@@ -157,12 +158,10 @@ def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
                     raise ValueError(f"{where}: invalid JSON ({e})") from None
 
 
-def _checksum(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "blake2b-128:" + h.hexdigest()
+def _file_info(path: str) -> dict[str, Any]:
+    """The manifest entry of one written file, computed by the Rust code that ``prepare`` uses."""
+    name, size, xxh3_128 = _core.manifest_file_info(path)
+    return {"name": name, "size": size, "xxh3_128": xxh3_128}
 
 
 def _encode_records(rendered: list[list[Piece]], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -218,12 +217,12 @@ def prepare_sft(
             raise ValueError(f"every record is longer than max_length={max_length} tokens")
     prefix = normalize_prefix(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    dtype = "uint16" if tokenizer.n_vocab < 65_500 else "int32"
+    dtype = _core.token_dtype(tokenizer.n_vocab)
     _core.write_token_file(prefix, docs, dtype)
     _core.write_token_file(prefix + MASK_SUFFIX, masks, "uint8")
     manifest = {
         "format": "tokenmill.sft",
-        "version": 1,
+        "version": 2,
         "template": template,
         "inputs": [os.fspath(p) for p in paths],
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "n_vocab": tokenizer.n_vocab},
@@ -233,20 +232,13 @@ def prepare_sft(
         "learned_tokens": sum(map(sum, masks)),
         "dropped_too_long": dropped,
         "loss_mask": os.path.basename(prefix + MASK_SUFFIX),
-        "checksums": {
-            os.path.basename(f): _checksum(f)
-            for f in (
-                prefix + ".bin",
-                prefix + ".idx",
-                prefix + MASK_SUFFIX + ".bin",
-                prefix + MASK_SUFFIX + ".idx",
-            )
+        # Same entries as prepare's manifest ("files": name, size, xxh3_128), plus the mask's files.
+        "files": {
+            "bin": _file_info(prefix + ".bin"),
+            "idx": _file_info(prefix + ".idx"),
+            "mask_bin": _file_info(prefix + MASK_SUFFIX + ".bin"),
+            "mask_idx": _file_info(prefix + MASK_SUFFIX + ".idx"),
         },
     }
-    tmp = f"{prefix}.json.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, prefix + ".json")
+    write_atomic(prefix + ".json", json.dumps(manifest, indent=2))
     return manifest

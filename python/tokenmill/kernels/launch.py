@@ -283,8 +283,8 @@ def launch(
     fn = _functions.get((source_name, function, device))
     if fn is None:
         fn = kernel(source_name, function, device)
-    grid = grid if type(grid) is tuple else (int(grid),)
-    block = block if type(block) is tuple else (int(block),)
+    grid = grid if isinstance(grid, tuple) else (int(grid),)
+    block = block if isinstance(block, tuple) else (int(block),)
     stream = _stream(device)
     if ARGS_VIA_POINTERS:
         cargs = prepare_args(args)

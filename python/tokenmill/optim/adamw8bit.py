@@ -24,10 +24,14 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeGuard
 
 BLOCK = 256
 _TYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -236,7 +240,7 @@ def _fp32_step(p, g, state, lr, beta1, beta2, eps, weight_decay) -> None:
 # Sharded (DTensor) parameters: FSDP2's fully_shard, Shard(0) on a 1-D or hybrid (Replicate, Shard) mesh.
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     # torch.distributed.tensor takes ~0.5 s to import: without it loaded no DTensor can exist
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
@@ -252,7 +256,8 @@ def _absmax_layout(p: Any) -> tuple[torch.Size, tuple]:
     others. The largest shard is the first one (torch.chunk), whose block count sets the row length."""
     from torch.distributed.tensor import Replicate, Shard
 
-    shape, shards, placements = list(p.shape), 1, []
+    shape, shards = list(p.shape), 1
+    placements: list[Shard | Replicate] = []
     for size, pl in zip(p.device_mesh.shape, p.placements):
         if type(pl) is Shard:  # not _StridedShard (FSDP2 + tensor parallel): its chunks are not torch.chunk's
             shape[pl.dim] = -(-shape[pl.dim] // size)
@@ -294,7 +299,7 @@ def _check_layout(i: int, p: torch.Tensor, state: dict[str, Any]) -> None:
     """Refuse state whose tensors do not fit ``p`` as this optimizer lays them out: 8-bit state saved
     under another sharding (world size) has its blocks elsewhere and cannot be re-sharded exactly."""
     sharded = _is_dtensor(p)
-    placements = tuple(p.placements) if sharded else None
+    placements = tuple(p.placements) if _is_dtensor(p) else None
     if "state1" not in state:
         expected = dict.fromkeys(("exp_avg", "exp_avg_sq"), (tuple(p.shape), placements))
     elif sharded:
@@ -539,7 +544,8 @@ class AdamW8bit(torch.optim.Optimizer):
         return pl, g.to_local().contiguous(), views
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        # (one signature for torch's two overloads: with a closure the loss comes back, else None)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -32,6 +32,19 @@ pub enum Error {
     /// A token or text that the tokenizer refuses, e.g. a disallowed special token (Python: ValueError).
     #[error("{0}")]
     Token(String),
+
+    /// The caller asked the run to stop (Ctrl-C); nothing was left behind (Python: KeyboardInterrupt).
+    #[error("{0}")]
+    Interrupted(String),
+
+    /// An error raised by a caller-supplied source (a Python Parquet reader), passed back unchanged:
+    /// the binding returns the original exception, with its own type.
+    #[error("{path}: {source}")]
+    External {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

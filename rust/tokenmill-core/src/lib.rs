@@ -11,6 +11,6 @@ pub mod formats;
 pub mod fsutil;
 pub mod par;
 pub mod pretokenize;
-pub mod train;
+pub mod progress;
 
 pub use error::{Error, Result};

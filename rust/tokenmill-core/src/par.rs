@@ -5,11 +5,15 @@
 //! GC walking the new lists). Encoding everything first and converting afterwards caps two threads
 //! at ~1.65x one; [`ordered_map`] lets the calling thread convert finished results while the other
 //! threads keep encoding, and encode itself when nothing is ready to convert.
+//!
+//! [`Slots`] is the one collector of results computed out of order and taken in order:
+//! [`ordered_map`] and corpus preparation (`data::prepare`, one pool job per record) use it.
 
 use crate::{Error, Result};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// The thread count a `num_threads` argument means: None or 0 is rayon's global pool size
 /// (all cores, or RAYON_NUM_THREADS).
@@ -29,7 +33,75 @@ fn pool(n: usize) -> Result<rayon::ThreadPool> {
 
 const RUN: usize = 64;
 
-type Slot<T> = Option<std::thread::Result<Result<T>>>;
+/// Results of `n` items computed on any threads, stored in any order and taken in index order. A
+/// panic caught while computing an item is stored in its place and resumed where it is taken.
+pub struct Slots<R> {
+    inner: Mutex<(Vec<Option<std::thread::Result<R>>>, usize)>, // (results, items not yet stored)
+    stored: Condvar,
+}
+
+impl<R> Slots<R> {
+    pub fn new(n: usize) -> Self {
+        Slots {
+            inner: Mutex::new(((0..n).map(|_| None).collect(), n)),
+            stored: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (Vec<Option<std::thread::Result<R>>>, usize)> {
+        // A panic is caught before the lock is taken, so poisoning cannot hide a bad state.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Store item `i`'s result, or the panic caught while computing it.
+    pub fn set(&self, i: usize, r: std::thread::Result<R>) {
+        let mut g = self.lock();
+        g.0[i] = Some(r);
+        g.1 -= 1;
+        self.stored.notify_all();
+    }
+
+    /// The stored results from `from` on, up to the first item not stored yet.
+    fn take_ready(&self, from: usize) -> Vec<std::thread::Result<R>> {
+        self.lock().0[from..]
+            .iter_mut()
+            .map_while(Option::take)
+            .collect()
+    }
+
+    /// Block until item `i` is stored.
+    fn wait_for(&self, i: usize) {
+        let mut g = self.lock();
+        while g.0[i].is_none() {
+            g = self.stored.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Every result, in order, once all are stored; a stored panic is resumed here. `check` runs
+    /// every `poll` while waiting (Ctrl-C), and its error ends the wait.
+    pub fn wait_all(&self, poll: Duration, check: impl Fn() -> Result<()>) -> Result<Vec<R>> {
+        let mut g = self.lock();
+        while g.1 > 0 {
+            let (next, timeout) = self
+                .stored
+                .wait_timeout(g, poll)
+                .unwrap_or_else(|e| e.into_inner());
+            g = next;
+            if timeout.timed_out() {
+                drop(g);
+                check()?;
+                g = self.lock();
+            }
+        }
+        Ok(std::mem::take(&mut g.0)
+            .into_iter()
+            .map(|r| match r.expect("every item is stored") {
+                Ok(r) => r,
+                Err(panic) => resume_unwind(panic),
+            })
+            .collect())
+    }
+}
 
 /// Compute `work(i)` for every `i` in `0..n` on `threads` threads in all, the calling thread
 /// included, and pass the results in index order to `consume`, on the calling thread, in runs of
@@ -56,8 +128,7 @@ pub fn ordered_map<T: Send>(
         return Ok(());
     }
     let shared = Shared {
-        slots: Mutex::new((0..n).map(|_| None).collect()),
-        ready: Condvar::new(),
+        slots: Slots::new(n),
         next: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
     };
@@ -72,8 +143,7 @@ pub fn ordered_map<T: Send>(
 }
 
 struct Shared<T> {
-    slots: Mutex<Vec<Slot<T>>>,
-    ready: Condvar,
+    slots: Slots<Result<T>>,
     next: AtomicUsize,
     stop: AtomicBool,
 }
@@ -109,8 +179,7 @@ impl<T: Send> Shared<T> {
         if !matches!(r, Ok(Ok(_))) {
             self.stop.store(true, Ordering::Relaxed);
         }
-        self.lock()[i] = Some(r);
-        self.ready.notify_one();
+        self.slots.set(i, r);
         true
     }
 
@@ -124,10 +193,7 @@ impl<T: Send> Shared<T> {
     ) -> Result<()> {
         let mut done = 0;
         while done < n {
-            let run: Vec<_> = {
-                let mut slots = self.lock();
-                slots[done..].iter_mut().map_while(Option::take).collect()
-            };
+            let run = self.slots.take_ready(done);
             if !run.is_empty() {
                 done += run.len();
                 let mut batch = Vec::with_capacity(run.len());
@@ -142,18 +208,10 @@ impl<T: Send> Shared<T> {
                 }
                 consume(batch)?;
             } else if !self.claim_and_run(n, work) {
-                let mut slots = self.lock();
-                while slots[done].is_none() {
-                    slots = self.ready.wait(slots).unwrap_or_else(|e| e.into_inner());
-                }
+                self.slots.wait_for(done);
             }
         }
         Ok(())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot<T>>> {
-        // A panic is caught before the lock is taken, so poisoning cannot hide a bad state.
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -1,12 +1,12 @@
 //! tokenmill._core: thin PyO3 wrappers over tokenmill-core. Conversion only; every long call releases
 //! the GIL through `utils::detach`, and every error goes through `error::to_py`.
 
+mod bpe_train;
 mod error;
 mod eval;
 mod loader;
 mod prepare;
 mod tokenizer;
-mod train;
 mod utils;
 
 use pyo3::prelude::*;
@@ -17,7 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     eval::register(m)?;
     loader::register(m)?;
     tokenizer::register(m)?;
-    train::register(m)?;
+    bpe_train::register(m)?;
     prepare::register(m)?;
     Ok(())
 }

@@ -39,6 +39,13 @@ pub fn write_token_file(
     detach(py, move || loader::write_documents(&prefix, dt, &docs))
 }
 
+/// The dtype of token ids for a vocabulary of `vocab_size` ids (Megatron's rule, the one in
+/// `DType::for_vocab`).
+#[pyfunction]
+pub fn token_dtype(vocab_size: usize) -> &'static str {
+    DType::for_vocab(vocab_size).name()
+}
+
 /// Validate an MMIDIDX dataset and return (dtype name, lengths, token offsets).
 #[pyfunction]
 #[allow(clippy::type_complexity)]
@@ -323,6 +330,7 @@ impl PyPrefetcher {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_token_file, m)?)?;
     m.add_function(wrap_pyfunction!(open_token_file, m)?)?;
+    m.add_function(wrap_pyfunction!(token_dtype, m)?)?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyPrefetcher>()?;
     m.add_class::<BatchBuffer>()?;

@@ -3,11 +3,10 @@
 
 use crate::tokenizer::PyTokenizer;
 use crate::utils::detach;
-use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokenmill_core::data::inputs::{ExternalSource, Input, InputFormat};
 use tokenmill_core::data::manifest;
 use tokenmill_core::data::mmidx::IndexedDataset;
@@ -22,13 +21,12 @@ struct PyExternal {
 }
 
 impl PyExternal {
-    fn err(&self, py: Python<'_>, e: PyErr) -> Error {
-        let msg = e.value(py).to_string();
-        Error::format(
-            &self.path,
-            msg.trim_start_matches(&format!("{}: ", self.path.display()))
-                .to_string(),
-        )
+    /// The exception goes back to Python as raised (see `error::to_py`).
+    fn err(&self, e: PyErr) -> Error {
+        Error::External {
+            path: self.path.clone(),
+            source: Box::new(e),
+        }
     }
 }
 
@@ -39,7 +37,7 @@ impl ExternalSource for PyExternal {
             self.obj
                 .call_method1(py, "open", (path.to_string_lossy().into_owned(),))
                 .map(|_| ())
-                .map_err(|e| self.err(py, e))
+                .map_err(|e| self.err(e))
         })
     }
 
@@ -48,14 +46,14 @@ impl ExternalSource for PyExternal {
             let batch = self
                 .obj
                 .call_method0(py, "next_batch")
-                .map_err(|e| self.err(py, e))?;
+                .map_err(|e| self.err(e))?;
             let batch = batch.bind(py);
             if batch.is_none() {
                 return Ok(None);
             }
             let mut out = Vec::with_capacity(batch.len().unwrap_or(0));
-            for item in batch.try_iter().map_err(|e| self.err(py, e))? {
-                let item = item.map_err(|e| self.err(py, e))?;
+            for item in batch.try_iter().map_err(|e| self.err(e))? {
+                let item = item.map_err(|e| self.err(e))?;
                 out.push(if item.is_none() {
                     None
                 } else if let Ok(s) = item.cast::<PyString>() {
@@ -84,15 +82,10 @@ impl ExternalSource for PyExternal {
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Runs Python's signal handlers (on the main thread); a pending KeyboardInterrupt stops the run.
+/// Runs Python's signal handlers (on the main thread); a pending KeyboardInterrupt stops the run
+/// with `Error::Interrupted`.
 fn interrupted() -> bool {
-    let hit = Python::attach(|py| py.check_signals().is_err());
-    if hit {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-    }
-    hit
+    Python::attach(|py| py.check_signals().is_err())
 }
 
 /// Tokenize inputs `[(path, "text"|"jsonl"|"external", delimiter)]` into `prefix`; returns the
@@ -157,17 +150,10 @@ pub fn prepare_corpus(
         obj,
         path: PathBuf::new(),
     });
-    INTERRUPTED.store(false, Ordering::SeqCst);
-    let r = detach(py, move || {
+    detach(py, move || {
         let ext = ext.as_mut().map(|e| e as &mut dyn ExternalSource);
         prepare::prepare(&inputs, &prefix, &*tok, ext, &opts).map(|m| m.to_json())
-    });
-    if r.is_err() && INTERRUPTED.swap(false, Ordering::SeqCst) {
-        return Err(PyKeyboardInterrupt::new_err(
-            "prepare interrupted; no output was left behind",
-        ));
-    }
-    r
+    })
 }
 
 /// Statistics of a prepared (or any MMIDIDX) dataset, as JSON.
@@ -186,6 +172,13 @@ pub fn prepared_verify(py: Python<'_>, prefix: PathBuf) -> PyResult<Vec<String>>
     detach(py, move || manifest::verify(&prefix))
 }
 
+/// A file's entry in a manifest: (name, size, xxh3-128), as prepare records it.
+#[pyfunction]
+pub fn manifest_file_info(py: Python<'_>, path: PathBuf) -> PyResult<(String, u64, String)> {
+    let info = detach(py, move || manifest::file_info(&path))?;
+    Ok((info.name, info.size, info.xxh3_128))
+}
+
 /// Merge prepared shards into one dataset; returns the merged manifest as JSON.
 #[pyfunction]
 pub fn prepared_merge(py: Python<'_>, shards: Vec<PathBuf>, prefix: PathBuf) -> PyResult<String> {
@@ -199,5 +192,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prepared_stats, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_verify, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(manifest_file_info, m)?)?;
     Ok(())
 }

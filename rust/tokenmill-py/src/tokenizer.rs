@@ -139,13 +139,7 @@ impl PyTokenizer {
         specials: Vec<(String, u32)>,
     ) -> PyResult<Self> {
         detach(py, move || {
-            let tokens = formats::tiktoken::read(&path)?;
-            Tokenizer::from_ranks(tokens, &pattern, specials).map_err(|e| match e {
-                tokenmill_core::Error::InvalidArgument(m) => {
-                    tokenmill_core::Error::format(&path, m)
-                }
-                other => other,
-            })
+            formats::tiktoken::load(&path, &pattern, specials)
         })
         .map(Self::wrap)
     }

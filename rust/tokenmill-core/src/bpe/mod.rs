@@ -18,6 +18,7 @@
 
 pub mod merge;
 pub mod spm;
+pub mod train;
 
 use crate::pretokenize::Pretokenizer;
 use crate::{Error, Result};

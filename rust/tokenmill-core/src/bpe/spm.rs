@@ -11,7 +11,7 @@
 //! list converted from a `.model` the two can only differ where two different splits of one piece
 //! are candidates at once and overlap, e.g. `[ab][a][ba]` for the piece `aba`: sentencepiece merges
 //! the leftmost, `tokenizers` the split listed first (transformers lists (a, ba) first). No text
-//! reaching such a state was found (see `formats::huggingface::sentencepiece_as_hf`); a file is
+//! reaching such a state was found (see `formats::huggingface::sentencepiece::as_hf`); a file is
 //! followed as `tokenizers` reads it.
 
 use rustc_hash::FxHashMap;

@@ -2,6 +2,7 @@
 //! packing, sampling and the loader core.
 
 pub mod inputs;
+pub mod jsonl;
 pub mod loader;
 pub mod manifest;
 pub mod mmidx;

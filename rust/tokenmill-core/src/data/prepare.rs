@@ -12,28 +12,27 @@
 //!   (0.66-0.87x our 2-thread `encode_batch` once that stopped serialising its list building).
 //!   With a trivial byte-level encoder the pipeline alone (read, split, JSON, write, checksum)
 //!   does 60-80 MB/s, so it is not the bottleneck of a BPE at ~10 MB/s.
-//! - JSON lines are parsed on the workers, not the reader: the text under the key is extracted by a
-//!   serde visitor that borrows unescaped strings and skips other values without building them.
+//! - JSON lines are parsed on the workers, not the reader (see `jsonl.rs`).
 //! - Chunk size 256 KiB .. 4 MiB made no measurable difference; 4 MiB bounds memory to a few chunks.
 
 use crate::data::inputs::{
     shard_range, Chunk, ChunkReader, ExternalSource, Input, Record, RecordKind,
 };
+use crate::data::jsonl::{self, KeyError};
 use crate::data::manifest::{
     self, clear_outputs, file_info, Files, InputInfo, Manifest, ShardInfo, Skipped, TokenizerInfo,
 };
 use crate::data::mmidx::{bin_path, idx_path, DType, IndexWriter};
+use crate::par::Slots;
+use crate::progress::Progress;
 use crate::{Error, Result};
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::fmt;
-use std::io::Write;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 use xxhash_rust::xxh3::Xxh3;
 
 /// What preparation needs from a tokenizer.
@@ -114,132 +113,6 @@ struct Skip {
     message: String,
 }
 
-/// The value under the wanted key: a string, or the kind of JSON value found instead.
-enum Field<'a> {
-    Str(Cow<'a, str>),
-    Other(&'static str),
-}
-
-struct FieldVisitor;
-
-impl<'de> Visitor<'de> for FieldVisitor {
-    type Value = Field<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Str(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Str(Cow::Owned(v)))
-    }
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Other("a boolean"))
-    }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Other("a number"))
-    }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Other("a number"))
-    }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Other("a number"))
-    }
-    fn visit_unit<E>(self) -> std::result::Result<Field<'de>, E> {
-        Ok(Field::Other("null"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Field<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Field::Other("an array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Field<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Field::Other("an object"))
-    }
-}
-
-impl<'de> de::Deserialize<'de> for Field<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        d.deserialize_any(FieldVisitor)
-    }
-}
-
-/// Compares an object key with the wanted one without allocating when it is unescaped.
-struct KeyIs<'k>(&'k str);
-
-impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyIs<'_> {
-    type Value = bool;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a key")
-    }
-    fn visit_str<E>(self, v: &str) -> std::result::Result<bool, E> {
-        Ok(v == self.0)
-    }
-}
-
-/// The top-level object: returns the last value under the key (as Python's `json.loads` keeps).
-struct ObjectWith<'k>(&'k str);
-
-impl<'de> DeserializeSeed<'de> for ObjectWith<'_> {
-    type Value = Option<Field<'de>>;
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        d: D,
-    ) -> std::result::Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ObjectWith<'_> {
-    type Value = Option<Field<'de>>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(is_key) = map.next_key_seed(KeyIs(self.0))? {
-            if is_key {
-                found = Some(map.next_value::<Field<'de>>()?);
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(found)
-    }
-}
-
-fn json_text<'a>(
-    line: &'a str,
-    key: &str,
-) -> std::result::Result<Cow<'a, str>, (SkipKind, String)> {
-    let mut de = serde_json::Deserializer::from_str(line);
-    let found = ObjectWith(key)
-        .deserialize(&mut de)
-        .and_then(|v| de.end().map(|_| v))
-        .map_err(|e| (SkipKind::MalformedJson, format!("malformed JSON: {e}")))?;
-    match found {
-        Some(Field::Str(s)) => Ok(s),
-        Some(Field::Other(what)) => Err((
-            SkipKind::MissingKey,
-            format!("key {key:?} holds {what}, not a string"),
-        )),
-        None => Err((SkipKind::MissingKey, format!("missing key {key:?}"))),
-    }
-}
-
 fn utf8_error(bytes: &[u8], e: std::str::Utf8Error, line: u64) -> Skip {
     let at = e.valid_up_to();
     let before = &bytes[..at];
@@ -267,62 +140,6 @@ const IN_FLIGHT: usize = 2;
 /// How often a wait checks for Ctrl-C.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The outcomes of one chunk's records, filled by the pool's jobs in any order.
-struct ChunkResults {
-    slots: Mutex<(Vec<Option<std::thread::Result<Outcome>>>, usize)>, // (outcomes, records left)
-    done: Condvar,
-}
-
-impl ChunkResults {
-    fn new(n: usize) -> Self {
-        ChunkResults {
-            slots: Mutex::new(((0..n).map(|_| None).collect(), n)),
-            done: Condvar::new(),
-        }
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (Vec<Option<std::thread::Result<Outcome>>>, usize)> {
-        // Panics are caught before the lock is taken, so poisoning cannot hide a bad state.
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set(&self, i: usize, outcome: std::thread::Result<Outcome>) {
-        let mut g = self.lock();
-        g.0[i] = Some(outcome);
-        g.1 -= 1;
-        if g.1 == 0 {
-            self.done.notify_all();
-        }
-    }
-
-    /// Every record's outcome, in order, once all are in; a panic in a job is resumed here.
-    /// `check` runs every POLL while waiting (Ctrl-C).
-    fn wait(&self, check: &impl Fn() -> Result<()>) -> Result<Vec<Outcome>> {
-        let mut g = self.lock();
-        while g.1 > 0 {
-            let (next, timeout) = self
-                .done
-                .wait_timeout(g, POLL)
-                .unwrap_or_else(|e| e.into_inner());
-            g = next;
-            if timeout.timed_out() {
-                drop(g);
-                check()?;
-                g = self.lock();
-            }
-        }
-        Ok(std::mem::take(&mut g.0)
-            .into_iter()
-            .map(|o| match o.expect("every record has an outcome") {
-                Ok(outcome) => outcome,
-                Err(panic) => resume_unwind(panic),
-            })
-            .collect())
-    }
-}
-
 fn process(
     chunk: &Chunk,
     r: &Record,
@@ -345,7 +162,10 @@ fn process(
         }
         RecordKind::Json => {
             let line = std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, e, r.line))?;
-            json_text(line, key).map_err(|(k, m)| skip(k, m))?
+            jsonl::text_under_key(line, key).map_err(|e| match e {
+                KeyError::Malformed(m) => skip(SkipKind::MalformedJson, m),
+                KeyError::Missing(m) => skip(SkipKind::MissingKey, m),
+            })?
         }
     };
     if text.is_empty() {
@@ -356,12 +176,9 @@ fn process(
     Ok(ids)
 }
 
-/// Progress on stderr: bytes read (on disk), MB/s, tokens/s, documents.
-struct Progress {
-    enabled: bool,
-    start: Instant,
-    last: Instant,
-    total_disk: u64,
+/// What the progress line shows besides the bytes read (on disk).
+#[derive(Default)]
+struct Counts {
     disk: u64,
     text: u64,
     tokens: u64,
@@ -370,38 +187,10 @@ struct Progress {
     files: usize,
 }
 
-impl Progress {
-    fn new(enabled: bool, total_disk: u64, files: usize) -> Self {
-        let now = Instant::now();
-        Progress {
-            enabled,
-            start: now,
-            last: now,
-            total_disk,
-            disk: 0,
-            text: 0,
-            tokens: 0,
-            docs: 0,
-            files_done: 0,
-            files,
-        }
-    }
-
-    fn draw(&mut self, done: bool) {
-        if !self.enabled || (!done && self.last.elapsed().as_millis() < 250) {
-            return;
-        }
-        self.last = Instant::now();
-        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
-        let pct = if self.total_disk == 0 {
-            100.0
-        } else {
-            100.0 * self.disk as f64 / self.total_disk as f64
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\rprepare {pct:5.1}% | files {}/{} | {:.1} MB | {:.1} MB/s | {:.2}M tok/s | {} docs, {} tokens ",
+impl Counts {
+    fn detail(&self, secs: f64) -> String {
+        format!(
+            " | files {}/{} | {:.1} MB | {:.1} MB/s | {:.2}M tok/s | {} docs, {} tokens",
             self.files_done,
             self.files,
             self.text as f64 / 1e6,
@@ -409,11 +198,7 @@ impl Progress {
             self.tokens as f64 / 1e6 / secs,
             self.docs,
             self.tokens,
-        );
-        if done {
-            let _ = writeln!(err);
-        }
-        let _ = err.flush();
+        )
     }
 }
 
@@ -424,6 +209,7 @@ struct Sink<'a> {
     skipped: Skipped,
     errors: Vec<String>,
     on_error: OnError,
+    counts: Counts,
     progress: Progress,
 }
 
@@ -436,8 +222,8 @@ impl Sink<'_> {
                     self.index.add_document(&ids)?;
                     info.documents += 1;
                     info.tokens += ids.len() as u64;
-                    self.progress.docs += 1;
-                    self.progress.tokens += ids.len() as u64;
+                    self.counts.docs += 1;
+                    self.counts.tokens += ids.len() as u64;
                 }
                 Err(s) => {
                     let path = &self.inputs[r.input].path;
@@ -462,10 +248,11 @@ impl Sink<'_> {
                 }
             }
         }
-        self.progress.disk += chunk.disk_bytes;
-        self.progress.text += chunk.data.len() as u64;
-        self.progress.files_done += chunk.inputs_done;
-        self.progress.draw(false);
+        let c = &mut self.counts;
+        c.disk += chunk.disk_bytes;
+        c.text += chunk.data.len() as u64;
+        c.files_done += chunk.inputs_done;
+        self.progress.update_with(c.disk, |secs| c.detail(secs));
         Ok(())
     }
 }
@@ -544,14 +331,25 @@ pub fn prepare<'a>(
         skipped: Skipped::default(),
         errors: vec![],
         on_error: opts.on_error,
-        progress: Progress::new(opts.progress, sizes[range].iter().sum(), mine.len()),
+        counts: Counts {
+            files: mine.len(),
+            ..Counts::default()
+        },
+        progress: Progress::new(
+            "prepare",
+            "B",
+            Some(sizes[range].iter().sum()),
+            opts.progress,
+        ),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.num_workers.unwrap_or(0))
         .build()
         .map_err(|e| Error::invalid(format!("cannot start worker threads: {e}")))?;
     let check = || match opts.interrupted {
-        Some(f) if f() => Err(Error::invalid("interrupted")),
+        Some(f) if f() => Err(Error::Interrupted(
+            "prepare interrupted; no output was left behind".into(),
+        )),
         _ => Ok(()),
     };
     let key = opts.text_key.as_str();
@@ -581,7 +379,7 @@ pub fn prepare<'a>(
         // one before, and the join cost ~10% of prepare on the stdlib corpus. This thread writes
         // each chunk, in order, as soon as all its records are done.
         pool.in_place_scope(|s| -> Result<()> {
-            let mut queued: VecDeque<(Arc<Chunk>, Arc<ChunkResults>)> = VecDeque::new();
+            let mut queued: VecDeque<(Arc<Chunk>, Arc<Slots<Outcome>>)> = VecDeque::new();
             loop {
                 // Waits poll for Ctrl-C, so a slow input (a pipe) or a huge record cannot delay it.
                 let msg = match rx.recv_timeout(POLL) {
@@ -594,7 +392,7 @@ pub fn prepare<'a>(
                 };
                 check()?;
                 let chunk = Arc::new(msg?);
-                let results = Arc::new(ChunkResults::new(chunk.records.len()));
+                let results = Arc::new(Slots::new(chunk.records.len()));
                 for i in 0..chunk.records.len() {
                     let (chunk, results) = (chunk.clone(), results.clone());
                     s.spawn(move |_| {
@@ -610,11 +408,11 @@ pub fn prepare<'a>(
                 queued.push_back((chunk, results));
                 if queued.len() > IN_FLIGHT {
                     let (chunk, results) = queued.pop_front().expect("queued");
-                    sink.write(&chunk, results.wait(&check)?)?;
+                    sink.write(&chunk, results.wait_all(POLL, check)?)?;
                 }
             }
             while let Some((chunk, results)) = queued.pop_front() {
-                sink.write(&chunk, results.wait(&check)?)?;
+                sink.write(&chunk, results.wait_all(POLL, check)?)?;
             }
             Ok(())
         })
@@ -627,13 +425,14 @@ pub fn prepare<'a>(
         per_input,
         skipped,
         errors,
+        counts,
         mut progress,
         ..
     } = sink;
     let documents = index.num_documents() as u64;
     let tokens = index.num_tokens();
     index.finish()?;
-    progress.draw(true);
+    progress.finish_with(counts.disk, |secs| counts.detail(secs));
     let m = Manifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
@@ -947,31 +746,6 @@ mod tests {
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("checksum"));
         std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    proptest::proptest! {
-        /// The visitor agrees with a full parse (serde_json::Value) on which string the key holds.
-        #[test]
-        fn json_key_like_a_full_parse(
-            entries in proptest::collection::vec(("[a-z]{0,3}", proptest::option::of(".{0,12}")), 0..6),
-            pretty in proptest::bool::ANY,
-        ) {
-            let mut obj = serde_json::Map::new();
-            for (k, v) in &entries {
-                obj.insert(k.clone(), v.clone().map_or(serde_json::Value::from(1.5), serde_json::Value::from));
-            }
-            let v = serde_json::Value::Object(obj);
-            let line = if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
-            for key in ["a", "", "ab"] {
-                let want = v.get(key);
-                match (json_text(&line, key), want) {
-                    (Ok(got), Some(serde_json::Value::String(w))) => proptest::prop_assert_eq!(got.as_ref(), w.as_str()),
-                    (Err((SkipKind::MissingKey, _)), None) => {}
-                    (Err((SkipKind::MissingKey, m)), Some(w)) => proptest::prop_assert!(!w.is_string(), "{}", m),
-                    (got, want) => proptest::prop_assert!(false, "{:?} vs {:?}", got.map(|c| c.into_owned()), want),
-                }
-            }
-        }
     }
 
     #[test]

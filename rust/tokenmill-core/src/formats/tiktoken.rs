@@ -5,6 +5,20 @@ use crate::bpe::Tokenizer;
 use crate::{fsutil, Error, Result};
 use std::path::Path;
 
+/// A tokenizer from a `.tiktoken` file, a split pattern and special tokens; what the file's ranks
+/// get wrong (gaps, duplicates, specials on their ids) is an error naming the file.
+pub fn load(
+    path: impl AsRef<Path>,
+    pattern: &str,
+    specials: Vec<(String, u32)>,
+) -> Result<Tokenizer> {
+    let path = path.as_ref();
+    Tokenizer::from_ranks(read(path)?, pattern, specials).map_err(|e| match e {
+        Error::InvalidArgument(m) => Error::format(path, m),
+        other => other,
+    })
+}
+
 /// The mergeable tokens in rank order.
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<Vec<u8>>> {
     let path = path.as_ref();

@@ -1,6 +1,6 @@
 """Training a 32k byte-level BPE vocabulary: tokenmill vs rustbpe vs tokenizers' BpeTrainer.
 
-    python benches/bench_train.py [--vocab 32768] [--repeat 3] [--pattern llama3]
+    python benches/bench_bpe_train.py [--vocab 32768] [--repeat 3] [--pattern llama3]
 
 Corpus: every Python stdlib source file of this interpreter (tokenmill.corpus.stdlib_sources, about
 11 MB on CPython 3.11), given to each trainer as the same list of str (one text per file), with the
@@ -12,7 +12,7 @@ seconds (user + system, all threads) are printed too: on a shared, loaded machin
 than wall times.
 
 Asserted: tokenmill's tokens equal rustbpe's, in order. BpeTrainer breaks count ties with other ids
-(see tests/test_train.py), so its merges are compared as a set (printed as the overlap).
+(see tests/test_bpe_train.py), so its merges are compared as a set (printed as the overlap).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
             results[name].append(run(name, args))
     first = results["tokenmill"][0]
     print(
-        f"# bench_train: {args.vocab} vocab, pattern {args.pattern}, stdlib sources {first['mb']:.1f} MB "
+        f"# bench_bpe_train: {args.vocab} vocab, pattern {args.pattern}, stdlib sources {first['mb']:.1f} MB "
         f"in {first['docs']} texts; best of {args.repeat}; {machine()}; {today()}"
     )
     ours = first["merged"]

@@ -1,9 +1,4 @@
-//! Hugging Face `tokenizer.json`, two kinds of BPE model.
-//!
-//! Byte-level BPE: pre-tokenizer ByteLevel (GPT-2 regex) or Sequence[Split(regex, Isolated),
-//! ByteLevel(use_regex=false)] (LLaMA-3), no normalizer.
-//!
-//! SentencePiece-style BPE (`byte_fallback: true`: LLaMA-1/2, Mistral-7B, TinyLlama and their
+//! SentencePiece-style BPE `tokenizer.json` (`byte_fallback: true`: LLaMA-1/2, Mistral-7B, TinyLlama and their
 //! fine-tunes): `▁` for spaces, `<0xNN>` byte tokens, optional unk token (fuse_unk), and either the
 //! legacy converter's normalizer Sequence[Prepend("▁"), Replace(" ", "▁")] (or just the Replace)
 //! with no pre-tokenizer, or no normalizer and pre-tokenizer Metaspace("▁", prepend_scheme
@@ -15,211 +10,14 @@
 //! nor before the text after a special token); decoding drops special tokens (including `<unk>`).
 //! Anything else (other normalizers, split=true, dropout, ...) is an error naming the part.
 //!
-//! In both, added tokens become special tokens (HF matches every added token in the text, which is
-//! `encode(text, allowed_special="all")` here). The post-processor is not applied (BOS is the
-//! caller's: `bos_token_id`). `save` writes these forms back; a SentencePiece `.model` is written
-//! as the legacy form (see [`sentencepiece_as_hf`]).
+//! A SentencePiece `.model` is written back as the legacy LLaMA form ([`as_hf`]).
 
-use super::read_text;
+use super::{added_token, added_tokens, get_bool, parse_merges, type_of};
 use crate::bpe::spm::{parse_byte_piece, HfRules, PieceType, Prepend, SpModel, SpPiece, SPACE};
-use crate::bpe::{BpeOptions, Tokenizer};
-
-use crate::{fsutil, Error, Result};
+use crate::bpe::Tokenizer;
+use crate::{Error, Result};
 use rustc_hash::FxHashMap;
 use serde_json::{json, Map, Value};
-use std::path::Path;
-
-/// The regex of HF's ByteLevel pre-tokenizer with `use_regex: true`.
-pub const BYTELEVEL_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-
-/// GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to U+0100...
-pub fn byte_to_char() -> [char; 256] {
-    let mut map = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
-            || (0xA1..=0xAC).contains(&b)
-            || (0xAE..=0xFF).contains(&b);
-        map[b as usize] = if printable {
-            char::from_u32(b).unwrap_or('\0')
-        } else {
-            n += 1;
-            char::from_u32(255 + n).unwrap_or('\0')
-        };
-    }
-    map
-}
-
-fn encode_bytes(map: &[char; 256], b: &[u8]) -> String {
-    b.iter().map(|&x| map[x as usize]).collect()
-}
-
-pub fn load(path: impl AsRef<Path>) -> Result<Tokenizer> {
-    let path = path.as_ref();
-    let v: Value = serde_json::from_str(&read_text(path)?)
-        .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
-    from_json(&v).map_err(|m| Error::format(path, m))
-}
-
-fn get_bool(o: &Value, key: &str, default: bool) -> std::result::Result<bool, String> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(x) => Err(format!("{key} must be a boolean, got {x:.40}")),
-    }
-}
-
-fn added_tokens(v: &Value) -> impl Iterator<Item = (usize, &Value)> {
-    v.get("added_tokens")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-}
-
-/// (content, id) of the `i`-th added token; the matching options we do not implement are refused.
-fn added_token(a: &Value, i: usize) -> std::result::Result<(&str, u32), String> {
-    let content = a
-        .get("content")
-        .and_then(Value::as_str)
-        .ok_or(format!("added token {i} has no content"))?;
-    let id = a
-        .get("id")
-        .and_then(Value::as_u64)
-        .and_then(|x| u32::try_from(x).ok())
-        .ok_or(format!("added token {content:?} has no valid id"))?;
-    for key in ["lstrip", "rstrip", "single_word"] {
-        if get_bool(a, key, false)? {
-            return Err(format!(
-                "added token {content:?}: {key}=true is not supported"
-            ));
-        }
-    }
-    Ok((content, id))
-}
-
-fn type_of(o: &Value) -> &str {
-    o.get("type").and_then(Value::as_str).unwrap_or("")
-}
-
-/// (pattern, add_prefix_space) from the pre_tokenizer.
-fn pre_tokenizer(p: &Value) -> std::result::Result<(String, bool), String> {
-    let bytelevel = |b: &Value, want_regex: bool| -> std::result::Result<bool, String> {
-        if get_bool(b, "use_regex", true)? != want_regex {
-            return Err(format!(
-                "ByteLevel pre-tokenizer with use_regex={} here is not supported",
-                !want_regex
-            ));
-        }
-        get_bool(b, "add_prefix_space", true)
-    };
-    match type_of(p) {
-        "ByteLevel" => Ok((BYTELEVEL_REGEX.to_string(), bytelevel(p, true)?)),
-        "Sequence" => {
-            let items = p
-                .get("pretokenizers")
-                .and_then(Value::as_array)
-                .ok_or("Sequence pre-tokenizer without a pretokenizers list")?;
-            match items.as_slice() {
-                [b] if type_of(b) == "ByteLevel" => Ok((BYTELEVEL_REGEX.to_string(), bytelevel(b, true)?)),
-                [s, b] if type_of(s) == "Split" && type_of(b) == "ByteLevel" => {
-                    let pat = s
-                        .get("pattern")
-                        .and_then(|p| p.get("Regex"))
-                        .and_then(Value::as_str)
-                        .ok_or("Split pre-tokenizer without a Regex pattern (String patterns are not supported)")?;
-                    if s.get("behavior").and_then(Value::as_str) != Some("Isolated") || get_bool(s, "invert", false)? {
-                        return Err("only Split with behavior Isolated and invert false is supported".into());
-                    }
-                    if bytelevel(b, false)? {
-                        return Err("Split followed by ByteLevel with add_prefix_space=true is not supported".into());
-                    }
-                    Ok((pat.to_string(), false))
-                }
-                _ => Err("unsupported pre-tokenizer Sequence; expected [Split(Regex), ByteLevel] or [ByteLevel]".into()),
-            }
-        }
-        t => Err(format!(
-            "unsupported pre-tokenizer {t:?}; byte-level BPE needs ByteLevel"
-        )),
-    }
-}
-
-pub fn from_json(v: &Value) -> std::result::Result<Tokenizer, String> {
-    let model = v.get("model").ok_or("no \"model\" object")?;
-    if !matches!(
-        model.get("type").and_then(Value::as_str),
-        Some("BPE") | None
-    ) {
-        return Err(format!(
-            "model type {:?} is not supported; only BPE is",
-            type_of(model)
-        ));
-    }
-    if get_bool(model, "byte_fallback", false)? {
-        return sentencepiece_from_json(v, model);
-    }
-    for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
-        if !matches!(model.get(key), None | Some(Value::Null)) {
-            return Err(format!("BPE option {key} is not supported"));
-        }
-    }
-    if !matches!(v.get("normalizer"), None | Some(Value::Null)) {
-        return Err(format!(
-            "normalizer {:?} is not supported",
-            type_of(&v["normalizer"])
-        ));
-    }
-    let (pattern, add_prefix_space) =
-        pre_tokenizer(v.get("pre_tokenizer").ok_or("no pre_tokenizer")?)?;
-    let ignore_merges = get_bool(model, "ignore_merges", false)?;
-
-    let mut specials: Vec<(String, u32)> = Vec::new();
-    for (i, a) in added_tokens(v) {
-        let (content, id) = added_token(a, i)?;
-        specials.push((content.to_string(), id));
-    }
-    let special_ids: FxHashMap<u32, ()> = specials.iter().map(|(_, id)| (*id, ())).collect();
-
-    let inverse: FxHashMap<char, u8> = byte_to_char()
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect();
-    let vocab = model
-        .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or("model has no vocab object")?;
-    let mut tokens = Vec::with_capacity(vocab.len());
-    let mut by_text: FxHashMap<&str, u32> = FxHashMap::default();
-    for (text, id) in vocab {
-        let id = id
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .filter(|&x| x < u32::MAX)
-            .ok_or(format!("vocab entry {text:?} has no valid id"))?;
-        by_text.insert(text, id);
-        if special_ids.contains_key(&id) {
-            continue; // the added token is the special; HF keeps a copy in the vocab
-        }
-        let bytes = text
-            .chars()
-            .map(|c| inverse.get(&c).copied())
-            .collect::<Option<Vec<u8>>>()
-            .ok_or(format!(
-                "vocab entry {text:?} is not byte-level encoded (not a ByteLevel BPE model)"
-            ))?;
-        tokens.push((id, bytes));
-    }
-    let merges = parse_merges(model, |t| by_text.get(t).copied())?;
-    let options = BpeOptions {
-        merges: Some(merges),
-        ignore_merges,
-        add_prefix_space,
-    };
-    Tokenizer::from_vocab(tokens, &pattern, specials, options).map_err(|e| e.to_string())
-}
 
 fn replace_spec(o: &Value) -> Option<(&str, &str)> {
     let pat = o.get("pattern")?.get("String")?.as_str()?;
@@ -376,7 +174,7 @@ fn spm_decoder(d: Option<&Value>) -> std::result::Result<(bool, bool), String> {
 
 /// A SentencePiece-style BPE model (byte_fallback, `▁` for spaces) as transformers' LLaMA converters
 /// write it; encoded with `tokenizers`' rules ([`HfRules`]).
-fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Tokenizer, String> {
+pub(super) fn from_json(v: &Value, model: &Value) -> std::result::Result<Tokenizer, String> {
     if !is_null(model.get("dropout")) {
         return Err("BPE option dropout is not supported".into());
     }
@@ -499,62 +297,8 @@ fn sentencepiece_from_json(v: &Value, model: &Value) -> std::result::Result<Toke
     Tokenizer::from_sentencepiece(m).map_err(|e| e.to_string())
 }
 
-fn parse_merges(
-    model: &Value,
-    id: impl Fn(&str) -> Option<u32>,
-) -> std::result::Result<Vec<(u32, u32)>, String> {
-    let mut merges = Vec::new();
-    for (i, m) in model
-        .get("merges")
-        .and_then(Value::as_array)
-        .ok_or("model has no merges list")?
-        .iter()
-        .enumerate()
-    {
-        let (a, b) = match m {
-            Value::String(s) => s
-                .split_once(' ')
-                .ok_or(format!("merge {i} {s:?} is not `left right`"))?,
-            Value::Array(p) if p.len() == 2 => (
-                p[0].as_str()
-                    .ok_or(format!("merge {i} is not two strings"))?,
-                p[1].as_str()
-                    .ok_or(format!("merge {i} is not two strings"))?,
-            ),
-            _ => return Err(format!("merge {i} is neither \"a b\" nor [a, b]")),
-        };
-        let id = |t: &str| id(t).ok_or(format!("merge {i} uses {t:?}, which is not in the vocab"));
-        merges.push((id(a)?, id(b)?));
-    }
-    Ok(merges)
-}
-
-/// Rust regex `$` (end of text) is Oniguruma's `\z`; Oniguruma's `$` is end of line.
-fn onig_pattern(p: &str) -> String {
-    let (mut out, mut class, mut esc) = (String::with_capacity(p.len()), 0, false);
-    for c in p.chars() {
-        if esc {
-            esc = false;
-            out.push(c);
-            continue;
-        }
-        match c {
-            '\\' => esc = true,
-            '[' => class += 1,
-            ']' if class > 0 => class -= 1,
-            '$' if class == 0 => {
-                out.push_str(r"\z");
-                continue;
-            }
-            _ => {}
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// The SentencePiece-style tokenizer.json of a model loaded from one, as transformers writes it.
-fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
+fn to_json_hf(m: &SpModel, h: &HfRules) -> Value {
     let text = |id: u32| m.pieces[id as usize].piece.as_str();
     let mut vocab = Map::new();
     for id in 0..h.n_model {
@@ -627,7 +371,7 @@ fn sentencepiece_to_json(m: &SpModel, h: &HfRules) -> Value {
 /// 2M texts of up to 8 characters over "eradt " on a trained 1200-piece model (the real libraries). Refused:
 /// what the legacy form cannot express (removal of extra spaces, user-defined pieces, no byte
 /// fallback, equal scores, which sentencepiece breaks by position and `tokenizers` by rank).
-fn sentencepiece_as_hf(m: &SpModel) -> std::result::Result<SpModel, String> {
+fn as_hf(m: &SpModel) -> std::result::Result<SpModel, String> {
     if !m.byte_fallback {
         return Err("it has no byte fallback".into());
     }
@@ -691,115 +435,27 @@ fn sentencepiece_as_hf(m: &SpModel) -> std::result::Result<SpModel, String> {
     SpModel::new_hf(pieces, true, rules)
 }
 
-pub fn to_json(tok: &Tokenizer) -> Result<Value> {
-    if let Some(m) = tok.spm() {
-        return match m.hf() {
-            Some(h) => Ok(sentencepiece_to_json(m, h)),
-            None => {
-                let hf = sentencepiece_as_hf(m).map_err(|e| {
-                    Error::invalid(format!(
-                        "this SentencePiece model cannot be saved as tokenizer.json: {e}"
-                    ))
-                })?;
-                let rules = hf
-                    .hf()
-                    .ok_or_else(|| Error::invalid("no tokenizers rules"))?;
-                Ok(sentencepiece_to_json(&hf, rules))
-            }
-        };
+/// A SentencePiece model's tokenizer.json: as loaded from one, or a `.model` in the legacy form.
+pub(super) fn to_json(m: &SpModel) -> Result<Value> {
+    if let Some(h) = m.hf() {
+        return Ok(to_json_hf(m, h));
     }
-    let map = byte_to_char();
-    let toks = tok.mergeable_tokens();
-    let text_of: FxHashMap<u32, String> = toks
-        .iter()
-        .map(|(id, b)| (*id, encode_bytes(&map, b)))
-        .collect();
-    let mut vocab = Map::new();
-    for (id, _) in &toks {
-        vocab.insert(text_of[id].clone(), json!(id));
-    }
-    // `tokenizers` gives an added token the id its content has in the model vocab (else a new one),
-    // so the specials must be there too, unencoded, as its trainer writes them.
-    for (s, id) in tok.special_tokens() {
-        vocab.entry(s.clone()).or_insert(json!(id));
-    }
-    let o = tok.options();
-    let merges: Vec<Value> = match &o.merges {
-        Some(m) => m
-            .iter()
-            .map(|(a, b)| json!([text_of[a], text_of[b]]))
-            .collect(),
-        None => {
-            // tiktoken semantics: every split of a token whose halves are tokens is a merge, in
-            // token-id order (ties: the halves' ids), as transformers' TikTokenConverter writes them.
-            let ids: FxHashMap<&[u8], u32> = toks.iter().map(|(id, b)| (*b, *id)).collect();
-            let mut out = Vec::new();
-            for (_, t) in &toks {
-                let mut local: Vec<(u32, u32)> = (1..t.len())
-                    .filter_map(|k| Some((*ids.get(&t[..k])?, *ids.get(&t[k..])?)))
-                    .collect();
-                local.sort();
-                out.extend(
-                    local
-                        .into_iter()
-                        .map(|(a, b)| json!([text_of[&a], text_of[&b]])),
-                );
-            }
-            out
-        }
-    };
-    let added: Vec<Value> = tok
-        .special_tokens()
-        .iter()
-        .map(|(s, id)| {
-            json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
-        .collect();
-    let pattern = match tok.pattern() {
-        p if p == BYTELEVEL_REGEX => None,
-        p => Some(onig_pattern(&crate::pretokenize::without_possessives(p))),
-    };
-    let pre = match pattern {
-        None => {
-            json!({"type": "ByteLevel", "add_prefix_space": o.add_prefix_space, "trim_offsets": true, "use_regex": true})
-        }
-        Some(p) if !o.add_prefix_space => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-        Some(_) => {
-            return Err(Error::invalid(
-                "add_prefix_space with a custom pattern cannot be expressed in tokenizer.json",
-            ))
-        }
-    };
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": o.ignore_merges, "vocab": vocab, "merges": merges
-        }
-    }))
-}
-
-pub fn save(tok: &Tokenizer, path: impl AsRef<Path>) -> Result<()> {
-    let v = to_json(tok)?;
-    let text =
-        serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(format!("JSON: {e}")))?;
-    fsutil::write_atomic(path, text.as_bytes())
+    let hf = as_hf(m).map_err(|e| {
+        Error::invalid(format!(
+            "this SentencePiece model cannot be saved as tokenizer.json: {e}"
+        ))
+    })?;
+    let rules = hf
+        .hf()
+        .ok_or_else(|| Error::invalid("no tokenizers rules"))?;
+    Ok(to_json_hf(&hf, rules))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::huggingface::{from_json, to_json};
+    use std::path::Path;
 
     /// A SentencePiece-style file: specials 0-2, then the byte tokens of `bytes`, then `pieces`.
     fn spm_json(bytes: std::ops::Range<u32>, pieces: &[&str], merges: &[(&str, &str)]) -> Value {

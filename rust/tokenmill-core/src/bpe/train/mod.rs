@@ -10,11 +10,10 @@
 
 mod count;
 mod merge;
-mod progress;
 
+pub use crate::progress::Progress;
 pub use count::{WordCounter, BLOCK};
 pub use merge::{train_words, Merge, Trained};
-pub use progress::Progress;
 
 use crate::pretokenize::Pretokenizer;
 use crate::{Error, Result};

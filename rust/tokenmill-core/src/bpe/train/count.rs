@@ -16,8 +16,8 @@
 //! Rejected: keying pieces of up to 7 bytes by a packed u64 instead of `&str` (no faster:
 //! 0.210-0.217 s vs 0.205-0.221 s; the table probes, not hashing or comparing, dominate).
 
-use super::progress::Progress;
 use crate::pretokenize::Pretokenizer;
+use crate::progress::Progress;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;

@@ -1,4 +1,5 @@
-//! A plain progress line on stderr (`\r`-updated, at most ten times a second).
+//! The one progress line on stderr (`\r`-updated, at most ten times a second), for BPE training and
+//! corpus preparation.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -25,6 +26,12 @@ impl Progress {
     }
 
     pub fn update(&mut self, done: u64) {
+        self.update_with(done, |_| String::new());
+    }
+
+    /// `update` with more text after the line; `detail` gets the seconds since the start and is
+    /// only called when the line is drawn.
+    pub fn update_with(&mut self, done: u64, detail: impl FnOnce(f64) -> String) {
         if !self.enabled {
             return;
         }
@@ -36,18 +43,22 @@ impl Progress {
             return;
         }
         self.last = Some(now);
-        self.draw(done);
+        self.draw(done, detail);
     }
 
     /// Draw the final state and end the line.
     pub fn finish(&mut self, done: u64) {
+        self.finish_with(done, |_| String::new());
+    }
+
+    pub fn finish_with(&mut self, done: u64, detail: impl FnOnce(f64) -> String) {
         if self.enabled {
-            self.draw(done);
+            self.draw(done, detail);
             eprintln!();
         }
     }
 
-    fn draw(&self, done: u64) {
+    fn draw(&self, done: u64, detail: impl FnOnce(f64) -> String) {
         let secs = self.start.elapsed().as_secs_f64();
         let (done_s, total_s) = match self.unit {
             "B" => (human(done), self.total.map(human)),
@@ -64,8 +75,9 @@ impl Progress {
             ),
             _ => format!("{}: {} [{:.1}s]", self.label, done_s, secs),
         };
+        let detail = detail(secs.max(1e-9));
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r{line}\x1b[K");
+        let _ = write!(err, "\r{line}{detail}\x1b[K");
         let _ = err.flush();
     }
 }

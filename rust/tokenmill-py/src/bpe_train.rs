@@ -6,8 +6,8 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::path::PathBuf;
+use tokenmill_core::bpe::train::{self, Progress, TrainOptions, Trained, WordCounter};
 use tokenmill_core::pretokenize::Pretokenizer;
-use tokenmill_core::train::{self, Progress, TrainOptions, Trained, WordCounter};
 
 /// Texts pulled from the Python iterator per batch (the GIL is held only while pulling).
 const CHUNK_BYTES: usize = 8 << 20;
