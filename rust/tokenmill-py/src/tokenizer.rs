@@ -245,10 +245,7 @@ impl PyTokenizer {
     fn pretokenize(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<String>> {
         let t = self.inner.clone();
         detach(py, move || {
-            Ok(t.pretokenizer()
-                .split(&text)
-                .map(str::to_string)
-                .collect())
+            Ok(t.pretokenizer().split(&text).map(str::to_string).collect())
         })
     }
 

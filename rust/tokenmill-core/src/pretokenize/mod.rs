@@ -359,12 +359,23 @@ mod tests {
 
     #[test]
     fn backtracking_patterns_stay_on_fancy_regex() {
-        for p in [r"a\w+(?=x)", r"(?<=a)b", r"(a)\1", r"a*+a|b", r"(?i)a|b", r"\s+(?!\S\S)|\s"] {
+        for p in [
+            r"a\w+(?=x)",
+            r"(?<=a)b",
+            r"(a)\1",
+            r"a*+a|b",
+            r"(?i)a|b",
+            r"\s+(?!\S\S)|\s",
+        ] {
             let ours = Pretokenizer::new(p).unwrap();
             assert_eq!(ours.engine_name(), "fancy-regex", "{p}");
             let re = fancy_regex::Regex::new(p).unwrap();
             for text in ["aab  x", "ba ab\n  xx"] {
-                assert_eq!(self::ours(&ours, text), reference(&re, text), "{p} {text:?}");
+                assert_eq!(
+                    self::ours(&ours, text),
+                    reference(&re, text),
+                    "{p} {text:?}"
+                );
             }
         }
     }

@@ -64,11 +64,7 @@ impl LookAhead {
             return None;
         }
         let run = &text[start..end];
-        let total = if self.min > 1 {
-            run.chars().count()
-        } else {
-            0
-        };
+        let total = if self.min > 1 { run.chars().count() } else { 0 };
         for (given_back, (i, _)) in run.char_indices().rev().enumerate() {
             let kept = i > 0 || self.min == 0;
             if !kept || (self.min > 1 && total - given_back - 1 < self.min as usize) {
@@ -141,10 +137,9 @@ impl Item<'_> {
 
 fn rewrite_alt(alt: &str) -> Option<Alt> {
     let mut items = parse_items(alt)?;
-    if items
-        .iter()
-        .any(|it| it.kind == Kind::Unsupported || (it.kind == Kind::Group && has_possessive(it.atom)))
-    {
+    if items.iter().any(|it| {
+        it.kind == Kind::Unsupported || (it.kind == Kind::Group && has_possessive(it.atom))
+    }) {
         return None;
     }
     if let Some(pos) = items
@@ -250,7 +245,10 @@ fn starts(h: &Hir) -> Starts {
             nullable: true,
         },
         HirKind::Literal(lit) => {
-            let first = match std::str::from_utf8(&lit.0).ok().and_then(|s| s.chars().next()) {
+            let first = match std::str::from_utf8(&lit.0)
+                .ok()
+                .and_then(|s| s.chars().next())
+            {
                 Some(c) => ClassUnicode::new([ClassUnicodeRange::new(c, c)]),
                 None => all(),
             };
@@ -461,7 +459,14 @@ fn escape_end(b: &[u8], i: usize) -> Option<usize> {
         b'u' => i + 6,
         b'U' => i + 10,
         // One escaped character, which may be multi-byte.
-        _ => i + 1 + std::str::from_utf8(&b[i + 1..]).ok()?.chars().next()?.len_utf8(),
+        _ => {
+            i + 1
+                + std::str::from_utf8(&b[i + 1..])
+                    .ok()?
+                    .chars()
+                    .next()?
+                    .len_utf8()
+        }
     })
     .filter(|&e| e <= b.len())
 }
