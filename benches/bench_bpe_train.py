@@ -59,7 +59,7 @@ def worker(name: str, vocab: int, pattern_name: str) -> None:
     if name == "tokenmill":
         from tokenmill import _core
 
-        tokens = _core.train_bpe(texts, vocab, pattern_name, [], 1, False)
+        tokens = _core.train_bpe(texts, vocab, pattern_name, [], 1, False, False)[0]
         merged = [t.hex() for t in tokens[256:]]
     elif name == "rustbpe":
         import rustbpe

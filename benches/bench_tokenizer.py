@@ -5,6 +5,11 @@ Corpus: every stdlib .py file + docstrings (tokenmill.corpus, ~13 MB on CPython 
 file. Vocabulary: 32k ranks trained by rustbpe on the first 4 MB with the cl100k pattern; tiktoken
 gets the same ranks, tokenizers gets our save_huggingface() export. Best of N wall times.
 
+Multilingual prose: documents of 3-8 sentences drawn (seeded) from benches/data/multilingual.txt
+(English, German, Spanish, Russian, Chinese, written for this bench), with fresh numbers, --prose-mb
+in all; the vocabulary above learns from that text once. Rows: the cl100k pattern and nanochat's user
+pattern, encode / encode_ordinary / encode_to_numpy each against tiktoken on the same ranks and pattern.
+
     python benches/bench_tokenizer.py [--repeat 3] [--mb 0 (all)]
 """
 
@@ -34,6 +39,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mb", type=float, default=0, help="corpus size limit in MB (0: all)")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prose-mb", type=float, default=4.0, help="multilingual prose to generate, MB")
     args = ap.parse_args()
 
     import rustbpe
@@ -54,7 +60,8 @@ def main() -> None:
         if size > 4_000_000:
             break
     pattern = pattern_string("cl100k")
-    trainer.train_from_iterator(iter(head), args.vocab, pattern=pattern)
+    paragraphs = [p for _, p in multilingual_paragraphs()]
+    trainer.train_from_iterator(iter(head + paragraphs), args.vocab, pattern=pattern)
     ranks = dict(trainer.get_mergeable_ranks())
     ours = tm.Tokenizer.from_tiktoken(ranks, pattern="cl100k", special_tokens=["<|endoftext|>"])
     tt = tiktoken.Encoding(
@@ -156,12 +163,101 @@ def main() -> None:
         )
     )
 
+    rows += encode_rows("code, cl100k", docs, ranks, pattern, args.repeat)
+    prose = multilingual_docs(int(args.prose_mb * 1e6))
+    rows += encode_rows("prose, cl100k", prose, ranks, pattern, args.repeat)
+    rows += encode_rows("prose, nanochat pattern", prose, ranks, NANOCHAT, args.repeat)
     rows += sentencepiece_rows(docs, nbytes, head, args.repeat)
 
     print(f"{ntok:,} tokens ({nbytes / ntok:.2f} bytes/token)")
     w = max(len(r[0]) for r in rows)
     for name, speed, ratio in rows:
         print(f"{name:<{w}}  {speed:>22}  {ratio}")
+
+
+# rustbpe / nanochat's pattern (GPT-4's with possessives and a final `\s+`): a user pattern, not a name.
+NANOCHAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
+    r"""\s+(?!\S)|\s+"""
+)
+
+
+def multilingual_paragraphs() -> list[tuple[str, str]]:
+    """(language, paragraph) from benches/data/multilingual.txt."""
+    out, lang = [], ""
+    with open(os.path.join(os.path.dirname(__file__), "data", "multilingual.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("@"):
+                lang = line[1:]
+            elif line and not line.startswith("#"):
+                out.append((lang, line))
+    return out
+
+
+def multilingual_docs(nbytes: int, seed: int = 0) -> list[str]:
+    """Documents of 3-8 sentences of one language, drawn with a fixed seed, numbers redrawn."""
+    import re
+
+    rng = random.Random(seed)
+    sentences: dict[str, list[str]] = {}
+    for lang, p in multilingual_paragraphs():
+        split = r"(?<=[。！？])" if lang == "zh" else r"(?<=[.!?])\s+"
+        sentences.setdefault(lang, []).extend(s for s in re.split(split, p) if s)
+    langs = sorted(sentences)
+    docs, size = [], 0
+    while size < nbytes:
+        lang = rng.choice(langs)
+        sents = [rng.choice(sentences[lang]) for _ in range(rng.randint(3, 8))]
+        doc = (" " if lang != "zh" else "").join(sents)
+        doc = re.sub(r"\d+", lambda m: str(rng.randint(1, 10 ** len(m.group()))), doc)
+        if rng.random() < 0.3:
+            doc += "\n\n"
+        docs.append(doc)
+        size += len(doc.encode())
+    return docs
+
+
+def encode_rows(label: str, docs: list[str], ranks: dict, pattern: str, repeat: int) -> list[tuple]:
+    """encode, encode_ordinary and encode_to_numpy, one thread, each vs tiktoken's counterpart on the
+    same ranks and pattern; ids asserted identical."""
+    import numpy as np
+    import tiktoken
+
+    special = {"<|endoftext|>": len(ranks)}
+    ours = tm.Tokenizer.from_tiktoken(ranks, pattern=pattern, special_tokens=special)
+    tt = tiktoken.Encoding("bench", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+    nbytes = sum(len(d.encode()) for d in docs)
+    rows = []
+    pairs = {
+        "encode": (
+            lambda d: ours.encode(d, allowed_special="all"),
+            lambda d: tt.encode(d, allowed_special="all"),
+        ),
+        "encode_ordinary": (ours.encode_ordinary, tt.encode_ordinary),
+        "encode_to_numpy": (
+            lambda d: ours.encode_to_numpy(d, allowed_special="all"),
+            lambda d: tt.encode_to_numpy(d, allowed_special="all"),
+        ),
+    }
+    for name, (f_ours, f_tt) in pairs.items():
+        t_ours, a = best_of(lambda f=f_ours: [f(d) for d in docs], repeat)
+        t_tt, b = best_of(lambda f=f_tt: [f(d) for d in docs], repeat)
+        if name == "encode_to_numpy":
+            assert all(np.array_equal(x, y) for x, y in zip(a, b)), f"{label} {name}: ids differ"
+        else:
+            assert a == b, f"{label} {name}: ids differ"
+        ntok = sum(map(len, a))
+        del a, b
+        gc.collect()
+        rows.append(
+            (
+                f"{label}: {name} ({nbytes / 1e6:.1f} MB, {nbytes / ntok:.2f} B/token)",
+                f"{nbytes / t_ours / 1e6:.1f} vs {nbytes / t_tt / 1e6:.1f} MB/s",
+                f"tokenmill {t_tt / t_ours:.2f}x tiktoken (goal >= 3x); engine {ours.pattern_engine}",
+            )
+        )
+    return rows
 
 
 def sentencepiece_rows(docs: list[str], nbytes: int, head: list[str], repeat: int) -> list[tuple]:

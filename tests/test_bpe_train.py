@@ -119,7 +119,7 @@ def hf_train(texts, vocab_size, pattern, min_frequency=1):
 
 
 def train(texts, vocab_size, pattern="cl100k", specials=(), min_frequency=1):
-    return _core.train_bpe(texts, vocab_size, pattern, list(specials), min_frequency, False)
+    return _core.train_bpe(texts, vocab_size, pattern, list(specials), min_frequency, False, False)[0]
 
 
 # ----- corpora -----
@@ -263,8 +263,8 @@ def test_train_files_equals_texts(tmp_path, code_corpus):
     specials = ["<|endoftext|>"]
     for files in (paths, [str(big)]):
         texts = [open(p, encoding="utf-8").read() for p in files]
-        got = _core.train_bpe_files(files, 1000, "o200k", specials, 2, False)
-        assert got == _core.train_bpe(texts, 1000, "o200k", specials, 2, False)
+        got = _core.train_bpe_files(files, 1000, "o200k", specials, 2, False, False)
+        assert got == _core.train_bpe(texts, 1000, "o200k", specials, 2, False, False)
 
 
 DETERMINISM_SCRIPT = textwrap.dedent(
@@ -273,9 +273,9 @@ DETERMINISM_SCRIPT = textwrap.dedent(
     from tokenmill import _core, corpus
     texts = [t for _, t in corpus.stdlib_sources(max_bytes=3_000_000)]
     h = hashlib.sha256()
-    for t in _core.train_bpe(texts, 3000, "llama3", ["<|eot|>"], 2, False):
+    for t in _core.train_bpe(texts, 3000, "llama3", ["<|eot|>"], 2, False, False)[0]:
         h.update(t + b"\\0")
-    for t in _core.train_bpe_files(sys.argv[1:], 3000, "cl100k", [], 2, False):
+    for t in _core.train_bpe_files(sys.argv[1:], 3000, "cl100k", [], 2, False, False)[0]:
         h.update(t + b"\\0")
     print(h.hexdigest())
     """
@@ -312,7 +312,7 @@ def test_file_memory_does_not_grow_with_the_corpus(tmp_path, code_corpus):
     # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forked pytest process.
     script = (
         "import sys; from tokenmill import _core; "
-        "_core.train_bpe_files([sys.argv[1]], 1000, 'llama3', [], 2, False); "
+        "_core.train_bpe_files([sys.argv[1]], 1000, 'llama3', [], 2, False, False); "
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
     )
     peak = {}
@@ -326,7 +326,7 @@ def test_file_memory_does_not_grow_with_the_corpus(tmp_path, code_corpus):
 
 
 def test_progress_bar_on_stderr(tmp_path):
-    script = "import sys; from tokenmill import _core; _core.train_bpe(['ab ab cd'] * 9, 260, 'gpt2', [], 1, sys.argv[1] == '1')"
+    script = "import sys; from tokenmill import _core; _core.train_bpe(['ab ab cd'] * 9, 260, 'gpt2', [], 1, sys.argv[1] == '1', False)"
     on = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, text=True, timeout=60)
     off = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=60)
     assert on.returncode == off.returncode == 0
@@ -370,17 +370,17 @@ def test_bad_files(tmp_path):
     good.write_text("hello world\n" * 10)
     missing = tmp_path / "missing.txt"
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        _core.train_bpe_files([str(good), str(missing)], 300, "gpt2", [], 1, False)
+        _core.train_bpe_files([str(good), str(missing)], 300, "gpt2", [], 1, False, False)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"caf\xe9 ok\n" + b"x" * 10)
     with pytest.raises(ValueError, match=r"latin1.txt: invalid UTF-8 at byte offset 3"):
-        _core.train_bpe_files([str(good), str(bad)], 300, "gpt2", [], 1, False)
+        _core.train_bpe_files([str(good), str(bad)], 300, "gpt2", [], 1, False, False)
     late = tmp_path / "late.txt"  # the bad byte far past the first block
     late.write_bytes(b"line of text\n" * 200_000 + b"\xff\n")
     with pytest.raises(ValueError, match=r"late.txt: invalid UTF-8 at byte offset 2600000"):
-        _core.train_bpe_files([str(late)], 300, "gpt2", [], 1, False)
+        _core.train_bpe_files([str(late)], 300, "gpt2", [], 1, False, False)
     with pytest.raises(ValueError, match="is a directory"):
-        _core.train_bpe_files([str(tmp_path)], 300, "gpt2", [], 1, False)
+        _core.train_bpe_files([str(tmp_path)], 300, "gpt2", [], 1, False, False)
 
 
 # ----- Tokenizer.train and the CLI -----

@@ -123,6 +123,7 @@ class CoreTokenizer:
 
     n_vocab: int
     pattern: str
+    pattern_engine: Literal["dfa", "fancy-regex"]
     fingerprint: str
     is_sentencepiece: bool
     @staticmethod
@@ -159,6 +160,7 @@ class CoreTokenizer:
         self, texts: Sequence[str], num_threads: Optional[int] = None
     ) -> list[list[int]]: ...
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+    def pretokenize(self, text: str) -> list[str]: ...
     def special_tokens(self) -> list[tuple[str, int]]: ...
     def token_to_id(self, token: bytes) -> Optional[int]: ...
     def id_to_token_bytes(self, id: int) -> bytes: ...
@@ -176,12 +178,14 @@ def train_bpe(
     special_tokens: Sequence[str],
     min_frequency: int,
     show_progress: bool,
-) -> list[bytes]:
-    """Byte-level BPE training; the mergeable tokens in id order (ids 0..255 are the bytes).
+    strict: bool,
+) -> tuple[list[bytes], int, int]:
+    """Byte-level BPE training: (mergeable tokens in id order, bytes no piece covered, bytes counted).
 
-    ``vocab_size`` counts the special tokens: ``len(result) == vocab_size - len(special_tokens)``
+    ``vocab_size`` counts the special tokens: ``len(tokens) == vocab_size - len(special_tokens)``
     unless no pair occurring ``min_frequency`` times is left. Texts are pulled in chunks and
     counted in parallel without the GIL; special tokens are cut out of the text, never learned.
+    ``strict``: ValueError, before the merge loop, if the pattern left any byte uncovered.
     """
 
 def train_bpe_files(
@@ -191,7 +195,8 @@ def train_bpe_files(
     special_tokens: Sequence[str],
     min_frequency: int,
     show_progress: bool,
-) -> list[bytes]:
+    strict: bool,
+) -> tuple[list[bytes], int, int]:
     """As ``train_bpe`` with each UTF-8 file one text, read and counted in Rust (streaming, parallel).
 
     FileNotFoundError names a missing file; ValueError names a file that is not UTF-8 and the byte offset.

@@ -356,6 +356,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         special_tokens=args.special_token,
         min_frequency=args.min_frequency,
         show_progress=not args.quiet,
+        strict=args.strict,
     )
     tok.save(args.out)
     print(
@@ -444,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)"
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a pattern that leaves part of the corpus uncovered (default: warn)",
+    )
     t.set_defaults(func=_cmd_tokenizer_train)
     enc = tok_sub.add_parser("encode", help="encode text to token ids (printed, or a uint32 .npy file)")
     enc.add_argument("input", nargs="?", help="UTF-8 text file ('-' or omitted: stdin)")

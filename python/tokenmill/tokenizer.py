@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
@@ -63,6 +64,23 @@ def _specials_dict(
     return {s: first_id + i for i, s in enumerate(special_tokens)}
 
 
+def _not_str(value: object, what: str) -> None:
+    """A str is iterable, so it would pass for a sequence of one-character items: refuse it."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what}, not a {type(value).__name__}: wrap a single one in a list")
+
+
+def _report_coverage(dropped: int, total: int) -> None:
+    """Warn when the pattern matched no piece over part of the corpus (BPE never saw it)."""
+    if dropped:
+        warnings.warn(
+            f"the pattern leaves {100 * dropped / total:.4f}% of the corpus uncovered ({dropped} of "
+            f"{total} bytes match no piece and were dropped); pass strict=True to refuse",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _train_args(vocab_size: int, special_tokens: Sequence[str], min_frequency: int) -> list[str]:
     """Check the arguments of :meth:`Tokenizer.train`; returns the special tokens as a list."""
     if isinstance(special_tokens, str):
@@ -103,18 +121,25 @@ class Tokenizer:
         special_tokens: Sequence[str] = (),
         min_frequency: int = 2,
         show_progress: bool = True,
+        strict: bool = False,
     ) -> Tokenizer:
         """Train a byte-level BPE vocabulary on an iterable of strings (streamed, counted in parallel).
 
         ``vocab_size`` counts the 256 byte tokens, the merges and the special tokens, which get the
-        last ids in the order given.
+        last ids in the order given. Text that the pattern matches no piece over is dropped: a
+        UserWarning gives the fraction of bytes dropped, or with ``strict=True`` a ValueError is
+        raised before the merges are learned. A str for ``texts`` is a TypeError.
 
         >>> tok = Tokenizer.train(["hello hello hello world"] * 10, vocab_size=260, show_progress=False)
         >>> tok.n_vocab
         260
         """
+        _not_str(texts, "texts must be an iterable of str")
         specials = _train_args(vocab_size, special_tokens, min_frequency)
-        tokens = _core.train_bpe(iter(texts), vocab_size, pattern, specials, min_frequency, show_progress)
+        tokens, dropped, total = _core.train_bpe(
+            iter(texts), vocab_size, pattern, specials, min_frequency, show_progress, strict
+        )
+        _report_coverage(dropped, total)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -126,14 +151,18 @@ class Tokenizer:
         special_tokens: Sequence[str] = (),
         min_frequency: int = 2,
         show_progress: bool = True,
+        strict: bool = False,
     ) -> Tokenizer:
-        """Like :meth:`train`, reading text files (one document per file) in parallel in Rust."""
+        """Like :meth:`train`, reading text files (one document per file) in parallel in Rust.
+        ``paths`` is a list of paths (a single str or path is a TypeError)."""
+        _not_str(paths, "paths must be a list of paths")
+        if isinstance(paths, os.PathLike):
+            raise TypeError("paths must be a list of paths, not a single path: wrap it in a list")
         specials = _train_args(vocab_size, special_tokens, min_frequency)
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        tokens = _core.train_bpe_files(
-            [os.fspath(p) for p in paths], vocab_size, pattern, specials, min_frequency, show_progress
+        tokens, dropped, total = _core.train_bpe_files(
+            [os.fspath(p) for p in paths], vocab_size, pattern, specials, min_frequency, show_progress, strict
         )
+        _report_coverage(dropped, total)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -216,6 +245,22 @@ class Tokenizer:
     def pattern(self) -> str:
         """The pretokenization regex ('' for SentencePiece models)."""
         return self._core.pattern
+
+    @property
+    def pattern_engine(self) -> Optional[Literal["dfa", "fancy-regex"]]:
+        """The engine the pattern runs on: ``"dfa"`` (regex-automata; every named pattern and the
+        tiktoken/LLaMA-3-style patterns people write, possessives and ``\\s+(?!\\S)`` included) or
+        ``"fancy-regex"`` (backtracking, for look-arounds and backreferences the DFA cannot express
+        exactly). None for SentencePiece models, which have no pattern.
+
+        >>> Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], pattern="o200k").pattern_engine
+        'dfa'
+        >>> Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], pattern=r"(?<=a)b").pattern_engine
+        'fancy-regex'
+        """
+        if self._core.is_sentencepiece:
+            return None
+        return self._core.pattern_engine  # type: ignore[return-value]
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -301,6 +346,7 @@ class Tokenizer:
     ) -> list[list[int]]:
         """Encode many texts in parallel in Rust (GIL released); ``num_threads=None`` uses all cores.
         Results equal ``[encode(t) for t in texts]``."""
+        _not_str(texts, "texts must be a sequence of str")
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
         try:
             return self._core.encode_batch(list(texts), allowed, disallowed, num_threads)
@@ -311,6 +357,7 @@ class Tokenizer:
         self, texts: Sequence[str], num_threads: Optional[int] = None
     ) -> list[list[int]]:
         """``encode_batch`` ignoring special tokens."""
+        _not_str(texts, "texts must be a sequence of str")
         try:
             return self._core.encode_ordinary_batch(list(texts), num_threads)
         except UnicodeEncodeError:
@@ -325,6 +372,17 @@ class Tokenizer:
             return self._core.encode_to_numpy(text, allowed, disallowed)
         except UnicodeEncodeError:
             return self._core.encode_to_numpy(_clean(text), allowed, disallowed)
+
+    def pretokenize(self, text: str) -> list[str]:
+        """The pieces the pattern splits ``text`` into, in order (special tokens not treated apart);
+        text the pattern does not match is left out, as in encoding.
+
+        >>> Tokenizer.from_tiktoken([bytes([b]) for b in range(256)]).pretokenize("Hi  there 12345")
+        ['Hi', ' ', ' there', ' ', '123', '45']
+        """
+        if self._core.is_sentencepiece:
+            raise ValueError("a SentencePiece model has no pretokenization pattern")
+        return self._core.pretokenize(_clean(text))
 
     # ----- decoding -----
 

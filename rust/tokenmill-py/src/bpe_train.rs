@@ -6,7 +6,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::path::PathBuf;
-use tokenmill_core::bpe::train::{self, Progress, TrainOptions, Trained, WordCounter};
+use tokenmill_core::bpe::train::{self, Coverage, Progress, TrainOptions, Trained, WordCounter};
 use tokenmill_core::pretokenize::Pretokenizer;
 
 /// Texts pulled from the Python iterator per batch (the GIL is held only while pulling).
@@ -29,13 +29,19 @@ fn options(
     Ok(opts)
 }
 
-fn token_list(py: Python<'_>, trained: Trained) -> Vec<Bound<'_, PyBytes>> {
-    trained.tokens.iter().map(|t| PyBytes::new(py, t)).collect()
+/// (mergeable tokens in id order, bytes the pattern dropped, bytes counted).
+type TrainResult<'py> = (Vec<Bound<'py, PyBytes>>, u64, u64);
+
+fn result(py: Python<'_>, trained: Trained, coverage: Coverage) -> TrainResult<'_> {
+    let tokens = trained.tokens.iter().map(|t| PyBytes::new(py, t)).collect();
+    (tokens, coverage.dropped, coverage.bytes)
 }
 
-/// Train byte-level BPE on an iterable of str; returns the mergeable tokens in id order.
+/// Train byte-level BPE on an iterable of str. `strict`: refuse, before the merge loop, a pattern
+/// that leaves bytes of the corpus uncovered.
 #[pyfunction]
-#[pyo3(signature = (texts, vocab_size, pattern, special_tokens, min_frequency, show_progress))]
+#[pyo3(signature = (texts, vocab_size, pattern, special_tokens, min_frequency, show_progress, strict))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_bpe<'py>(
     py: Python<'py>,
     texts: &Bound<'py, PyAny>,
@@ -44,7 +50,8 @@ pub fn train_bpe<'py>(
     special_tokens: Vec<String>,
     min_frequency: u64,
     show_progress: bool,
-) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    strict: bool,
+) -> PyResult<TrainResult<'py>> {
     if texts.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err(
             "texts must be an iterable of str, not a str",
@@ -84,15 +91,18 @@ pub fn train_bpe<'py>(
         bar.update(counter.bytes());
     }
     bar.finish(counter.bytes());
+    let coverage = counter.coverage();
+    coverage.check(strict).map_err(to_py)?;
     let trained = detach(py, move || {
         train::train_counts(counter.into_counts(), &opts)
     })?;
-    Ok(token_list(py, trained))
+    Ok(result(py, trained, coverage))
 }
 
 /// Train byte-level BPE on UTF-8 files (each one document), read and counted in Rust.
 #[pyfunction]
-#[pyo3(signature = (paths, vocab_size, pattern, special_tokens, min_frequency, show_progress))]
+#[pyo3(signature = (paths, vocab_size, pattern, special_tokens, min_frequency, show_progress, strict))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_bpe_files<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
@@ -101,11 +111,17 @@ pub fn train_bpe_files<'py>(
     special_tokens: Vec<String>,
     min_frequency: u64,
     show_progress: bool,
-) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    strict: bool,
+) -> PyResult<TrainResult<'py>> {
     let opts = options(vocab_size, special_tokens, min_frequency, show_progress)?;
     let pre = Pretokenizer::new(pattern).map_err(to_py)?;
-    let trained = detach(py, move || train::train_files(&paths, &pre, &opts))?;
-    Ok(token_list(py, trained))
+    let (trained, coverage) = detach(py, move || {
+        let counter = train::count_files(&paths, &pre, &opts)?;
+        let coverage = counter.coverage();
+        coverage.check(strict)?;
+        Ok((train::train_counts(counter.into_counts(), &opts)?, coverage))
+    })?;
+    Ok(result(py, trained, coverage))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

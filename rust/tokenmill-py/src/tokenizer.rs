@@ -176,21 +176,22 @@ impl PyTokenizer {
 
     /// `disallowed` None: every special token not in `allowed` is an error when found.
     #[pyo3(signature = (text, allowed, disallowed=None))]
-    fn encode(
+    fn encode<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         text: PyBackedStr,
         allowed: Vec<String>,
         disallowed: Option<Vec<String>>,
-    ) -> PyResult<Vec<u32>> {
+    ) -> PyResult<Bound<'py, PyList>> {
         let t = self.inner.clone();
-        detach(py, move || {
+        let ids = detach(py, move || {
             t.encode_with(
                 &text,
                 &refs(&allowed),
                 disallowed.as_deref().map(refs).as_deref(),
             )
-        })
+        })?;
+        self.list(py, &ids)
     }
 
     #[pyo3(signature = (text, allowed, disallowed=None))]
@@ -234,6 +235,14 @@ impl PyTokenizer {
         self.batch(py, &texts, &[], Some(&[]), num_threads)
     }
 
+    /// The pieces the pattern splits `text` into (what BPE encodes one by one).
+    fn pretokenize(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<String>> {
+        let t = self.inner.clone();
+        detach(py, move || {
+            Ok(t.pretokenizer().split(&text).map(str::to_string).collect())
+        })
+    }
+
     fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
         let t = self.inner.clone();
         let bytes = detach(py, move || t.decode_bytes(&ids))?;
@@ -248,6 +257,12 @@ impl PyTokenizer {
     #[getter]
     fn pattern(&self) -> String {
         self.inner.pattern().to_string()
+    }
+
+    /// "dfa" or "fancy-regex": the engine the pretokenization pattern runs on.
+    #[getter]
+    fn pattern_engine(&self) -> &'static str {
+        self.inner.pretokenizer().engine_name()
     }
 
     #[getter]

@@ -1,30 +1,27 @@
 //! Regex pretokenization: split text into the pieces that BPE encodes independently.
 //!
-//! The named patterns are the exact strings tiktoken and LLaMA-3 use. They contain look-ahead
-//! (`\s+(?!\S)`) and possessive quantifiers, which a DFA cannot run, so each is compiled as an
-//! equivalent list of look-around-free alternatives for `regex-automata` (leftmost-first, one
-//! pattern id per alternative) plus one post-processing rule:
-//!
-//! `\s+(?!\S)|\s+` (or `|\s`) is rewritten to `\s+`. `\s+` greedily takes the whole whitespace run;
-//! the look-ahead version gives back its last character when the run is followed by a non-space
-//! (so that " word" stays together), and a one-character run falls through to the plain `\s+`.
-//! So: when the `\s+` alternative matched, the match is >= 2 characters and does not end the text,
-//! drop its last character. Earlier alternatives are untouched, so leftmost-first order decides
-//! exactly as the backtracking engine would.
-//!
-//! Possessive quantifiers in tiktoken's strings never change a match there (each is followed by a
-//! disjoint class or by nothing), so they become greedy ones. `\s++$` stays as `\s+$`.
-//! User patterns get the same `\s+(?!\S)` rewrite when it is their last-but-one alternative followed
-//! by `\s+` or `\s`; any other look-around or backreference falls back to fancy-regex.
-//! The equivalence is tested below against fancy-regex running the original strings.
+//! Patterns run on the DFA engine (`regex-automata`, leftmost-first, one pattern id per top-level
+//! alternative) whenever the general rewrite in [`rewrite`] shows that the look-around-free form
+//! splits exactly as the backtracking engine would: possessive quantifiers that cannot change a
+//! match become greedy, and a trailing one-character look-ahead after a run (`\s+(?!\S)`) is
+//! applied after the DFA match, retrying the later alternatives where it fails. Every named
+//! pattern and the patterns the field writes by hand (tiktoken / GPT-2 / LLaMA-3 / nanochat
+//! style) take that path; anything else (other look-arounds, backreferences) runs on fancy-regex.
+//! The equivalence is tested below and in tests/test_pretokenize.py against backtracking engines
+//! running the original strings.
+
+mod rewrite;
+
+pub use rewrite::without_possessives;
 
 use crate::{Error, Result};
 use regex_automata::meta::{Cache, Regex as MetaRegex};
 use regex_automata::util::pool::{Pool, PoolGuard};
-use regex_automata::{Anchored, Input, PatternID};
+use regex_automata::{Anchored, Input};
+use rewrite::LookAhead;
 
 type CacheFn =
-    Box<dyn Fn() -> Cache + Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>;
+    Box<dyn Fn() -> Caches + Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>;
 
 /// tiktoken 0.14 `r50k_base` / `gpt2` pattern.
 pub const GPT2: &str =
@@ -44,57 +41,115 @@ pub const O200K: &str = concat!(
 /// Meta's LLaMA-3 pattern (tokenizer.py / tokenizer.json).
 pub const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// The look-around-free alternatives for a named tiktoken pattern with possessive quantifiers.
-const GPT2_DFA: &[&str] = &[
-    r"'(?:[sdmt]|ll|ve|re)",
-    r" ?\p{L}+",
-    r" ?\p{N}+",
-    r" ?[^\s\p{L}\p{N}]+",
-    r"\s+$",
-    r"\s+",
+/// The names accepted for the patterns above (first of each row: the documented name).
+pub const PATTERN_NAMES: &[(&str, &str)] = &[
+    ("gpt2", GPT2),
+    ("r50k", GPT2),
+    ("r50k_base", GPT2),
+    ("cl100k", CL100K),
+    ("cl100k_base", CL100K),
+    ("o200k", O200K),
+    ("o200k_base", O200K),
+    ("llama3", LLAMA3),
 ];
-const CL100K_DFA: &[&str] = &[
-    r"'(?i:[sdmt]|ll|ve|re)",
-    r"[^\r\n\p{L}\p{N}]?\p{L}+",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-    r"\s+$",
-    r"\s*[\r\n]",
-    r"\s+",
-];
-
-/// The same pattern without possessive quantifiers, for backtracking engines that read `{1,3}+`
-/// differently (Oniguruma's Ruby syntax, used by Hugging Face `tokenizers`, takes it as `({1,3})+`).
-/// The possessive forms in tiktoken's strings never change a match (see the module docs).
-pub fn without_possessives(pattern: &str) -> String {
-    match pattern {
-        GPT2 => r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s".into(),
-        CL100K => r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s".into(),
-        other => other.into(),
-    }
-}
 
 /// Resolve a pattern name ("gpt2", "cl100k", "o200k", "llama3") to its pattern string; any other
 /// string is taken as a regex.
 pub fn resolve_pattern(pattern_or_name: &str) -> &str {
-    match pattern_or_name {
-        "gpt2" | "r50k" | "r50k_base" => GPT2,
-        "cl100k" | "cl100k_base" => CL100K,
-        "o200k" | "o200k_base" => O200K,
-        "llama3" => LLAMA3,
-        other => other,
+    PATTERN_NAMES
+        .iter()
+        .find(|(n, _)| *n == pattern_or_name)
+        .map_or(pattern_or_name, |(_, p)| p)
+}
+
+/// Error for a string that looks like a name (letters, digits, `-`, `_`, `.` only) but is not one:
+/// as a regex it would match only itself and silently drop all other text.
+fn check_name(pattern_or_name: &str) -> Result<()> {
+    let name_like = !pattern_or_name.is_empty()
+        && pattern_or_name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if name_like && resolve_pattern(pattern_or_name) == pattern_or_name {
+        let names: Vec<&str> = PATTERN_NAMES.iter().map(|(n, _)| *n).collect();
+        return Err(Error::invalid(format!(
+            "unknown pattern name {pattern_or_name:?}: the names are {}; any other pattern must be a regex",
+            names.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// One search cache for the whole pattern and one per retry tail (see [`Dfa::tails`]).
+struct Caches {
+    main: Cache,
+    tails: Vec<Option<Cache>>,
+}
+
+struct Dfa {
+    re: MetaRegex,
+    /// Per alternative: its trailing look-ahead, if any.
+    looks: Vec<Option<LookAhead>>,
+    /// `tails[i]`: alternatives `i..` alone, for each `i` right after a look-ahead alternative:
+    /// where the look-ahead fails, the backtracking engine goes on with them at the same place.
+    tails: Vec<Option<MetaRegex>>,
+    /// Search caches, taken once per `split` call rather than once per piece (the regex's own pool
+    /// is a mutex on threads other than its creator's: 1.1x on 2 threads).
+    caches: Pool<Caches, CacheFn>,
+}
+
+impl Dfa {
+    fn new(alts: &[rewrite::Alt]) -> Option<Dfa> {
+        let build = |from: usize| {
+            let pats: Vec<&str> = alts[from..].iter().map(|a| a.dfa.as_str()).collect();
+            MetaRegex::new_many(&pats).ok()
+        };
+        let re = build(0)?;
+        let mut tails = vec![None; alts.len() + 1];
+        for (i, a) in alts.iter().enumerate() {
+            if a.look.is_some() && i + 1 < alts.len() {
+                tails[i + 1] = Some(build(i + 1)?);
+            }
+        }
+        let (main, tail_res) = (re.clone(), tails.clone());
+        let factory: CacheFn = Box::new(move || Caches {
+            main: main.create_cache(),
+            tails: tail_res
+                .iter()
+                .map(|t| t.as_ref().map(MetaRegex::create_cache))
+                .collect(),
+        });
+        Some(Dfa {
+            re,
+            looks: alts.iter().map(|a| a.look.clone()).collect(),
+            tails,
+            caches: Pool::new(factory),
+        })
+    }
+
+    /// The end of the backtracking engine's match anchored at `pos`, if any.
+    #[inline]
+    fn match_at(&self, caches: &mut Caches, text: &str, pos: usize) -> Option<usize> {
+        let input = Input::new(text).range(pos..).anchored(Anchored::Yes);
+        let mut m = self.re.search_with(&mut caches.main, &input)?;
+        let mut first = 0;
+        loop {
+            let alt = first + m.pattern().as_usize();
+            let Some(look) = &self.looks[alt] else {
+                return Some(m.end());
+            };
+            if let Some(end) = look.resolve(text, m.start(), m.end()) {
+                return Some(end);
+            }
+            first = alt + 1;
+            let tail = self.tails[first].as_ref()?;
+            let cache = caches.tails[first].as_mut().expect("a cache per tail");
+            m = tail.search_with(cache, &input)?;
+        }
     }
 }
 
 enum Engine {
-    Dfa {
-        re: MetaRegex,
-        /// The pattern id of the rewritten `\s+(?!\S)|\s+` alternative, if any.
-        ws_alt: Option<PatternID>,
-        /// Search caches, taken once per `split` call rather than once per piece (the regex's
-        /// own pool is a mutex on threads other than its creator's: 1.1x on 2 threads).
-        caches: Pool<Cache, CacheFn>,
-    },
+    Dfa(Dfa),
     Fancy(fancy_regex::Regex),
 }
 
@@ -107,7 +162,7 @@ impl std::fmt::Debug for Pretokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pretokenizer")
             .field("pattern", &self.pattern)
-            .field("dfa", &self.is_dfa())
+            .field("engine", &self.engine_name())
             .finish()
     }
 }
@@ -120,13 +175,21 @@ impl Clone for Pretokenizer {
 }
 
 impl Pretokenizer {
-    /// Compile a named pattern ("gpt2", "cl100k", "o200k", "llama3") or a regex.
+    /// Compile a named pattern ("gpt2", "cl100k", "o200k", "llama3") or a regex. A string that
+    /// looks like a name but is not one is an error listing the names.
     pub fn new(pattern_or_name: &str) -> Result<Self> {
+        check_name(pattern_or_name)?;
         let pattern = resolve_pattern(pattern_or_name).to_string();
-        let engine = match pattern.as_str() {
-            GPT2 => dfa(GPT2_DFA, Some(GPT2_DFA.len() - 1))?,
-            CL100K => dfa(CL100K_DFA, Some(CL100K_DFA.len() - 1))?,
-            p => compile_user(p)?,
+        let engine = match rewrite::rewrite(&pattern).and_then(|alts| Dfa::new(&alts)) {
+            Some(dfa) => Engine::Dfa(dfa),
+            None => Engine::Fancy(
+                fancy_regex::RegexBuilder::new(&pattern)
+                    .backtrack_limit(usize::MAX)
+                    .build()
+                    .map_err(|e| {
+                        Error::invalid(format!("invalid pretokenizer pattern {pattern:?}: {e}"))
+                    })?,
+            ),
         };
         Ok(Pretokenizer { pattern, engine })
     }
@@ -138,7 +201,16 @@ impl Pretokenizer {
 
     /// Whether the pattern runs on the DFA engine (false: fancy-regex backtracking).
     pub fn is_dfa(&self) -> bool {
-        matches!(self.engine, Engine::Dfa { .. })
+        matches!(self.engine, Engine::Dfa(_))
+    }
+
+    /// "dfa" or "fancy-regex".
+    pub fn engine_name(&self) -> &'static str {
+        if self.is_dfa() {
+            "dfa"
+        } else {
+            "fancy-regex"
+        }
     }
 
     /// The pieces of `text`, in order. Text the pattern does not match is skipped (as tiktoken
@@ -149,7 +221,7 @@ impl Pretokenizer {
             text,
             pos: 0,
             cache: match &self.engine {
-                Engine::Dfa { caches, .. } => Some(caches.get()),
+                Engine::Dfa(d) => Some(d.caches.get()),
                 Engine::Fancy(_) => None,
             },
         }
@@ -172,7 +244,7 @@ pub struct Pieces<'a> {
     pre: &'a Pretokenizer,
     text: &'a str,
     pos: usize,
-    cache: Option<PoolGuard<'a, Cache, CacheFn>>,
+    cache: Option<PoolGuard<'a, Caches, CacheFn>>,
 }
 
 impl<'a> Iterator for Pieces<'a> {
@@ -182,27 +254,34 @@ impl<'a> Iterator for Pieces<'a> {
     fn next(&mut self) -> Option<&'a str> {
         let text = self.text;
         while self.pos < text.len() {
-            let (start, mut end, pid) = match &self.pre.engine {
-                Engine::Dfa { re, .. } => {
-                    let cache = self.cache.as_mut().expect("DFA pieces hold a cache");
+            let (start, end) = match &self.pre.engine {
+                Engine::Dfa(dfa) => {
+                    let caches = self.cache.as_mut().expect("DFA pieces hold a cache");
                     // The named patterns cover every character, so an anchored search at the
                     // current position almost always succeeds and skips the reverse scan.
-                    let input = Input::new(text).range(self.pos..).anchored(Anchored::Yes);
-                    let m = match re.search_with(cache, &input) {
-                        Some(m) if !m.is_empty() => m,
-                        _ => match re.search_with(cache, &input.anchored(Anchored::No)) {
-                            Some(m) => m,
-                            None => {
-                                self.pos = text.len();
-                                return None;
+                    match dfa.match_at(caches, text, self.pos) {
+                        Some(end) => (self.pos, end),
+                        None => {
+                            // No match here: go to the next place where the look-around-free
+                            // form matches (the original cannot match earlier) and try there.
+                            let step = text[self.pos..].chars().next().map_or(1, char::len_utf8);
+                            let input = Input::new(text).range(self.pos + step..);
+                            match dfa.re.search_with(&mut caches.main, &input) {
+                                Some(m) => {
+                                    self.pos = m.start();
+                                    continue;
+                                }
+                                None => {
+                                    self.pos = text.len();
+                                    return None;
+                                }
                             }
-                        },
-                    };
-                    (m.start(), m.end(), Some(m.pattern()))
+                        }
+                    }
                 }
                 Engine::Fancy(re) => match re.find_from_pos(text, self.pos) {
-                    Ok(Some(m)) => (m.start(), m.end(), None),
-                    // A backtrack-limit error is impossible with the unlimited limit set below;
+                    Ok(Some(m)) => (m.start(), m.end()),
+                    // A backtrack-limit error is impossible with the unlimited limit set above;
                     // treat anything else as "no more matches".
                     _ => {
                         self.pos = text.len();
@@ -216,127 +295,11 @@ impl<'a> Iterator for Pieces<'a> {
                 self.pos = start + step;
                 continue;
             }
-            if let Engine::Dfa {
-                ws_alt: Some(ws), ..
-            } = &self.pre.engine
-            {
-                if pid == Some(*ws) && end < text.len() {
-                    // `\s+(?!\S)`: give the last whitespace character to the next piece.
-                    let last = text[start..end]
-                        .char_indices()
-                        .next_back()
-                        .map_or(0, |(i, _)| i);
-                    if last > 0 {
-                        end = start + last;
-                    }
-                }
-            }
             self.pos = end;
             return Some(&text[start..end]);
         }
         None
     }
-}
-
-fn dfa(alts: &[&str], ws_alt: Option<usize>) -> Result<Engine> {
-    let re = MetaRegex::new_many(alts)
-        .map_err(|e| Error::invalid(format!("cannot compile pretokenizer pattern: {e}")))?;
-    let factory = re.clone();
-    Ok(Engine::Dfa {
-        re,
-        ws_alt: ws_alt.map(PatternID::must),
-        caches: Pool::new(Box::new(move || factory.create_cache())),
-    })
-}
-
-fn compile_user(pattern: &str) -> Result<Engine> {
-    // regex-syntax accepts `x?+` as `(x?)+`, silently dropping possessiveness (`,  yy` would become one
-    // piece of rustbpe's GPT-4 pattern), so patterns with possessive quantifiers go to fancy-regex.
-    if has_possessive(pattern) {
-        return fancy(pattern);
-    }
-    // 1. The pattern as it is, if the DFA engine accepts it.
-    if MetaRegex::new(pattern).is_ok() {
-        return dfa(&[pattern], None);
-    }
-    // 2. `...|\s+(?!\S)|\s+` (or `|\s`) at the end: rewrite as described in the module docs.
-    let alts = split_alternation(pattern);
-    let n = alts.len();
-    if n >= 2 && alts[n - 2] == r"\s+(?!\S)" && (alts[n - 1] == r"\s+" || alts[n - 1] == r"\s") {
-        let mut dfa_alts: Vec<&str> = alts[..n - 2].to_vec();
-        dfa_alts.push(r"\s+");
-        if dfa_alts[..n - 2].iter().all(|a| MetaRegex::new(a).is_ok()) {
-            return dfa(&dfa_alts, Some(n - 2));
-        }
-    }
-    // 3. Backtracking fallback.
-    fancy(pattern)
-}
-
-fn fancy(pattern: &str) -> Result<Engine> {
-    let re = fancy_regex::RegexBuilder::new(pattern)
-        .backtrack_limit(usize::MAX)
-        .build()
-        .map_err(|e| Error::invalid(format!("invalid pretokenizer pattern {pattern:?}: {e}")))?;
-    Ok(Engine::Fancy(re))
-}
-
-/// Whether a quantifier (`?`, `*`, `+`, `{m,n}`) outside character classes is made possessive by a
-/// following `+`. `(?` opens a group and is not a quantifier.
-fn has_possessive(pattern: &str) -> bool {
-    let b = pattern.as_bytes();
-    let (mut class, mut i) = (0i32, 0usize);
-    while i < b.len() {
-        match b[i] {
-            // `\p{L}`: the `}` of a class name is not the end of a `{m,n}` repetition.
-            b'\\' if matches!(b.get(i + 1), Some(b'p' | b'P')) && b.get(i + 2) == Some(&b'{') => {
-                while i < b.len() && b[i] != b'}' {
-                    i += 1;
-                }
-            }
-            b'\\' => i += 1,
-            b'[' => class += 1,
-            b']' if class > 0 => class -= 1,
-            b'?' if class == 0 && i > 0 && b[i - 1] == b'(' => {}
-            b'?' | b'*' | b'+' | b'}' if class == 0 && b.get(i + 1) == Some(&b'+') => return true,
-            _ => {}
-        }
-        i += 1;
-    }
-    false
-}
-
-/// Split a regex at its top-level `|` (outside groups and character classes).
-fn split_alternation(pattern: &str) -> Vec<&str> {
-    let b = pattern.as_bytes();
-    let (mut depth, mut class, mut i, mut start) = (0i32, 0i32, 0usize, 0usize);
-    let mut out = Vec::new();
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 1,
-            b'[' => {
-                class += 1;
-                // A `]` right after `[` or `[^` is a literal.
-                if b.get(i + 1) == Some(&b'^') {
-                    i += 1;
-                }
-                if b.get(i + 1) == Some(&b']') {
-                    i += 1;
-                }
-            }
-            b']' if class > 0 => class -= 1,
-            b'(' if class == 0 => depth += 1,
-            b')' if class == 0 => depth -= 1,
-            b'|' if class == 0 && depth == 0 => {
-                out.push(&pattern[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    out.push(&pattern[start.min(pattern.len())..]);
-    out
 }
 
 #[cfg(test)]
@@ -356,12 +319,20 @@ mod tests {
     }
 
     const NAMES: [&str; 4] = ["gpt2", "cl100k", "o200k", "llama3"];
-    const USER: [&str; 4] = [
+    /// User patterns that must run on the DFA: HF ByteLevel, GPT-4 without possessives, nanochat
+    /// (rustbpe's default, with possessives), look-aheads in other places and shapes.
+    const USER: [&str; 9] = [
         r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
         r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        NANOCHAT,
         r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+(?!\S)|\s",
         r"\w+|[^\w\s]+",
+        r"\s+(?!\S)|\p{N}{2,3}(?=\s)|\p{L}++|.",
+        r"\s{2,}(?!\S)|\S+|\s",
+        r"[a-z]*+(?!\p{Lu})|\p{L}+|\s++$|\s|\P{L}",
+        r"[ab]*+c|\s+(?=\p{N})|\s++(?!\S)|\S",
     ];
+    const NANOCHAT: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
     /// (ours, reference) compiled once: compiling Unicode classes dominates a proptest case.
     fn compiled(patterns: &[&str]) -> Vec<(Pretokenizer, fancy_regex::Regex)> {
@@ -387,18 +358,34 @@ mod tests {
         std::sync::LazyLock::new(|| compiled(&USER));
 
     #[test]
-    fn possessive_user_patterns_keep_their_meaning() {
-        // rustbpe's default (GPT-4 with possessives) as a *user* pattern: the DFA would read `?+` as
-        // `(?)+`; it must run on fancy-regex and split like it.
-        let gpt4 = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
-        let p = Pretokenizer::new(gpt4).unwrap();
-        assert!(!p.is_dfa());
-        let re = fancy_regex::Regex::new(gpt4).unwrap();
-        for text in [",  yy", "a  ,b++ c?+", "x\n\n  y"] {
-            assert_eq!(ours(&p, text), reference(&re, text), "{text:?}");
+    fn backtracking_patterns_stay_on_fancy_regex() {
+        for p in [
+            r"a\w+(?=x)",
+            r"(?<=a)b",
+            r"(a)\1",
+            r"a*+a|b",
+            r"(?i)a|b",
+            r"\s+(?!\S\S)|\s",
+        ] {
+            let ours = Pretokenizer::new(p).unwrap();
+            assert_eq!(ours.engine_name(), "fancy-regex", "{p}");
+            let re = fancy_regex::Regex::new(p).unwrap();
+            for text in ["aab  x", "ba ab\n  xx"] {
+                assert_eq!(
+                    self::ours(&ours, text),
+                    reference(&re, text),
+                    "{p} {text:?}"
+                );
+            }
         }
-        assert!(!has_possessive(r"(?i:a)|[?+]|\?+|a+?|\p{L}+|\P{N}+"));
-        assert!(has_possessive(r"a{1,3}+") && has_possessive(r"\s++$") && has_possessive(r"a*+"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let e = Pretokenizer::new("llama-3").unwrap_err().to_string();
+        assert!(e.contains("llama-3") && e.contains("gpt2, r50k"), "{e}");
+        assert!(Pretokenizer::new("cl100k_base").is_ok());
+        assert!(Pretokenizer::new("").is_ok());
     }
 
     #[test]
@@ -408,10 +395,9 @@ mod tests {
             assert!(p.is_dfa(), "{name}");
             assert_eq!(p.pattern(), resolve_pattern(name));
         }
-        // tiktoken's older (non-possessive) GPT-2 string and HF's ByteLevel regex too.
-        let hf = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-        assert!(Pretokenizer::new(hf).unwrap().is_dfa());
-        assert!(!Pretokenizer::new(r"\w+(?=x)").unwrap().is_dfa());
+        for p in USER {
+            assert!(Pretokenizer::new(p).unwrap().is_dfa(), "{p}");
+        }
     }
 
     #[test]
@@ -434,14 +420,6 @@ mod tests {
     fn empty_matches_do_not_hang() {
         let p = Pretokenizer::new(r"a*").unwrap();
         assert_eq!(ours(&p, "baab"), ["aa"]);
-    }
-
-    #[test]
-    fn split_alternation_respects_groups_and_classes() {
-        assert_eq!(
-            split_alternation(r"a(?:b|c)|[|\]]x|\|"),
-            vec![r"a(?:b|c)", r"[|\]]x", r"\|"]
-        );
     }
 
     /// Characters that stress each class the patterns distinguish.
@@ -468,6 +446,7 @@ mod tests {
         #[test]
         fn named_patterns_split_like_fancy_regex(text in tricky_text()) {
             for ((p, re), plain) in NAMED.iter().zip(NO_POSSESSIVES.iter()) {
+                prop_assert!(p.is_dfa());
                 prop_assert_eq!(ours(p, &text), reference(re, &text), "{}", p.pattern());
                 prop_assert_eq!(reference(plain, &text), reference(re, &text), "{}", p.pattern());
                 prop_assert_eq!(p.split(&text).collect::<String>(), text.clone());
@@ -479,6 +458,8 @@ mod tests {
             for (p, re) in USERS.iter() {
                 prop_assert!(p.is_dfa());
                 prop_assert_eq!(ours(p, &text), reference(re, &text), "{}", p.pattern());
+                let plain = fancy_regex::Regex::new(&without_possessives(p.pattern())).unwrap();
+                prop_assert_eq!(reference(&plain, &text), reference(re, &text), "{}", p.pattern());
             }
         }
     }

@@ -16,6 +16,7 @@
 //! Rejected: keying pieces of up to 7 bytes by a packed u64 instead of `&str` (no faster:
 //! 0.210-0.217 s vs 0.205-0.221 s; the table probes, not hashing or comparing, dominate).
 
+use super::Coverage;
 use crate::pretokenize::Pretokenizer;
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -167,6 +168,8 @@ pub struct WordCounter<'p> {
     specials: Specials,
     counts: FxHashMap<Box<str>, u64>,
     bytes: u64,
+    /// Bytes outside every piece and every special token: text the pattern drops.
+    dropped: u64,
     block: usize,
 }
 
@@ -177,6 +180,7 @@ impl<'p> WordCounter<'p> {
             specials: Specials::new(special_tokens)?,
             counts: FxHashMap::default(),
             bytes: 0,
+            dropped: 0,
             block: BLOCK,
         })
     }
@@ -190,6 +194,14 @@ impl<'p> WordCounter<'p> {
     /// Bytes of text counted so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes counted so far and how many of them no piece covers.
+    pub fn coverage(&self) -> Coverage {
+        Coverage {
+            bytes: self.bytes,
+            dropped: self.dropped,
+        }
     }
 
     pub fn into_counts(self) -> FxHashMap<Box<str>, u64> {
@@ -206,7 +218,8 @@ impl<'p> WordCounter<'p> {
         self.absorb(local, &blocks);
     }
 
-    fn absorb(&mut self, local: FxHashMap<&str, u64>, blocks: &[Block<'_>]) {
+    fn absorb(&mut self, (local, dropped): (FxHashMap<&str, u64>, u64), blocks: &[Block<'_>]) {
+        self.dropped += dropped;
         for (k, v) in local {
             match self.counts.get_mut(k) {
                 Some(c) => *c += v,
@@ -250,43 +263,59 @@ impl<'p> WordCounter<'p> {
     }
 }
 
-/// Word counts of blocks, in parallel: one table per rayon task, merged pairwise.
+/// Word counts of blocks and the bytes no piece covers, in parallel: one table per rayon task,
+/// merged pairwise.
 fn count_blocks<'t>(
     pretokenizer: &Pretokenizer,
     specials: &Specials,
     blocks: &[Block<'t>],
-) -> FxHashMap<&'t str, u64> {
+) -> (FxHashMap<&'t str, u64>, u64) {
     blocks
         .par_iter()
-        .fold(FxHashMap::<&str, u64>::default, |mut m, b| {
-            count_block(pretokenizer, specials, b, &mut m);
-            m
-        })
-        .reduce(FxHashMap::default, |mut a, mut b| {
-            if a.len() < b.len() {
-                std::mem::swap(&mut a, &mut b);
-            }
-            for (k, v) in b {
-                *a.entry(k).or_insert(0) += v;
-            }
-            a
-        })
+        .fold(
+            || (FxHashMap::<&str, u64>::default(), 0u64),
+            |(mut m, dropped), b| {
+                let d = count_block(pretokenizer, specials, b, &mut m);
+                (m, dropped + d)
+            },
+        )
+        .reduce(
+            || (FxHashMap::default(), 0),
+            |(mut a, da), (mut b, db)| {
+                if a.len() < b.len() {
+                    std::mem::swap(&mut a, &mut b);
+                }
+                for (k, v) in b {
+                    *a.entry(k).or_insert(0) += v;
+                }
+                (a, da + db)
+            },
+        )
 }
 
+/// Count the block's pieces into `m`; returns the bytes before `keep` that no piece covers.
 fn count_block<'t>(
     pretokenizer: &Pretokenizer,
     specials: &Specials,
     block: &Block<'t>,
     m: &mut FxHashMap<&'t str, u64>,
-) {
+) -> u64 {
+    let mut dropped = 0;
     specials.for_each_segment(block.text, |off, seg| {
+        // Only the part before `keep` belongs to this block.
+        let limit = block.keep.saturating_sub(off).min(seg.len());
+        let mut covered_to = 0;
         for r in pretokenizer.split_ranges(seg) {
-            if off + r.start >= block.keep {
+            if r.start >= limit {
                 break;
             }
+            dropped += (r.start - covered_to) as u64;
+            covered_to = r.end;
             *m.entry(&seg[r]).or_insert(0) += 1;
         }
+        dropped += limit.saturating_sub(covered_to) as u64;
     });
+    dropped
 }
 
 /// Reads files one after another as owned blocks `(text, keep)`.

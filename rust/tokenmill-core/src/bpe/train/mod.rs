@@ -74,12 +74,40 @@ pub fn train_counts(counts: FxHashMap<Box<str>, u64>, opts: &TrainOptions) -> Re
     Ok(trained)
 }
 
-/// Train on files (each file one document; UTF-8 text), read in Rust.
-pub fn train_files(
+/// How much of a corpus the pattern's pieces cover (special tokens count as covered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub bytes: u64,
+    /// Bytes that no piece matched: BPE never sees them.
+    pub dropped: u64,
+}
+
+impl Coverage {
+    pub fn dropped_fraction(&self) -> f64 {
+        self.dropped as f64 / self.bytes.max(1) as f64
+    }
+
+    /// With `strict`, an error when the pattern dropped any byte (before the merge loop runs).
+    pub fn check(&self, strict: bool) -> Result<()> {
+        if strict && self.dropped > 0 {
+            return Err(Error::invalid(format!(
+                "the pattern leaves {:.4}% of the corpus uncovered ({} of {} bytes match no piece and \
+                 would be dropped); fix the pattern or train without strict",
+                100.0 * self.dropped_fraction(),
+                self.dropped,
+                self.bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Count the words of files (each file one document; UTF-8 text), read in Rust.
+pub fn count_files<'p>(
     paths: &[PathBuf],
-    pretokenizer: &Pretokenizer,
+    pretokenizer: &'p Pretokenizer,
     opts: &TrainOptions,
-) -> Result<Trained> {
+) -> Result<WordCounter<'p>> {
     opts.num_merges()?;
     let mut counter = WordCounter::new(pretokenizer, &opts.special_tokens)?;
     let total = paths
@@ -89,7 +117,7 @@ pub fn train_files(
     let mut bar = Progress::new("counting", "B", Some(total), opts.show_progress);
     counter.add_files(paths, &mut bar)?;
     bar.finish(counter.bytes());
-    train_counts(counter.into_counts(), opts)
+    Ok(counter)
 }
 
 #[cfg(test)]

@@ -357,3 +357,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn dropped_bytes_are_counted_once_whatever_the_block_size() {
+    // `\p{L}+` leaves the spaces, digits and newlines: count them by hand.
+    let texts: Vec<String> = (0..50)
+        .map(|i| format!("word {i} and more<s>x\n").repeat(1 + i % 4))
+        .collect();
+    let want: u64 = texts
+        .iter()
+        .map(|t| {
+            t.replace("<s>", "")
+                .chars()
+                .filter(|c| !c.is_alphabetic())
+                .count() as u64
+        })
+        .sum();
+    let total: u64 = texts.iter().map(|t| t.len() as u64).sum();
+    let pre = Pretokenizer::new(r"\p{L}+").unwrap();
+    for block in [16, 64, 1 << 20] {
+        let mut c = WordCounter::new(&pre, &["<s>".to_string()])
+            .unwrap()
+            .with_block_size(block);
+        c.add_texts(&texts);
+        let cov = c.coverage();
+        assert_eq!((cov.dropped, cov.bytes), (want, total), "block {block}");
+        assert!(cov.check(false).is_ok());
+        assert!(cov
+            .check(true)
+            .unwrap_err()
+            .to_string()
+            .contains("uncovered"));
+    }
+}
