@@ -77,14 +77,14 @@ def export(
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
     given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
     it is written under a temporary name and renamed."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from tokenmill.checkpoint import read_meta
+    from tokenmill.checkpoint import load_model_state, read_meta
 
     ckpt, out = Path(checkpoint), Path(out)
     meta = read_meta(ckpt)
     cfg = LlamaConfig.from_dict(meta["model"])
-    state = load_file(str(ckpt / "model.safetensors"))
+    state = load_model_state(ckpt)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     tensors = {hf_name(k): v.to(tdtype).contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:

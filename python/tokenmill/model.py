@@ -167,14 +167,12 @@ class Llama(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Llama:
         """The model of a trainer checkpoint folder (``meta.json`` + ``model.safetensors``)."""
-        from safetensors.torch import load_file
-
-        from tokenmill.checkpoint import read_meta  # imports this module
+        from tokenmill.checkpoint import load_model_state, read_meta  # imports this module
 
         path = Path(path)
         meta = read_meta(path)
         model = cls(LlamaConfig.from_dict(meta["model"]))
-        state = load_file(str(path / "model.safetensors"), device=str(device))
+        state = load_model_state(path, device=str(device))
         check_state_dict(model, state, str(path))
         model.load_state_dict(state)
         return model.to(device)

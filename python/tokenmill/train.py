@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -27,11 +28,20 @@ import torch.distributed as dist
 
 import tokenmill
 from tokenmill import checkpoint as ckpt
-from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_weights, read_meta
-from tokenmill.config import OptimSection, TrainConfig, load_config
+from tokenmill.checkpoint import CheckpointError, check_same_shape, latest_checkpoint, load_weights
+from tokenmill.config import OptimSection, TrainConfig, check_config, load_config
 from tokenmill.model import Llama, LlamaConfig
 
-__all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
+__all__ = [
+    "BadLossError",
+    "TrainConfig",
+    "OptimSection",
+    "latest_checkpoint",
+    "load_config",
+    "lr_at",
+    "main",
+    "train",
+]
 # ----------------------------------------------------------------------------------------------------------
 # Learning rate, FLOPs, devices.
 
@@ -153,21 +163,51 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, It
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
     from tokenmill.data import DataLoader
 
-    def make(sources, seed):
-        return DataLoader(
-            sources,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.data.batch_size,
-            packing=cfg.data.packing,
-            seed=seed,
-            rank=rank,
-            world_size=world,
-            document_mask=cfg.data.document_mask,
-        )
+    def make(key, sources, seed):
+        try:
+            return DataLoader(
+                sources,
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.data.batch_size,
+                packing=cfg.data.packing,
+                seed=seed,
+                rank=rank,
+                world_size=world,
+                document_mask=cfg.data.document_mask,
+            )
+        except (ValueError, OSError) as e:  # a missing or broken token file: say which key listed it
+            raise type(e)(f"{key}: {e}") from None
 
-    return make(cfg.data.train, cfg.run.seed), (
-        make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
+    return make("data.train", cfg.data.train, cfg.run.seed), (
+        make("data.val", cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
     )
+
+
+def _resume_point(cfg: TrainConfig, rank: int, world: int) -> Optional[Path]:
+    """The verified checkpoint to resume from (None: a fresh run). ``auto`` takes the newest valid one,
+    with a notice for each damaged newer one; a named folder must be whole. Rank 0 reads and checks the
+    files once; the other ranks take its answer (or its error)."""
+    answer: list[Optional[str]] = [None, None]
+    if rank == 0:
+        try:
+            if cfg.checkpoint.resume == "auto":
+                found = ckpt.newest_valid(
+                    cfg.run.out_dir,
+                    notice=lambda m: print(f"tokenmill train: {m}", file=sys.stderr, flush=True),
+                )
+                answer[0] = str(found) if found else None
+            elif cfg.checkpoint.resume:
+                ckpt.verify(Path(cfg.checkpoint.resume))
+                answer[0] = cfg.checkpoint.resume
+        except (ValueError, OSError) as e:
+            if world == 1:
+                raise
+            answer[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise CheckpointError(answer[1])
+    return Path(answer[0]) if answer[0] else None
 
 
 def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
@@ -227,6 +267,7 @@ def train(
     ``train_data``/``val_data`` override the token files of ``cfg.data`` (each process passes its own shard).
     ``on_step(step, record)`` is called after every optimizer step (tests use it to interrupt a run).
     """
+    check_config(cfg)  # again: the caller may have edited cfg after load_config
     rank, world, device = _init_distributed(cfg.run.device)
     out = Path(cfg.run.out_dir)
     if rank == 0:
@@ -240,14 +281,12 @@ def train(
     model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-    resume = None
-    if cfg.checkpoint.resume == "auto":
-        resume = latest_checkpoint(cfg.run.out_dir)
-    elif cfg.checkpoint.resume:
-        resume = Path(cfg.checkpoint.resume)
+    resume = _resume_point(cfg, rank, world)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     if cfg.data.sft and not cfg.train.init_from:
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
+    if init_from is not None:
+        ckpt.verify(init_from, ["model.safetensors"])
     for ck in filter(None, (resume, init_from)):
         check_same_shape(ck, model_cfg)
     if cfg.dist.cpu_offload and not cuda:
@@ -292,7 +331,7 @@ def train(
     elif world > 1:
         raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
     if init_from is not None:
-        load_weights(init_from, model, model_cfg)
+        load_weights(init_from, model, model_cfg, verified=True)
 
     # -- optimizer: weight decay on matrices only (not norms)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -316,7 +355,7 @@ def train(
     if resume is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        meta = read_meta(resume)
+        meta = ckpt.read_meta(resume)
         if meta["world_size"] != world:
             why = (
                 " (adamw8bit quantises each rank's shard in its own blocks: its state cannot be re-sharded "
@@ -325,10 +364,10 @@ def train(
                 else ""
             )
             raise ValueError(f"{resume}: saved by {meta['world_size']} processes, resumed with {world}{why}")
-        load_weights(resume, model, model_cfg)
-        osd = torch.load(resume / "optimizer.pt", weights_only=True, map_location="cpu")
+        load_weights(resume, model, model_cfg, verified=True)
+        osd = ckpt.load_torch(resume / "optimizer.pt", map_location="cpu")
         set_optimizer_state_dict(model, optimizer, osd, options=ckpt.state_dict_options())
-        rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
+        rs = ckpt.load_torch(resume / f"rank_{rank}.pt")
         if rs.get("loader") is not None:
             train_data.load_state_dict(rs["loader"])
         ckpt.set_rng_state(rs["rng"])
@@ -410,7 +449,14 @@ def train(
             path, model, optimizer, meta, {"loader": loader_state, "rng": ckpt.rng_state()}, rank, world
         )
         if rank == 0:
-            done = sorted(p for p in path.parent.glob("step_*") if ckpt.STEP_DIR.match(p.name))
+            # Only checkpoints up to this step count: newer ones are left from a run that resumed past
+            # them (damaged ones skipped by --resume auto); this run overwrites them as it gets there,
+            # and counting them could delete every good checkpoint while keeping the damaged ones.
+            done = sorted(
+                p
+                for p in path.parent.glob("step_*")
+                if ckpt.STEP_DIR.match(p.name) and int(p.name[5:]) <= step
+            )
             for old in done[: max(0, len(done) - cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
 

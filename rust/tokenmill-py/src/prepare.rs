@@ -186,6 +186,12 @@ pub fn prepared_verify(py: Python<'_>, prefix: PathBuf) -> PyResult<Vec<String>>
     detach(py, move || manifest::verify(&prefix))
 }
 
+/// Size and xxh3-128 (hex) of a file's bytes, as manifests record them; checkpoints use it too.
+#[pyfunction]
+pub fn file_checksum(py: Python<'_>, path: PathBuf) -> PyResult<(u64, String)> {
+    detach(py, move || manifest::file_checksum(&path))
+}
+
 /// Merge prepared shards into one dataset; returns the merged manifest as JSON.
 #[pyfunction]
 pub fn prepared_merge(py: Python<'_>, shards: Vec<PathBuf>, prefix: PathBuf) -> PyResult<String> {
@@ -199,5 +205,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prepared_stats, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_verify, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(file_checksum, m)?)?;
     Ok(())
 }
