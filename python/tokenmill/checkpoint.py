@@ -47,23 +47,26 @@ def latest_checkpoint(out_dir: str) -> Optional[Path]:
     return max(found, key=lambda p: int(STEP_DIR.match(p.name).group(1))) if found else None
 
 
-def newest_valid(out_dir: str, notice: Callable[[str], None] = print) -> Optional[Path]:
-    """The newest checkpoint under ``out_dir/checkpoints`` that :func:`verify` accepts; each newer one that
-    it rejects gets a one-line ``notice`` saying what is wrong. None when there is no checkpoint at all;
-    CheckpointError when there are some and none is whole (starting afresh would silently drop them)."""
+def newest_valid(
+    out_dir: str, notice: Callable[[str], None] = print, names: Optional[list[str]] = None
+) -> Optional[Path]:
+    """The newest checkpoint under ``out_dir/checkpoints`` that :func:`verify` accepts (whole, or its files
+    ``names``); each newer one that it rejects gets a one-line ``notice`` saying what is wrong. None when
+    there is no checkpoint at all; CheckpointError when there are some and none is whole (starting afresh
+    would silently drop them)."""
     root = Path(out_dir) / "checkpoints"
     found = sorted((p for p in root.glob("step_*") if STEP_DIR.match(p.name)), reverse=True)
     problems = []
     for path in found:
         try:
-            verify(path)
+            verify(path, names)
             return path
         except CheckpointError as e:
             problems.append(str(e))
             notice(f"skipping damaged checkpoint {e}")
     if problems:
         raise CheckpointError(
-            f"{root}: no usable checkpoint ({'; '.join(problems)}); remove the damaged folders or drop --resume"
+            f"{root}: no usable checkpoint ({'; '.join(problems)}); remove or repair the damaged folders"
         )
     return None
 

@@ -111,7 +111,11 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     ckpt = Path(args.checkpoint)
     if not (ckpt / "meta.json").exists():
-        found = newest_valid(str(ckpt), notice=lambda m: print(f"tokenmill eval: {m}", file=sys.stderr))
+        found = newest_valid(
+            str(ckpt),
+            notice=lambda m: print(f"tokenmill eval: {m}", file=sys.stderr),
+            names=["model.safetensors"],
+        )
         if found is None:
             raise ValueError(
                 f"{ckpt}: not a checkpoint folder (no meta.json) and no checkpoints/step_* inside"
