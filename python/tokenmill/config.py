@@ -221,7 +221,7 @@ class TrainConfig:
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
 # LlamaConfig's annotations are strings here (postponed evaluation); Optional[int] fields take an int.
 _MODEL_TYPES = {
-    f.name: {"int": int, "Optional[int]": int, "float": float, "bool": bool}[f.type]
+    f.name: {"int": int, "Optional[int]": int, "float": float, "bool": bool}[str(f.type)]
     for f in dataclasses.fields(LlamaConfig)
 }
 

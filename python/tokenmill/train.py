@@ -100,9 +100,17 @@ def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    env = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        try:
+            env[name] = int(os.environ.get(name, default))
+        except ValueError:
+            raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+    world, rank, local = env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"]
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(
+            f"environment variables RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE"
+        )
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"run.device must be auto, cpu or cuda, got {device!r}")

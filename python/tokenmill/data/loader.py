@@ -116,7 +116,8 @@ def _default_rank() -> tuple[int, int, str]:
             "does) or pass rank= and world_size="
         )
     values = []
-    for k, v in env.items():
+    for k in env:
+        v = os.environ[k]
         try:
             values.append(int(v))
         except ValueError:
