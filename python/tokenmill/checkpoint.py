@@ -7,10 +7,11 @@ when it had one. The folder is written under a temporary name and renamed when c
 a save leaves the previous one as the newest.
 
 ``meta.json["files"]`` records the size and xxh3-128 of every other file of the folder (the checksum of
-`tokenmill prepare`'s manifests, in Rust, at disk speed). :func:`verify` re-checks them, so a file damaged
-after the save (a full disk, a bad copy, a truncated sync) is found before any of it is loaded, and
-``--resume auto`` (:func:`newest_valid`) falls back to the newest checkpoint that is whole. Checkpoints
-from before checksums get a structural check instead (files present, safetensors header, zip directory).
+`tokenmill prepare`'s manifests, computed in Rust with the GIL released). :func:`verify` re-checks them,
+so a file damaged after the save (a full disk, a bad copy, a truncated sync) is found before any of it is
+loaded, and ``--resume auto`` (:func:`newest_valid`) falls back to the newest checkpoint that is whole.
+Checkpoints from before checksums get a structural check instead (files present, safetensors header,
+zip directory).
 """
 
 from __future__ import annotations
