@@ -321,7 +321,11 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("run.seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     ("data.seq_len", lambda v: v >= 1, ">= 1"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
-    ("optim.lr", lambda v: v > 0, "> 0"),
+    (
+        "optim.lr",
+        lambda v: v >= 0,
+        ">= 0 (0 keeps the weights: a run that only writes its initial checkpoint)",
+    ),
     ("optim.min_lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
