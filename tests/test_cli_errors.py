@@ -230,3 +230,13 @@ def test_each_subcommand_as_python_m_tokenmill(paths):
     for p, names in procs:
         _, err = p.communicate(timeout=600)
         check(p.returncode, err, names)
+
+
+@pytest.mark.parametrize(
+    "env,names", [({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"), ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2")]
+)
+def test_bad_torchrun_environment(paths, monkeypatch, capsys, env, names):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    train = [a for a, _ in cases(paths) if a[0] == "train"][0][:7]  # the valid base of the train cases
+    check(cli.main(train), capsys.readouterr().err, names)
