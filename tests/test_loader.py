@@ -402,6 +402,42 @@ def test_rank_defaults_from_torch_distributed(files, monkeypatch):
     assert DataLoader(prefix, seq_len=8, batch_size=2, rank=0, world_size=1).world_size == 1
 
 
+def test_rank_defaults_from_torchrun_environment(files, monkeypatch):
+    """Without a process group, RANK/WORLD_SIZE (as torchrun sets them) pick the shard; explicit arguments
+    win; half-set, non-integer or out-of-range values are errors naming where they came from."""
+    prefix = files("a", [13, 40, 7, 25, 9])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from_env = DataLoader(prefix, seq_len=8, batch_size=2, seed=3)
+    assert (from_env.rank, from_env.world_size) == (1, 2)
+    # The same shard as the explicit arguments give: every second batch of the single-process stream.
+    explicit = batches(DataLoader(prefix, seq_len=8, batch_size=2, seed=3, rank=1, world_size=2), 4)
+    whole = batches(DataLoader(prefix, seq_len=8, batch_size=2, seed=3, rank=0, world_size=1), 8)
+    got = batches(from_env, 4)
+    for b, e, w in zip(got, explicit, whole[1::2]):
+        assert torch.equal(b["input_ids"], e["input_ids"]) and torch.equal(b["input_ids"], w["input_ids"])
+    own = DataLoader(prefix, seq_len=8, batch_size=2, rank=0, world_size=4)  # arguments win
+    assert (own.rank, own.world_size) == (0, 4)
+    assert DataLoader(prefix, seq_len=8, batch_size=2, world_size=3).rank == 1  # half from each
+    with pytest.raises(ValueError, match=r"rank=1 \(from the RANK/WORLD_SIZE .*world_size=1 \(from argument"):
+        DataLoader(prefix, seq_len=8, batch_size=2, world_size=1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="rank=2 .*world_size=2 .*environment"):
+        DataLoader(prefix, seq_len=8, batch_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        DataLoader(prefix, seq_len=8, batch_size=2)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="RANK=2 is set but WORLD_SIZE is not"):
+        DataLoader(prefix, seq_len=8, batch_size=2)
+    monkeypatch.delenv("RANK")
+    assert (
+        DataLoader(prefix, seq_len=8, batch_size=2).rank,
+        DataLoader(prefix, seq_len=8, batch_size=2).world_size,
+    ) == (0, 1)
+
+
 def test_endless_stream_has_no_len(files):
     loader = DataLoader(files("a", [3]), seq_len=8, batch_size=2)
     with pytest.raises(TypeError):

@@ -303,7 +303,7 @@ def test_fsdp2_two_gloo_processes_match_one(tmp_path, optim):
     process differs from itself with the batch split into 2 accumulated micro-batches (2.9e-4; torch
     AdamW: 1.2e-7)."""
     init = tmp_path / "init"
-    T.train(config(init, "--train.steps=1", "--optim.lr=0"), Batches(make_batches(1)))
+    T.train(config(init, "--train.steps=1", "--optim.lr=0", "--optim.min_lr=0"), Batches(make_batches(1)))
     init_ckpt = init / "run" / "checkpoints" / "step_00000001"
     halves = []  # per step: rows 0-1 go to rank 0, rows 2-3 to rank 1
     whole = make_batches(4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -14,6 +15,49 @@ import tokenmill
 from tokenmill import extras
 
 USAGE_ERROR = 2  # as argparse exits on a usage error
+
+
+# Argument types that check ranges while parsing, so a bad value is a usage error naming the flag
+# ("argument --top: must be >= 0, got -5") before any file is read.
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float = math.inf, lo_open: bool = False, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    return parse
+
+
+def _count(text: str) -> str:
+    """A positive count as `tokenmill plan` writes them (13e9, 13B, 1.4T) or 'chinchilla', kept as text."""
+    from tokenmill.plan import parse_count
+
+    if text == "chinchilla":
+        return text
+    try:
+        v = parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return text
 
 
 def _read_lines(path: str) -> list[str]:
@@ -31,11 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         collapse_whitespace=args.collapse_whitespace,
     )
     if len(refs) != len(hyps):
-        print(
-            f"tokenmill eval: {args.reference} has {len(refs)} lines but {args.hypothesis} has {len(hyps)}",
-            file=sys.stderr,
-        )
-        return 1
+        raise ValueError(f"{args.reference} has {len(refs)} lines but {args.hypothesis} has {len(hyps)}")
     ops = ev.word_edit_ops if args.metric == "wer" else ev.char_edit_ops
     counts = ops(refs, hyps, **flags)
     rate = (ev.wer if args.metric == "wer" else ev.cer)(refs, hyps, **flags)
@@ -60,21 +100,32 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     import torch
 
     from tokenmill import eval as ev
-    from tokenmill.checkpoint import latest_checkpoint, read_meta
+    from tokenmill.checkpoint import newest_valid, read_meta
     from tokenmill.data import DataLoader
     from tokenmill.model import Llama
 
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
     ckpt = Path(args.checkpoint)
     if not (ckpt / "meta.json").exists():
-        found = latest_checkpoint(str(ckpt))
+        found = newest_valid(
+            str(ckpt),
+            notice=lambda m: print(f"tokenmill eval: {m}", file=sys.stderr),
+            names=["model.safetensors"],
+        )
         if found is None:
             raise ValueError(
                 f"{ckpt}: not a checkpoint folder (no meta.json) and no checkpoints/step_* inside"
             )
         ckpt = found
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Llama.from_checkpoint(ckpt, device)
     seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     loader = DataLoader(
         args.data, seq_len=seq_len, batch_size=args.batch_size, epochs=1, drop_last=False, prefetch=1
     )
@@ -230,6 +281,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if not args.tokenizer:
         print("tokenmill prepare: error: --tokenizer PATH is required", file=sys.stderr)
         return 2
+    if args.shard_index >= args.num_shards:
+        raise ValueError(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the summary below reports skipped records
         m = dp.prepare(
@@ -387,21 +440,38 @@ def _add_plan_parser(sub) -> None:
     what.add_argument(
         "--model", help="preset: llama-7b, llama-13b, llama-30b, llama-65b, llama3-8b, llama-1b, ..."
     )
-    what.add_argument("--params", help="parameter count (13e9, 13B); a LLaMA shape is inferred")
+    what.add_argument("--params", type=_count, help="parameter count (13e9, 13B); a LLaMA shape is inferred")
     pl.add_argument(
-        "--tokens", required=True, help="training tokens (1e12, 1T, 1.4T) or 'chinchilla' (20/param)"
+        "--tokens",
+        type=_count,
+        required=True,
+        help="training tokens (1e12, 1T, 1.4T) or 'chinchilla' (20/param)",
     )
     pl.add_argument("--gpu", help="GPU type (A100-80GB, H100, H200, L40S, RTX-4090, ...)")
-    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    pl.add_argument("--gpus", type=_int_at_least(1), default=1, help="number of GPUs (default 1)")
     rate = pl.add_mutually_exclusive_group()
-    rate.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default 0.40)")
-    rate.add_argument("--tokens-per-gpu-s", type=float, help="measured throughput, tokens/s per GPU")
+    rate.add_argument(
+        "--mfu",
+        type=_float_in(0, 1, lo_open=True, what="in (0, 1]"),
+        help="assumed model FLOPs utilisation (default 0.40)",
+    )
+    rate.add_argument(
+        "--tokens-per-gpu-s",
+        type=_float_in(0, lo_open=True, what="> 0"),
+        help="measured throughput, tokens/s per GPU",
+    )
     rate.add_argument("--from-log", metavar="TRAIN.jsonl", help="a tokenmill train log: measured throughput")
     pl.add_argument(
-        "--usd-per-gpu-hour", type=float, help="price (default: the GPU table's indicative price)"
+        "--usd-per-gpu-hour",
+        type=_float_in(0, what=">= 0"),
+        help="price (default: the GPU table's indicative price)",
     )
-    pl.add_argument("--seq-len", type=int, help="sequence length (default: the model's max_seq_len)")
-    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
+    pl.add_argument(
+        "--seq-len", type=_int_at_least(1), help="sequence length (default: the model's max_seq_len)"
+    )
+    pl.add_argument(
+        "--micro-batch", type=_int_at_least(1), default=1, help="sequences per GPU per micro-step (default 1)"
+    )
     pl.add_argument(
         "--compare", metavar="GPU[:K],...", help="several setups side by side, e.g. A100:64,H100:32"
     )
@@ -416,7 +486,7 @@ def _add_plan_parser(sub) -> None:
         choices=["full", "lora", "qlora"],
         help="fine-tuning instead of pre-training (qlora: LoRA on a 4-bit NF4 base)",
     )
-    pl.add_argument("--lora-rank", type=int, default=16)
+    pl.add_argument("--lora-rank", type=_int_at_least(1), default=16)
     pl.add_argument("--fused-loss", action="store_true", help="fused linear-cross-entropy (no logits kept)")
     pl.add_argument("--no-flash-attention", action="store_true", help="math attention (saves s^2 probs)")
     pl.add_argument("--gpu-table", action="append", metavar="FILE", help="extra GPUs from a JSON/TOML file")
@@ -433,7 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     t = tok_sub.add_parser("train", help="train a byte-level BPE vocabulary on UTF-8 text files")
     t.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, each one document")
-    t.add_argument("--vocab-size", type=int, required=True, help="total ids: 256 bytes + merges + specials")
+    t.add_argument(
+        "--vocab-size",
+        type=_int_at_least(256),
+        required=True,
+        help="total ids: 256 bytes + merges + specials",
+    )
     t.add_argument("--out", required=True, help="where to save the tokenizer (Tokenizer.save format)")
     t.add_argument(
         "--pattern", default="llama3", help="gpt2, cl100k, o200k, llama3 or a regex (default llama3)"
@@ -442,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--special-token", action="append", default=[], metavar="T", help="a special token (repeatable)"
     )
     t.add_argument(
-        "--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)"
+        "--min-frequency",
+        type=_int_at_least(0),
+        default=2,
+        help="merge only pairs seen this often (default 2)",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument(
@@ -486,17 +564,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--on-error", choices=["skip", "fail"], default="skip", help="bad records (default: skip)"
     )
-    pr.add_argument("--workers", type=int, metavar="N", help="tokenizer threads (default: all cores)")
     pr.add_argument(
-        "--num-shards", type=int, default=1, metavar="N", help="partition the inputs into N shards"
+        "--workers", type=_int_at_least(1), metavar="N", help="tokenizer threads (default: all cores)"
     )
-    pr.add_argument("--shard-index", type=int, default=0, metavar="I", help="prepare shard I (0-based)")
+    pr.add_argument(
+        "--num-shards",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="partition the inputs into N shards",
+    )
+    pr.add_argument(
+        "--shard-index", type=_int_at_least(0), default=0, metavar="I", help="prepare shard I (0-based)"
+    )
     pr.add_argument("--delimiter", metavar="LINE", help="text files: documents separated by this line")
     pr.add_argument("--format", choices=["text", "jsonl", "parquet"], help="input format (default: by name)")
     pr.add_argument("--eos-token", metavar="TOKEN", help="special token appended to each document")
     pr.add_argument("--no-eos", action="store_true", help="do not append an end-of-document token")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    pr.add_argument("--chunk-bytes", type=int, default=4 << 20, metavar="B", help=argparse.SUPPRESS)
+    pr.add_argument(
+        "--chunk-bytes", type=_int_at_least(1), default=4 << 20, metavar="B", help=argparse.SUPPRESS
+    )
     pr.add_argument(
         "--merge", action="store_true", help="INPUTs are shard prefixes: merge them into --output"
     )
@@ -507,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--verify", action="store_true", help="re-check checksums and structure (exit 1 on mismatch)"
     )
-    ins.add_argument("--top", type=int, default=10, metavar="K", help="most frequent tokens to list")
+    ins.add_argument(
+        "--top", type=_int_at_least(0), default=10, metavar="K", help="most frequent tokens to list"
+    )
     ins.add_argument("--tokenizer", metavar="PATH", help="decode the top tokens with this tokenizer")
     ins.set_defaults(func=_cmd_inspect)
 
@@ -535,9 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N), or a run's out_dir (latest)"
     )
     pp.add_argument("data", nargs="+", help="token-file prefixes (from `tokenmill prepare`), each read once")
-    pp.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
-    pp.add_argument("--batch-size", type=int, default=8)
-    pp.add_argument("--max-batches", type=int, help="stop after this many batches (default: all the data)")
+    pp.add_argument(
+        "--seq-len", type=_int_at_least(1), help="tokens per row (default: the model's max_seq_len)"
+    )
+    pp.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    pp.add_argument(
+        "--max-batches", type=_int_at_least(1), help="stop after this many batches (default: all the data)"
+    )
     pp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     pp.add_argument(
         "--tokenizer",
@@ -581,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export_hf)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
-    demo.add_argument("--steps", type=int, help="training steps (default: 150 on CPU, 600 on GPU)")
+    demo.add_argument(
+        "--steps", type=_int_at_least(1), help="training steps (default: 150 on CPU, 600 on GPU)"
+    )
     demo.add_argument(
         "--finetune",
         action="store_true",
@@ -601,20 +697,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return USAGE_ERROR
+    # "tokenmill eval perplexity", as argparse names the command in its usage errors.
+    name = " ".join(
+        ["tokenmill", args.command, *filter(None, [getattr(args, "tokenizer_command", None)])]
+        + ([args.metric] if args.command == "eval" else [])
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
-        print(f"tokenmill {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:  # an optional dependency: name the extra that brings it
         extra = extras.extra_of(e.name)
         if extra is None:
             raise
         hint = "" if isinstance(e, extras.MissingExtraError) else f": {extras.install_hint(extra)}"
-        print(f"tokenmill {args.command}: error: {e}{hint}", file=sys.stderr)
+        print(f"{name}: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"tokenmill {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{name}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,7 @@ Presets follow the LLaMA-1 paper (Touvron et al., 2023, Table 2) and Meta's rele
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, cast
@@ -73,8 +74,15 @@ class LlamaConfig:
             raise ValueError(
                 f"rope_scaling must be a table of llama3 scaling keys, got {self.rope_scaling!r}"
             )
-        if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
-            raise ValueError(f"LlamaConfig sizes must be positive: {self}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_kv_heads", "ffn_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or unset), got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -305,6 +313,11 @@ class TrainConfig:
 
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
+# LlamaConfig's annotations are strings here (postponed evaluation); Optional[int] fields take an int.
+_MODEL_TYPES = {
+    f.name: {"int": int, "Optional[int]": int, "float": float, "bool": bool}[str(f.type)]
+    for f in dataclasses.fields(LlamaConfig)
+}
 
 
 def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> None:
@@ -313,6 +326,11 @@ def _set(cfg: TrainConfig, section: str, key: str, value: Any, where: str) -> No
             raise ValueError(f"{where}: unknown key model.{key}; known: {', '.join(sorted(_MODEL_KEYS))}")
         if key == "preset" and value not in PRESETS:
             raise ValueError(f"{where}: unknown model preset {value!r}; known: {', '.join(sorted(PRESETS))}")
+        kind = _MODEL_TYPES.get(key, str)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: model.{key} must be {kind.__name__}, got {value!r}")
         cfg.model[key] = value
         return
     sec = getattr(cfg, section, None)
@@ -378,11 +396,77 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         if not dot:
             raise ValueError(f"override {arg!r}: expected --section.key=value (e.g. --optim.lr=1e-3)")
         _set(cfg, section, key, _parse_value(text), f"override {arg}")
-    o, t = cfg.optim, cfg.train
-    if o.schedule not in ("cosine", "wsd", "constant"):
-        raise ValueError(f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}")
-    if o.name not in ("adamw", "adamw8bit"):
-        raise ValueError(f"optim.name must be adamw or adamw8bit, got {o.name!r}")
+    check_config(cfg)
+    return cfg
+
+
+# Allowed values of every key that has limits: (key, test, requirement). Checked after the overrides,
+# before any work, so that a typo fails in a second instead of after a model is built (or never: a
+# negative warmup or keep = 0 ran silently).
+_CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.autocast": ("bfloat16", "float16", "float32"),
+    "run.param_dtype": ("float32", "bfloat16", "float16"),
+    "data.packing": ("concat", "best_fit", "none"),
+    "optim.name": ("adamw", "adamw8bit"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+}
+_RANGES: list[tuple[str, Any, str]] = [
+    ("run.seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    ("data.seq_len", lambda v: v >= 1, ">= 1"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    (
+        "optim.lr",
+        lambda v: v >= 0,
+        ">= 0 (0 keeps the weights: a run that only writes its initial checkpoint)",
+    ),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "> 0"),
+    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.decay_steps", lambda v: v >= 0, ">= 0 (0: 20% of the steps)"),
+    ("train.steps", lambda v: v >= 1, ">= 1"),
+    ("train.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no evaluation)"),
+    ("train.eval_batches", lambda v: v >= 1, ">= 1"),
+    ("train.max_bad_steps", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("checkpoint.keep", lambda v: v >= 1, ">= 1 (the newest checkpoints kept, the final one included)"),
+]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every value of ``cfg`` within its limits; ValueError naming the first key that is not."""
+
+    def get(key: str) -> Any:
+        section, _, name = key.partition(".")
+        return getattr(getattr(cfg, section), name)
+
+    for section in ("run", "data", "optim", "train", "checkpoint"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{section}.{f.name} must be a finite number, got {v}")
+    for key, allowed in _CHOICES.items():
+        if get(key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {get(key)!r}")
+    for key, ok, requirement in _RANGES:
+        if not ok(get(key)):
+            raise ValueError(f"{key} must be {requirement}, got {get(key)!r}")
+    o = cfg.optim
+    if o.min_lr > o.lr:
+        raise ValueError(f"optim.min_lr ({o.min_lr}) must be <= optim.lr ({o.lr})")
+    if not cfg.run.out_dir:
+        raise ValueError("run.out_dir must not be empty")
+    for key in ("data.train", "data.val"):
+        if not all(isinstance(p, str) and p for p in get(key)):
+            raise ValueError(
+                f"{key} must be a list of token-file prefixes (non-empty strings), got {get(key)!r}"
+            )
     if o.name == "adamw8bit" and cfg.dist.cpu_offload:
         # Offloaded, the step runs on the host, where AdamW8bit has only its torch reference: 216 ns per
         # parameter against torch AdamW's 8 (foreach; 8M fp32 parameters, best of 3, 2 threads on the 2-core
@@ -397,12 +481,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         raise ValueError(f"log.trackers: unknown tracker(s) {unknown}; known: {', '.join(TRACKERS)}")
     if cfg.log.wandb_mode not in ("offline", "online"):
         raise ValueError(f"log.wandb_mode must be offline or online, got {cfg.log.wandb_mode!r}")
-    if t.steps <= 0 or t.grad_accum <= 0 or cfg.data.batch_size <= 0 or cfg.data.seq_len <= 0:
-        raise ValueError("train.steps, train.grad_accum, data.batch_size and data.seq_len must be positive")
     lo = cfg.lora
     if lo.rank < 0:
         raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {lo.rank}")
     # The other keys are checked even with LoRA off, so a typo shows before the run that turns it on.
     check_lora(lo.rank or 1, lo.alpha, lo.dropout, lo.targets, lo.base_dtype)
-    cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
-    return cfg
+    try:
+        cfg.model_config(vocab_size=cfg.model.get("vocab_size", 32000))  # shape errors surface now
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"[model] {e}") from None

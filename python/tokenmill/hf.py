@@ -503,9 +503,8 @@ def export(
     adapter_model.safetensors, for ``peft.PeftModel.from_pretrained``; ``base_model`` fills its
     base_model_name_or_path, by default the base checkpoint's path) or ``merge=True`` (the adapters folded
     into the base: a normal Hugging Face folder)."""
-    from safetensors.torch import load_file
 
-    from tokenmill.checkpoint import read_meta
+    from tokenmill.checkpoint import load_model_state, read_meta
 
     ckpt, out = Path(checkpoint), Path(out)
     meta = read_meta(ckpt)
@@ -557,7 +556,7 @@ def export(
         _checked_adapters(ckpt, meta)  # before loading the (large) base
         state = Llama.from_checkpoint(ckpt, merge=True).state_dict()
     else:
-        state = load_file(str(ckpt / "model.safetensors"))
+        state = load_model_state(ckpt)
     tensors = {hf_name(k): v.to(tdtype).contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
@@ -602,8 +601,7 @@ def _peft_name(name: str) -> str:
 
 def _checked_adapters(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The adapter tensors of ``ckpt``, checked (names and shapes) against the model shape it records."""
-    from safetensors.torch import load_file
-
+    from tokenmill.checkpoint import load_model_state
     from tokenmill.lora import apply_lora
     from tokenmill.model import Llama
 
@@ -613,7 +611,7 @@ def _checked_adapters(ckpt: Path, meta: dict) -> dict[str, torch.Tensor]:
             Llama(LlamaConfig.from_dict(meta["model"])), lo["rank"], lo["alpha"], lo["dropout"], lo["targets"]
         )
     own = {k: tuple(p.shape) for k, p in probe.named_parameters() if p.requires_grad}
-    state = load_file(str(ckpt / "model.safetensors"))
+    state = load_model_state(ckpt)
     for k, shape in own.items():
         if k not in state or tuple(state[k].shape) != shape:
             got = tuple(state[k].shape) if k in state else "missing"

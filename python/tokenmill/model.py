@@ -185,9 +185,7 @@ class Llama(nn.Module):
         (``meta["base"]``) is loaded, adapted as it was trained (an NF4 base is quantised again) and, with
         ``merge=True`` (the default), the adapters are folded in: a plain ``Llama`` with dense weights.
         ``merge=False`` keeps the ``LoraLinear`` modules (``tm.model.merge_lora`` folds them later)."""
-        from safetensors.torch import load_file
-
-        from tokenmill.checkpoint import load_adapters, read_meta  # imports this module
+        from tokenmill.checkpoint import load_adapters, load_model_state, read_meta  # imports this module
 
         path = Path(path)
         meta = read_meta(path)
@@ -218,7 +216,7 @@ class Llama(nn.Module):
                 quantize_base(model)
             return (merge_lora(model) if merge else model).to(device)
         model = cls(LlamaConfig.from_dict(meta["model"]))
-        state = load_file(str(path / "model.safetensors"), device=str(device))
+        state = load_model_state(path, device=str(device))
         check_state_dict(model, state, str(path))
         model.load_state_dict(state)
         return model.to(device)

@@ -234,6 +234,13 @@ class Tokenizer:
         of that format)."""
         self._core.save_tiktoken(os.fspath(path))
 
+    # ----- pickling (multiprocessing spawn workers, datasets.map(num_proc=...)) -----
+
+    def __reduce__(self):
+        # By value, as the text of tokenmill's own format (every kind round-trips through it); the
+        # receiving process re-parses it, which also re-checks its fingerprint.
+        return (_from_native, (self._core.to_native(),))
+
     # ----- properties -----
 
     @property
@@ -457,3 +464,8 @@ class Tokenizer:
     def __repr__(self) -> str:
         kind = "sentencepiece" if self._core.is_sentencepiece else repr(self.pattern[:40])
         return f"Tokenizer(n_vocab={self.n_vocab}, pattern={kind}, special_tokens={len(self._specials)})"
+
+
+def _from_native(text: str) -> Tokenizer:
+    """Unpickle a :class:`Tokenizer` (module level so that pickle can name it)."""
+    return Tokenizer(_core.CoreTokenizer.from_native(text, "<pickled tokenizer>"))

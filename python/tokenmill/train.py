@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
@@ -31,12 +32,28 @@ from tokenmill import checkpoint as ckpt
 from tokenmill import hf, tracking
 from tokenmill import lora as L
 from tokenmill._fsutil import write_atomic
-from tokenmill.checkpoint import check_same_shape, latest_checkpoint, load_adapters, load_weights, read_meta
-from tokenmill.config import OptimSection, TrainConfig, load_config
+from tokenmill.checkpoint import (
+    CheckpointError,
+    check_same_shape,
+    latest_checkpoint,
+    load_adapters,
+    load_weights,
+    read_meta,
+)
+from tokenmill.config import OptimSection, TrainConfig, check_config, load_config
 from tokenmill.extras import install_hint, require
 from tokenmill.model import Llama
 
-__all__ = ["BadLossError", "TrainConfig", "OptimSection", "load_config", "lr_at", "main", "train"]
+__all__ = [
+    "BadLossError",
+    "TrainConfig",
+    "OptimSection",
+    "latest_checkpoint",
+    "load_config",
+    "lr_at",
+    "main",
+    "train",
+]
 # ----------------------------------------------------------------------------------------------------------
 # Learning rate, FLOPs, devices.
 
@@ -87,9 +104,17 @@ def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    env = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        try:
+            env[name] = int(os.environ.get(name, default))
+        except ValueError:
+            raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+    world, rank, local = env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"]
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(
+            f"environment variables RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE"
+        )
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"run.device must be auto, cpu or cuda, got {device!r}")
@@ -152,21 +177,51 @@ def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Op
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
     from tokenmill.data import DataLoader
 
-    def make(sources, seed):
-        return DataLoader(
-            sources,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.data.batch_size,
-            packing=cfg.data.packing,
-            seed=seed,
-            rank=rank,
-            world_size=world,
-            document_mask=cfg.data.document_mask,
-        )
+    def make(key, sources, seed):
+        try:
+            return DataLoader(
+                sources,
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.data.batch_size,
+                packing=cfg.data.packing,
+                seed=seed,
+                rank=rank,
+                world_size=world,
+                document_mask=cfg.data.document_mask,
+            )
+        except (ValueError, OSError) as e:  # a missing or broken token file: say which key listed it
+            raise type(e)(f"{key}: {e}") from None
 
-    return make(cfg.data.train, cfg.run.seed), (
-        make(cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
+    return make("data.train", cfg.data.train, cfg.run.seed), (
+        make("data.val", cfg.data.val, cfg.run.seed + 1) if cfg.data.val else None
     )
+
+
+def _resume_point(cfg: TrainConfig, rank: int, world: int) -> Optional[Path]:
+    """The verified checkpoint to resume from (None: a fresh run). ``auto`` takes the newest valid one,
+    with a notice for each damaged newer one; a named folder must be whole. Rank 0 reads and checks the
+    files once; the other ranks take its answer (or its error)."""
+    answer: list[Optional[str]] = [None, None]
+    if rank == 0:
+        try:
+            if cfg.checkpoint.resume == "auto":
+                found = ckpt.newest_valid(
+                    cfg.run.out_dir,
+                    notice=lambda m: print(f"tokenmill train: {m}", file=sys.stderr, flush=True),
+                )
+                answer[0] = str(found) if found else None
+            elif cfg.checkpoint.resume:
+                ckpt.verify(Path(cfg.checkpoint.resume))
+                answer[0] = cfg.checkpoint.resume
+        except (ValueError, OSError) as e:
+            if world == 1:
+                raise
+            answer[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise CheckpointError(answer[1])
+    return Path(answer[0]) if answer[0] else None
 
 
 def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
@@ -238,6 +293,7 @@ def train(
     ``train_data``/``val_data`` override the token files of ``cfg.data`` (each process passes its own shard).
     ``on_step(step, record)`` is called after every optimizer step (tests use it to interrupt a run).
     """
+    check_config(cfg)  # again: the caller may have edited cfg after load_config
     require("train", "training")  # safetensors is first needed at the end, for the checkpoint
     tracking.check(cfg.log.trackers)
     rank, world, device = _init_distributed(cfg.run.device)
@@ -260,11 +316,7 @@ def train(
         model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-    resume = None
-    if cfg.checkpoint.resume == "auto":
-        resume = latest_checkpoint(cfg.run.out_dir)
-    elif cfg.checkpoint.resume:
-        resume = Path(cfg.checkpoint.resume)
+    resume = _resume_point(cfg, rank, world)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     if cfg.data.sft and not cfg.train.init_from:
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
@@ -275,6 +327,9 @@ def train(
         raise ValueError(
             "lora.rank > 0 trains adapters on a frozen base: set train.init_from to its checkpoint"
         )
+    for ck in filter(None, (init_from, base)):  # a resume point was verified when it was chosen
+        if not hf.is_hf_folder(ck):
+            ckpt.verify(ck, ["model.safetensors"])
     for ck in filter(None, (resume, init_from, base)):
         if not hf.is_hf_folder(ck):  # an HF folder's shape was checked above (it defines model_cfg)
             check_same_shape(ck, model_cfg)
@@ -352,11 +407,11 @@ def train(
     elif world > 1:
         raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
     if base is not None:
-        load_weights(base, model, model_cfg, adapters=L.adapter_init(model, cfg.run.seed))
+        load_weights(base, model, model_cfg, adapters=L.adapter_init(model, cfg.run.seed), verified=True)
         if lora.base_dtype == "nf4":
             L.quantize_base(model)
     elif init_from is not None:
-        load_weights(init_from, model, model_cfg)
+        load_weights(init_from, model, model_cfg, verified=True)
 
     # -- optimizer: weight decay on matrices only (not norms); LoRA: the adapters alone
     params = [p for p in model.parameters() if p.requires_grad]
@@ -381,7 +436,7 @@ def train(
     if resume is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        meta = read_meta(resume)
+        meta = ckpt.read_meta(resume)
         if meta["world_size"] != world:
             why = (
                 " (adamw8bit quantises each rank's shard in its own blocks: its state cannot be re-sharded "
@@ -393,10 +448,10 @@ def train(
         if lora:
             load_adapters(resume, model)
         else:
-            load_weights(resume, model, model_cfg)
-        osd = torch.load(resume / "optimizer.pt", weights_only=True, map_location="cpu")
+            load_weights(resume, model, model_cfg, verified=True)
+        osd = ckpt.load_torch(resume / "optimizer.pt", map_location="cpu")
         set_optimizer_state_dict(model, optimizer, osd, options=ckpt.state_dict_options())
-        rs = torch.load(resume / f"rank_{rank}.pt", weights_only=True)
+        rs = ckpt.load_torch(resume / f"rank_{rank}.pt")
         if rs.get("loader") is not None:
             cast(Any, train_data).load_state_dict(rs["loader"])  # a DataLoader: the state came from one
         ckpt.set_rng_state(rs["rng"])
@@ -489,7 +544,14 @@ def train(
             path, model, optimizer, meta, {"loader": loader_state, "rng": ckpt.rng_state()}, rank, world
         )
         if rank == 0:
-            done = sorted(p for p in path.parent.glob("step_*") if ckpt.STEP_DIR.match(p.name))
+            # Only checkpoints up to this step count: newer ones are left from a run that resumed past
+            # them (damaged ones skipped by --resume auto); this run overwrites them as it gets there,
+            # and counting them could delete every good checkpoint while keeping the damaged ones.
+            done = sorted(
+                p
+                for p in path.parent.glob("step_*")
+                if ckpt.STEP_DIR.match(p.name) and int(p.name[5:]) <= step
+            )
             for old in done[: max(0, len(done) - cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -100,10 +100,29 @@ def _check_fingerprints(prefixes: list[str]) -> Optional[str]:
     return next(iter(seen.values()), None)
 
 
-def _default_rank() -> tuple[int, int]:
+def _default_rank() -> tuple[int, int, str]:
+    """(rank, world size, where they came from): the process group when one is initialised, else the
+    RANK and WORLD_SIZE variables torchrun sets (a loader built before init_process_group, or in a
+    torch DataLoader worker, still gets its shard), else a single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), "torch.distributed"
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    if env["RANK"] is None and env["WORLD_SIZE"] is None:
+        return 0, 1, "default"
+    if None in env.values():
+        have, missing = ("RANK", "WORLD_SIZE") if env["WORLD_SIZE"] is None else ("WORLD_SIZE", "RANK")
+        raise ValueError(
+            f"environment variable {have}={env[have]} is set but {missing} is not: set both (torchrun "
+            "does) or pass rank= and world_size="
+        )
+    values = []
+    for k in env:
+        v = os.environ[k]
+        try:
+            values.append(int(v))
+        except ValueError:
+            raise ValueError(f"environment variable {k}={v!r} is not an integer") from None
+    return values[0], values[1], "the RANK/WORLD_SIZE environment variables"
 
 
 class DataLoader(IterableDataset):
@@ -118,7 +137,8 @@ class DataLoader(IterableDataset):
         seq_len, batch_size: ``T`` and the per-rank ``B`` of each ``[B, T]`` batch.
         packing: ``"concat"``, ``"best_fit"`` or ``"none"`` (see the module docstring).
         seed: every shuffle and the mixing order derive from it.
-        rank, world_size: this process's shard (default: torch.distributed when initialised, else 0, 1).
+        rank, world_size: this process's shard (default: torch.distributed when initialised, else the
+            RANK and WORLD_SIZE environment variables torchrun sets, else 0, 1).
         document_mask: restart positions and split ``cu_seqlens`` at document boundaries.
         epochs: ``None`` repeats every source forever; ``n`` ends after the first source's n-th pass.
         drop_last: with a finite stream, drop the last incomplete global batch (default; keeps ranks in step).
@@ -161,12 +181,21 @@ class DataLoader(IterableDataset):
             raise ValueError(f"epochs must be None or a positive integer, got {epochs!r}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        if rank is None or world_size is None:
-            drank, dworld = _default_rank()
-            rank = drank if rank is None else rank
-            world_size = dworld if world_size is None else world_size
+        sources = ["argument", "argument"]
+        if rank is None or world_size is None:  # explicit arguments win over the defaults
+            drank, dworld, source = _default_rank()
+            if rank is None:
+                rank, sources[0] = drank, source
+            if world_size is None:
+                world_size, sources[1] = dworld, source
+        for name, v in (("rank", rank), ("world_size", world_size)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank} (from {sources[0]}), "
+                f"world_size={world_size} (from {sources[1]})"
+            )
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "pin_memory=True but no CUDA device is available: batches are not pinned", stacklevel=2

@@ -160,8 +160,8 @@ def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
 
 def _file_info(path: str) -> dict[str, Any]:
     """The manifest entry of one written file, computed by the Rust code that ``prepare`` uses."""
-    name, size, xxh3_128 = _core.manifest_file_info(path)
-    return {"name": name, "size": size, "xxh3_128": xxh3_128}
+    size, xxh3_128 = _core.file_checksum(path)
+    return {"name": os.path.basename(path), "size": size, "xxh3_128": xxh3_128}
 
 
 def _encode_records(rendered: list[list[Piece]], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:

@@ -172,11 +172,10 @@ pub fn prepared_verify(py: Python<'_>, prefix: PathBuf) -> PyResult<Vec<String>>
     detach(py, move || manifest::verify(&prefix))
 }
 
-/// A file's entry in a manifest: (name, size, xxh3-128), as prepare records it.
+/// Size and xxh3-128 (hex) of a file's bytes, as manifests record them; checkpoints use it too.
 #[pyfunction]
-pub fn manifest_file_info(py: Python<'_>, path: PathBuf) -> PyResult<(String, u64, String)> {
-    let info = detach(py, move || manifest::file_info(&path))?;
-    Ok((info.name, info.size, info.xxh3_128))
+pub fn file_checksum(py: Python<'_>, path: PathBuf) -> PyResult<(u64, String)> {
+    detach(py, move || manifest::file_checksum(&path))
 }
 
 /// Merge prepared shards into one dataset; returns the merged manifest as JSON.
@@ -192,6 +191,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prepared_stats, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_verify, m)?)?;
     m.add_function(wrap_pyfunction!(prepared_merge, m)?)?;
-    m.add_function(wrap_pyfunction!(manifest_file_info, m)?)?;
+    m.add_function(wrap_pyfunction!(file_checksum, m)?)?;
     Ok(())
 }

@@ -131,6 +131,21 @@ impl PyTokenizer {
         detach(py, move || formats::native::save(&t, &path))
     }
 
+    /// The native format as a string (what `save` writes): pickling sends this to other processes.
+    fn to_native(&self, py: Python<'_>) -> String {
+        let t = self.inner.clone();
+        py.detach(move || formats::native::to_string(&t))
+    }
+
+    /// Parse the native format from a string; `source` names it in errors.
+    #[staticmethod]
+    fn from_native(py: Python<'_>, text: PyBackedStr, source: String) -> PyResult<Self> {
+        detach(py, move || {
+            formats::native::parse(&text, std::path::Path::new(&source))
+        })
+        .map(Self::wrap)
+    }
+
     #[staticmethod]
     fn from_tiktoken_file(
         py: Python<'_>,
