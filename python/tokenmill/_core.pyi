@@ -27,7 +27,7 @@ __all__ = [
     "prepared_stats",
     "prepared_verify",
     "prepared_merge",
-    "manifest_file_info",
+    "file_checksum",
 ]
 
 # Names passed as str are checked in Rust (ValueError naming the valid ones); the Python wrappers
