@@ -313,9 +313,12 @@ class TrainConfig:
 
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
-# LlamaConfig's annotations are strings here (postponed evaluation); Optional[int] fields take an int.
+# LlamaConfig's annotations are strings here (postponed evaluation); Optional[int] fields take an int,
+# rope_scaling a TOML table.
 _MODEL_TYPES = {
-    f.name: {"int": int, "Optional[int]": int, "float": float, "bool": bool}[str(f.type)]
+    f.name: {"int": int, "Optional[int]": int, "float": float, "bool": bool, "Optional[RopeScaling]": dict}[
+        str(f.type)
+    ]
     for f in dataclasses.fields(LlamaConfig)
 }
 
