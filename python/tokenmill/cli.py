@@ -84,11 +84,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     if tok_path:
         from tokenmill import Tokenizer
 
-        tok = (
-            Tokenizer.load(tok_path)
-            if not tok_path.endswith(".json")
-            else Tokenizer.from_huggingface(tok_path)
-        )
+        tok = Tokenizer.from_file(tok_path)
         specials = set(tok.special_tokens.values())
         # Bytes each scored token stands for; special tokens stand for no text.
         byte_len = np.array(
@@ -269,7 +265,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if args.tokenizer:
             import tokenmill as tm
 
-            tok = tm.Tokenizer.load(args.tokenizer)
+            tok = tm.Tokenizer.from_file(args.tokenizer)
             decode = lambda t: repr(tok.decode([t]))  # noqa: E731
         print("  top tokens:")
         for t, c in s["top_tokens"]:
@@ -285,27 +281,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _load_tokenizer(path: str, pattern: str):
-    """By extension: tokenizer.json (Hugging Face), .model (SentencePiece), .tiktoken (+ --pattern),
-    anything else tokenmill's own format."""
-    from tokenmill.tokenizer import Tokenizer
-
-    if path.endswith(".json"):
-        return Tokenizer.from_huggingface(path)
-    if path.endswith(".model"):
-        return Tokenizer.from_sentencepiece(path)
-    if path.endswith(".tiktoken"):
-        return Tokenizer.from_tiktoken(path, pattern=pattern)
-    return Tokenizer.load(path)
-
-
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
     import numpy as np
 
-    tok = _load_tokenizer(args.tokenizer, args.pattern)
+    from tokenmill.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer, pattern=args.pattern)
     if args.text is not None:
         text = args.text
     elif args.input in (None, "-"):
@@ -347,7 +331,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         min_frequency=args.min_frequency,
         show_progress=not args.quiet,
     )
-    tok.save(args.out)
+    if args.out.endswith(".json"):
+        tok.save_huggingface(args.out)  # a tokenizer.json that transformers and `tokenizers` load
+    else:
+        tok.save(args.out)
     print(
         f"trained {tok.n_vocab} tokens ({len(tok.special_tokens)} special) on {len(args.files)} file(s) "
         f"in {time.perf_counter() - start:.1f}s -> {args.out}"
@@ -415,7 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = tok_sub.add_parser("train", help="train a byte-level BPE vocabulary on UTF-8 text files")
     t.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, each one document")
     t.add_argument("--vocab-size", type=int, required=True, help="total ids: 256 bytes + merges + specials")
-    t.add_argument("--out", required=True, help="where to save the tokenizer (Tokenizer.save format)")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="where to save: NAME.json writes a Hugging Face tokenizer.json (transformers loads it); any "
+        "other name, tokenmill's own format (use .tokenmill)",
+    )
     t.add_argument(
         "--pattern", default="llama3", help="gpt2, cl100k, o200k, llama3 or a regex (default llama3)"
     )
@@ -432,9 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument(
         "--tokenizer",
         required=True,
-        help="tokenizer file: tokenmill format, tokenizer.json, .model or .tiktoken",
+        help="tokenizer file in any format (Tokenizer.from_file): tokenmill, tokenizer.json, "
+        "SentencePiece .model or tiktoken ranks",
     )
-    enc.add_argument("--pattern", default="cl100k", help="pattern for a .tiktoken file (default cl100k)")
+    enc.add_argument(
+        "--pattern",
+        help="pre-tokenization pattern of a tiktoken ranks file (gpt2, cl100k, o200k, llama3 or a regex; "
+        "tiktoken's own r50k/p50k/cl100k/o200k_base files are recognised by name)",
+    )
     enc.add_argument("--text", help="encode this string instead of a file")
     enc.add_argument(
         "--allow-special",
@@ -449,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl(.gz/.zst)/.parquet files, directories, globs"
     )
-    pr.add_argument("--tokenizer", metavar="PATH", help="a tokenizer saved by Tokenizer.save")
+    pr.add_argument(
+        "--tokenizer", metavar="PATH", help="a tokenizer file in any format (Tokenizer.from_file)"
+    )
     pr.add_argument("--output", "-o", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx, .json")
     pr.add_argument(
         "--text-key", default="text", metavar="K", help="JSON key / Parquet column (default: text)"

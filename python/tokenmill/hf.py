@@ -95,7 +95,7 @@ def export(
     if tok_path:
         import tokenmill
 
-        tok = tokenmill.Tokenizer.load(tok_path)
+        tok = tokenmill.Tokenizer.from_file(tok_path)
         if tok.n_vocab > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"

@@ -116,7 +116,7 @@ def _load_tokenizer(cfg: TrainConfig, model_vocab: Optional[int]):
     """The run's tokenizer (None without one), its vocabulary checked against model.vocab_size."""
     if not cfg.data.tokenizer:
         return None
-    tok = tokenmill.Tokenizer.load(cfg.data.tokenizer)
+    tok = tokenmill.Tokenizer.from_file(cfg.data.tokenizer)
     if model_vocab is not None and tok.n_vocab > model_vocab:
         raise ValueError(
             f"tokenizer {cfg.data.tokenizer} has {tok.n_vocab} tokens but model.vocab_size is {model_vocab}"
