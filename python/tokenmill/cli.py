@@ -123,7 +123,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from tokenmill import hf
 
-    hf.export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    hf.export(
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        chat_template=args.chat_template,
+    )
     print(f"wrote {args.out} (load with transformers.LlamaForCausalLM.from_pretrained)")
     return 0
 
@@ -529,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N)")
     ex.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer.json)")
     ex.add_argument("--tokenizer", help="tokenizer file (default: the one recorded in the checkpoint)")
+    ex.add_argument(
+        "--chat-template",
+        choices=("alpaca", "chatml", "llama3"),
+        help="chat template for tokenizer_config.json (default: the SFT template the run trained on)",
+    )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.set_defaults(func=_cmd_export_hf)
 

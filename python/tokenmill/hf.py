@@ -73,10 +73,18 @@ def export(
     out: Union[str, Path],
     tokenizer: Optional[str] = None,
     dtype: str = "float32",
+    chat_template: Optional[str] = None,
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
     given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
-    it is written under a temporary name and renamed."""
+    it is written under a temporary name and renamed.
+
+    ``chat_template`` (default: the SFT template the checkpoint's run trained on, recorded in meta.json):
+    ``"alpaca"``, ``"chatml"`` or ``"llama3"``, written as a Jinja ``chat_template`` that renders chats
+    as that run's data did; its end-of-turn token becomes the eos (tokenizer_config, config.json and
+    generation_config.json, which also stops at the end-of-text token), so ``generate`` ends with the turn.
+    bos/eos/pad/unk are named in tokenizer_config.json (pad: a pad special token if any, else the
+    end-of-text token)."""
     from safetensors.torch import load_file, save_file
 
     from tokenmill.checkpoint import read_meta
@@ -103,23 +111,38 @@ def export(
     specials = dict(tok.special_tokens) if tok is not None else {}
     bos = tok.bos_token_id if tok is not None else None
     eos = tok.eos_token_id if tok is not None else None
+    template = chat_template or meta.get("chat_template")
+    jinja, stop = None, [] if eos is None else [eos]
+    if template:
+        if tok is None:
+            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
+        from tokenmill.data.sft import chat_template as render_template
+
+        jinja, eot = render_template(template, tok)
+        stop = [eot] + [i for i in stop if i != eot]
+        eos = eot
+    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
+    pad = pad if pad is not None else (stop[-1] if stop else None)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, bos, eos), indent=2))
-    (tmp / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2)
+    (tmp / "config.json").write_text(
+        json.dumps({**hf_config(cfg, dtype, bos, eos), "pad_token_id": pad}, indent=2)
     )
+    gen = {"bos_token_id": bos, "eos_token_id": stop if len(stop) > 1 else eos, "pad_token_id": pad}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tok is not None:
         tok.save_huggingface(str(tmp / "tokenizer.json"))
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
         names = {v: k for k, v in specials.items()}
-        if bos is not None:
-            tok_cfg["bos_token"] = names[bos]
-        if eos is not None:
-            tok_cfg["eos_token"] = names[eos]
+        unk = specials.get("<unk>")
+        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
+            if i is not None:
+                tok_cfg[key] = names[i]
+        if jinja is not None:
+            tok_cfg["chat_template"] = jinja
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

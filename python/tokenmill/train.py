@@ -395,6 +395,8 @@ def train(
     def checkpoint() -> None:
         path = out / "checkpoints" / f"step_{step:08d}"
         loader_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
+        from tokenmill.data.sft import template_of  # export-hf writes the chat template the data used
+
         meta = {
             "step": step,
             "tokens": tokens_seen,
@@ -404,6 +406,7 @@ def train(
             "config": cfg.to_dict(),
             "tokenizer": str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else "",
             "tokenmill": tokenmill.__version__,
+            "chat_template": template_of(cfg.data.train) if cfg.data.sft else None,
             "history": [h for h in history if "tokens" in h or "val_loss" in h],
         }
         ckpt.save(
