@@ -74,6 +74,10 @@ class Trainer(transformers.Trainer):
                 f"and num_train_epochs=1 (got {a.num_train_epochs}), or use max_steps"
             )
         self._loader_start_step = 0  # the global step the loader's origin stands for
+        if not hasattr(transformers.Trainer, "get_resumed_dataloader"):
+            # Older transformers skip the resumed epoch's batches by replaying them; the restored loader
+            # is already past them.
+            a.ignore_data_skip = True
 
     def _wrap(self, loader: DataLoader) -> Any:
         if self.args.dataloader_num_workers == 0:
