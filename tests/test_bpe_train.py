@@ -424,12 +424,28 @@ def test_cli_train(tmp_path, prose_corpus):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "trained 700 tokens" in r.stdout
-    tok = Tokenizer.load(out)
+    # NAME.json is a Hugging Face tokenizer.json: `tokenizers` (hence transformers) reads it, and so
+    # does every tokenmill command (Tokenizer.from_file).
+    import tokenizers
+
+    assert tokenizers.Tokenizer.from_file(str(out)).get_vocab_size() == 700
+    tok = Tokenizer.from_file(out)
     want = Tokenizer.train_files(
         paths, 700, pattern="cl100k", special_tokens=["<|eot|>"], show_progress=False
     )
     assert tok.n_vocab == 700 and tok.special_tokens == {"<|eot|>": 699}
     assert tok.encode(prose_corpus[0]) == want.encode(prose_corpus[0])
+    assert tokenizers.Tokenizer.from_file(str(out)).encode(prose_corpus[0]).ids == want.encode(
+        prose_corpus[0]
+    )
+    native = tmp_path / "tok.tokenmill"
+    r = subprocess.run(
+        cmd[:-8] + ["--out", str(native), "--special-token", "<|eot|>", "--pattern", "cl100k"],
+        capture_output=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and native.read_bytes().startswith(b"tokenmill-tokenizer")
+    assert Tokenizer.from_file(native).encode(prose_corpus[0]) == want.encode(prose_corpus[0])
     r = subprocess.run(
         cmd[:5] + [str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", str(out)],
         capture_output=True,

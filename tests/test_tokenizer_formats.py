@@ -13,6 +13,7 @@ import tokenmill as tm
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_tokenizer import TRICKY, pair, text_strategy, training_texts_cached
+from tokenmill.tokenizer import pattern_string
 
 tokenizers = pytest.importorskip("tokenizers")
 spm = pytest.importorskip("sentencepiece")
@@ -609,6 +610,10 @@ def test_fuzzed_files_raise_valueerror_naming_the_file(originals, tmp_path_facto
         _loaders()[kind](path)
     except ValueError as e:
         assert "fuzzed-" in str(e)
+    try:  # the one loader sniffs the (mutated) content: an error still names the file
+        tm.Tokenizer.from_file(path, pattern="llama3" if kind == "tiktoken" else None)
+    except ValueError as e:
+        assert "fuzzed-" in str(e)
 
 
 def test_malformed_huggingface_files_name_the_problem(tmp_path, originals):
@@ -626,3 +631,53 @@ def test_malformed_huggingface_files_name_the_problem(tmp_path, originals):
         with pytest.raises(ValueError, match=message) as info:
             tm.Tokenizer.from_huggingface(path)
         assert f"{name}.json" in str(info.value)
+
+
+# ----- Tokenizer.from_file: one loader for every format, by content -----
+
+
+def test_from_file_reads_every_format_by_content(sp_trained, tmp_path):
+    """Each format under a name that says nothing about it loads to the tokenizer its own loader gives."""
+    small = tm.Tokenizer.from_tiktoken(
+        [bytes([b]) for b in range(256)] + [b"ab", b"abc", b" a"], pattern="llama3", special_tokens=["<s>"]
+    )
+    text = "abc ab a <s> \u00e9\U0001f600 abcab"
+    small.save(tmp_path / "native")
+    small.save_huggingface(tmp_path / "hf")
+    small.save_tiktoken(tmp_path / "ranks")
+    _, spm_ours, spm_path = sp_trained
+    cases = {
+        "native": (tmp_path / "native", None, small),
+        "hf": (tmp_path / "hf", None, tm.Tokenizer.from_huggingface(tmp_path / "hf")),
+        "tiktoken": (tmp_path / "ranks", "llama3", tm.Tokenizer.from_tiktoken(tmp_path / "ranks", "llama3")),
+        "spm": (spm_path, None, spm_ours),
+    }
+    for kind, (path, pattern, want) in cases.items():
+        got = tm.Tokenizer.from_file(path, pattern=pattern)
+        assert got.fingerprint == want.fingerprint, kind
+        assert got.encode(text, allowed_special="all") == want.encode(text, allowed_special="all"), kind
+    assert tm.Tokenizer.from_file(tmp_path / "native").special_tokens == {"<s>": 259}
+
+
+def test_from_file_tiktoken_pattern_rules(tmp_path):
+    ranks = [bytes([b]) for b in range(256)] + [b"ab"]
+    tm.Tokenizer.from_tiktoken(ranks).save_tiktoken(tmp_path / "mine.tiktoken")
+    with pytest.raises(
+        ValueError, match="mine.tiktoken: a tiktoken ranks file holds no pre-tokenization pattern"
+    ):
+        tm.Tokenizer.from_file(tmp_path / "mine.tiktoken")
+    assert tm.Tokenizer.from_file(tmp_path / "mine.tiktoken", pattern="gpt2").pattern == pattern_string(
+        "gpt2"
+    )
+    # tiktoken's own files are known by name: tiktoken's pattern and special tokens.
+    (tmp_path / "cl100k_base.tiktoken").write_bytes((tmp_path / "mine.tiktoken").read_bytes())
+    tok = tm.Tokenizer.from_file(tmp_path / "cl100k_base.tiktoken")
+    assert tok.pattern == pattern_string("cl100k") and tok.special_tokens["<|endoftext|>"] == 100257
+    tm.Tokenizer.from_tiktoken(ranks).save(tmp_path / "native")
+    with pytest.raises(ValueError, match="pattern applies to tiktoken files only"):
+        tm.Tokenizer.from_file(tmp_path / "native", pattern="gpt2")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match="notes.txt: not a tokenizer file"):
+        tm.Tokenizer.from_file(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        tm.Tokenizer.from_file(tmp_path / "absent.json")

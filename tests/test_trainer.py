@@ -668,6 +668,10 @@ def test_sft_end_to_end_with_prepare_sft(tmp_path):
     sft_opts += ["--data.seq_len=128", "--data.batch_size=2"]  # one Alpaca record (~115 tokens) per row
     h = T.train(config(tmp_path / "sft", *sft_opts, f"--train.init_from={ckpt}", "--train.steps=12"))
     assert h[-1]["loss"] < h[0]["loss"]
+    # The checkpoint records the template its data used (export-hf writes it as the chat_template).
+    meta = json.loads((Path(latest_checkpoint(str(tmp_path / "sft" / "run"))) / "meta.json").read_text())
+    assert meta["chat_template"] == "alpaca"
+    assert json.loads((Path(ckpt) / "meta.json").read_text())["chat_template"] is None
 
 
 def test_batch_without_labels_is_skipped_not_counted(tmp_path):

@@ -136,11 +136,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     if tok_path:
         from tokenmill import Tokenizer
 
-        tok = (
-            Tokenizer.load(tok_path)
-            if not tok_path.endswith(".json")
-            else Tokenizer.from_huggingface(tok_path)
-        )
+        tok = Tokenizer.from_file(tok_path)
         specials = set(tok.special_tokens.values())
         # Bytes each scored token stands for; special tokens stand for no text.
         byte_len = np.array(
@@ -184,6 +180,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
         args.out,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
+        chat_template=args.chat_template,
         adapter=args.adapter,
         merge=args.merge,
         base_model=args.base_model,
@@ -344,7 +341,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if args.tokenizer:
             import tokenmill as tm
 
-            tok = tm.Tokenizer.load(args.tokenizer)
+            tok = tm.Tokenizer.from_file(args.tokenizer)
             decode = lambda t: repr(tok.decode([t]))  # noqa: E731
         print("  top tokens:")
         for t, c in s["top_tokens"]:
@@ -360,24 +357,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _load_tokenizer(path: str, pattern: str):
-    """By extension: tokenizer.json (Hugging Face), .model (SentencePiece), .tiktoken (+ --pattern),
-    anything else tokenmill's own format."""
-    from tokenmill.tokenizer import Tokenizer
-
-    if path.endswith(".json"):
-        return Tokenizer.from_huggingface(path)
-    if path.endswith(".model"):
-        return Tokenizer.from_sentencepiece(path)
-    if path.endswith(".tiktoken"):
-        return Tokenizer.from_tiktoken(path, pattern=pattern)
-    return Tokenizer.load(path)
-
-
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    tok = _load_tokenizer(args.tokenizer, args.pattern)
+    from tokenmill.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer, pattern=args.pattern)
     if args.text is not None:
         text = args.text
     elif args.input in (None, "-"):
@@ -411,7 +396,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         strict=args.strict,
     )
-    tok.save(args.out)
+    if args.out.endswith(".json"):
+        tok.save_huggingface(args.out)  # a tokenizer.json that transformers and `tokenizers` load
+    else:
+        tok.save(args.out)
     print(
         f"trained {tok.n_vocab} tokens ({len(tok.special_tokens)} special) on {len(args.files)} file(s) "
         f"in {time.perf_counter() - start:.1f}s -> {args.out}"
@@ -509,7 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="total ids: 256 bytes + merges + specials",
     )
-    t.add_argument("--out", required=True, help="where to save the tokenizer (Tokenizer.save format)")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="where to save: NAME.json writes a Hugging Face tokenizer.json (transformers loads it); any "
+        "other name, tokenmill's own format (use .tokenmill)",
+    )
     t.add_argument(
         "--pattern", default="llama3", help="gpt2, cl100k, o200k, llama3 or a regex (default llama3)"
     )
@@ -534,9 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument(
         "--tokenizer",
         required=True,
-        help="tokenizer file: tokenmill format, tokenizer.json, .model or .tiktoken",
+        help="tokenizer file in any format (Tokenizer.from_file): tokenmill, tokenizer.json, "
+        "SentencePiece .model or tiktoken ranks",
     )
-    enc.add_argument("--pattern", default="cl100k", help="pattern for a .tiktoken file (default cl100k)")
+    enc.add_argument(
+        "--pattern",
+        help="pre-tokenization pattern of a tiktoken ranks file (gpt2, cl100k, o200k, llama3 or a regex; "
+        "tiktoken's own r50k/p50k/cl100k/o200k_base files are recognised by name)",
+    )
     enc.add_argument("--text", help="encode this string instead of a file")
     enc.add_argument(
         "--allow-special",
@@ -556,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl(.gz/.zst)/.parquet files, directories, globs"
     )
-    pr.add_argument("--tokenizer", metavar="PATH", help="a tokenizer saved by Tokenizer.save")
+    pr.add_argument(
+        "--tokenizer", metavar="PATH", help="a tokenizer file in any format (Tokenizer.from_file)"
+    )
     pr.add_argument("--output", "-o", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx, .json")
     pr.add_argument(
         "--text-key", default="text", metavar="K", help="JSON key / Parquet column (default: text)"
@@ -661,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="checkpoint folder (out_dir/checkpoints/step_N)")
     ex.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer.json)")
     ex.add_argument("--tokenizer", help="tokenizer file (default: the one recorded in the checkpoint)")
+    ex.add_argument(
+        "--chat-template",
+        choices=("alpaca", "chatml", "llama3"),
+        help="chat template for tokenizer_config.json (default: the SFT template the run trained on)",
+    )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     kind = ex.add_mutually_exclusive_group()
     kind.add_argument(

@@ -66,7 +66,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         _texts(train_files[0]), vocab_size=vocab, pattern="gpt2", special_tokens=["<|endoftext|>"]
     )
     tok_path = out / "tokenizer.json"
-    tok.save(str(tok_path))
+    tok.save_huggingface(str(tok_path))
     sample = "def mean(values):\n    return sum(values) / len(values)\n"
     n_ids = len(tok.encode(sample))
     print(

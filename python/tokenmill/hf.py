@@ -319,8 +319,7 @@ def _load_tokenizer(src: _Source):
         return None
     from tokenmill.tokenizer import Tokenizer
 
-    load = Tokenizer.from_huggingface if src.tokenizer.suffix == ".json" else Tokenizer.from_sentencepiece
-    tok = load(src.tokenizer)
+    tok = Tokenizer.from_file(src.tokenizer)  # tokenizer.json or tokenizer.model
     if tok.n_vocab > src.config.vocab_size:
         raise ValueError(
             f"{src.tokenizer}: {tok.n_vocab} tokens but config.json vocab_size is {src.config.vocab_size}"
@@ -494,10 +493,18 @@ def export(
     adapter: bool = False,
     merge: bool = False,
     base_model: Optional[str] = None,
+    chat_template: Optional[str] = None,
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
     given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
     it is written under a temporary name and renamed.
+
+    ``chat_template`` (default: the SFT template the checkpoint's run trained on, recorded in meta.json):
+    ``"alpaca"``, ``"chatml"`` or ``"llama3"``, written as a Jinja ``chat_template`` that renders chats
+    as that run's data did; its end-of-turn token becomes the eos (tokenizer_config, config.json and
+    generation_config.json, which also stops at the end-of-text token), so ``generate`` ends with the turn.
+    bos/eos/pad/unk are named in tokenizer_config.json (pad: a pad special token if any, else the
+    end-of-text token).
 
     A LoRA adapter checkpoint needs ``adapter=True`` (a PEFT adapter folder: adapter_config.json +
     adapter_model.safetensors, for ``peft.PeftModel.from_pretrained``; ``base_model`` fills its
@@ -569,7 +576,7 @@ def export(
     if tok_path:
         import tokenmill
 
-        tok = tokenmill.Tokenizer.load(tok_path)
+        tok = tokenmill.Tokenizer.from_file(tok_path)
         if tok.n_vocab > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
@@ -577,17 +584,36 @@ def export(
     specials = dict(tok.special_tokens) if tok is not None else {}
     bos = tok.bos_token_id if tok is not None else None
     eos = tok.eos_token_id if tok is not None else None
+    template = chat_template or meta.get("chat_template")
+    jinja, stop = None, [] if eos is None else [eos]
+    if template:
+        if tok is None:
+            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
+        from tokenmill.data.sft import chat_template as render_template
+
+        jinja, eot = render_template(template, tok)
+        stop = [eot] + [i for i in stop if i != eot]
+        eos = eot
+    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
+    pad = pad if pad is not None else (stop[-1] if stop else None)
+
     files: dict = {
-        "config.json": hf_config(cfg, dtype, bos, eos),
-        "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos},
+        "config.json": {**hf_config(cfg, dtype, bos, eos), "pad_token_id": pad},
+        "generation_config.json": {
+            "bos_token_id": bos,
+            "eos_token_id": stop if len(stop) > 1 else eos,
+            "pad_token_id": pad,
+        },
     }
     if tok is not None:
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
         names = {v: k for k, v in specials.items()}
-        if bos is not None:
-            tok_cfg["bos_token"] = names[bos]
-        if eos is not None:
-            tok_cfg["eos_token"] = names[eos]
+        unk = specials.get("<unk>")
+        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
+            if i is not None:
+                tok_cfg[key] = names[i]
+        if jinja is not None:
+            tok_cfg["chat_template"] = jinja
         files["tokenizer_config.json"] = tok_cfg
     return _write(out, {"model.safetensors": tensors}, files, tok)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Optional, Union
@@ -32,6 +33,26 @@ PATTERNS = ("gpt2", "cl100k", "o200k", "llama3")
 EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|eot_id|>")
 #: Special tokens that begin a text, in order of preference.
 BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>")
+
+# tiktoken's published ranks files, recognised by file name: their pattern and special tokens (a
+# ``.tiktoken`` file holds neither), as tiktoken_ext/openai_public.py defines them.
+_TIKTOKEN_FILES = {
+    "r50k_base": ("gpt2", {"<|endoftext|>": 50256}),
+    "gpt2": ("gpt2", {"<|endoftext|>": 50256}),
+    "p50k_base": ("gpt2", {"<|endoftext|>": 50256}),
+    "cl100k_base": (
+        "cl100k",
+        {
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+    ),
+    "o200k_base": ("o200k", {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
+}
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
 
 
 def pattern_string(name: str) -> str:
@@ -101,7 +122,7 @@ class Tokenizer:
     """A byte-level BPE tokenizer (or a SentencePiece BPE model loaded with :meth:`from_sentencepiece`).
 
     Build one with :meth:`train`, :meth:`from_tiktoken`, :meth:`from_huggingface`,
-    :meth:`from_sentencepiece` or :meth:`load`. Instances are immutable and thread-safe.
+    :meth:`from_sentencepiece` or :meth:`load`; :meth:`from_file` loads any of those files. Instances are immutable and thread-safe.
     """
 
     __slots__ = ("_core", "_specials")
@@ -216,8 +237,60 @@ class Tokenizer:
         return cls(_core.CoreTokenizer.from_sentencepiece(os.fspath(path)))
 
     @classmethod
+    def from_file(cls, path: PathLike, pattern: Optional[str] = None) -> Tokenizer:
+        """The one loader: any supported tokenizer file, recognised by its content (not its name):
+
+        * tokenmill's own format (:meth:`save`; first line ``tokenmill-tokenizer``) -> :meth:`load`;
+        * a Hugging Face ``tokenizer.json`` (a JSON object) -> :meth:`from_huggingface`;
+        * tiktoken ranks (``base64 rank`` lines, e.g. ``cl100k_base.tiktoken`` or LLaMA-3's
+          ``tokenizer.model``) -> :meth:`from_tiktoken`. The format holds no pattern and no special tokens:
+          tiktoken's own files (``r50k_base``, ``p50k_base``, ``cl100k_base``, ``o200k_base`` by file name)
+          get tiktoken's pattern and special tokens; any other needs ``pattern`` (a name from
+          :data:`PATTERNS` or a regex; for LLaMA-3, ``"llama3"``) and has no special tokens (use
+          :meth:`from_tiktoken` to add them);
+        * a SentencePiece ``.model`` (protobuf) -> :meth:`from_sentencepiece`.
+
+        ``pattern`` is only for tiktoken files (the other formats carry their own): ValueError elsewhere.
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such tokenizer file") from None
+        if head.startswith(b"tokenmill-tokenizer"):
+            kind = "tokenmill"
+        elif head.lstrip()[:1] == b"{":
+            kind = "huggingface"
+        elif _TIKTOKEN_LINE.match(head):
+            kind = "tiktoken"
+        elif head[:1] == b"\x0a":  # protobuf field 1 (pieces), length-delimited: a SentencePiece model
+            kind = "sentencepiece"
+        else:
+            raise ValueError(
+                f"{path}: not a tokenizer file tokenmill reads (tokenmill format, Hugging Face "
+                "tokenizer.json, tiktoken ranks or SentencePiece .model)"
+            )
+        if kind == "tiktoken":
+            stem = os.path.basename(path).split(".")[0]
+            known_pattern, specials = _TIKTOKEN_FILES.get(stem, (None, None))
+            if pattern is None and known_pattern is None:
+                raise ValueError(
+                    f"{path}: a tiktoken ranks file holds no pre-tokenization pattern: give one "
+                    f"(pattern= / --pattern: {', '.join(PATTERNS)} or a regex; LLaMA-3 uses llama3)"
+                )
+            return cls.from_tiktoken(path, pattern=pattern or known_pattern, special_tokens=specials)
+        if pattern is not None:
+            raise ValueError(f"{path}: pattern applies to tiktoken files only; this {kind} file has its own")
+        if kind == "tokenmill":
+            return cls.load(path)
+        if kind == "huggingface":
+            return cls.from_huggingface(path)
+        return cls.from_sentencepiece(path)
+
+    @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
-        """Load a file written by :meth:`save`."""
+        """Load a file written by :meth:`save` (:meth:`from_file` reads every format)."""
         return cls(_core.CoreTokenizer.load(os.fspath(path)))
 
     def save(self, path: PathLike) -> None:

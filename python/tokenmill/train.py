@@ -138,7 +138,7 @@ def _load_tokenizer(cfg: TrainConfig, model_vocab: Optional[int]):
     """The run's tokenizer (None without one), its vocabulary checked against model.vocab_size."""
     if not cfg.data.tokenizer:
         return None
-    tok = tokenmill.Tokenizer.load(cfg.data.tokenizer)
+    tok = tokenmill.Tokenizer.from_file(cfg.data.tokenizer)
     if model_vocab is not None and tok.n_vocab > model_vocab:
         raise ValueError(
             f"tokenizer {cfg.data.tokenizer} has {tok.n_vocab} tokens but model.vocab_size is {model_vocab}"
@@ -527,6 +527,8 @@ def train(
     def checkpoint() -> None:
         path = out / "checkpoints" / f"step_{step:08d}"
         loader_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
+        from tokenmill.data.sft import template_of  # export-hf writes the chat template the data used
+
         meta = {
             "step": step,
             "tokens": tokens_seen,
@@ -536,6 +538,7 @@ def train(
             "config": cfg.to_dict(),
             "tokenizer": str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else "",
             "tokenmill": tokenmill.__version__,
+            "chat_template": template_of(cfg.data.train) if cfg.data.sft else None,
             "history": [h for h in history if "tokens" in h or "val_loss" in h],
         }
         if lora:

@@ -1,5 +1,6 @@
 """Token data: corpus preparation (``prepare``), Megatron-compatible token files (``TokenDataset``),
-instruction-tuning data (``prepare_sft``) and the PyTorch ``DataLoader``. Names load on first use."""
+instruction-tuning data (``prepare_sft``), the PyTorch ``DataLoader`` and ``hf.Trainer`` (transformers'
+Trainer fed by it). Names load on first use."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ __all__ = ["DataLoader", "TokenDataset", "inspect", "merge", "prepare", "prepare
 
 
 def __getattr__(name: str) -> Any:
+    if name == "hf":  # tm.data.hf.Trainer; imports transformers, so only when asked for
+        return importlib.import_module("tokenmill.data.hf")
     if name in _ATTRS:
         return getattr(importlib.import_module(_ATTRS[name]), name)
     raise AttributeError(f"module 'tokenmill.data' has no attribute {name!r}")

@@ -31,6 +31,25 @@ int32 (flash-attention varlen layout over the flattened ``B * T`` tokens; paddin
 restart at 0 at every document boundary and at the start of each row (Megatron's ``reset_position_ids``).
 With ``document_mask=False``: plain causal rows (positions ``0..T-1``, one segment per row; in
 ``concat`` the labels then run across documents, as GPT-2 training does).
+
+``format="hf"`` yields what Hugging Face causal LMs (``LlamaForCausalLM`` and kin) take as ``model(**batch)``:
+``input_ids``, ``position_ids``, and ``labels`` *aligned with* ``input_ids`` (the model shifts them:
+``labels[:, i]`` is ``input_ids[:, i]`` where position ``i - 1`` predicts it, -100 elsewhere, always at
+column 0), plus, with ``document_mask``, the flash-attention varlen keys transformers reads
+(``cu_seq_lens_q``/``cu_seq_lens_k`` int32 over the flattened ``B * T`` tokens, ``max_length_q``/
+``max_length_k`` ints) and ``use_cache=False``. No ``attention_mask``: without one and without a KV cache
+(which ``config.use_cache`` would otherwise create, in training too), transformers' SDPA/eager attention
+keeps each document to itself from the restarting ``position_ids``; flash attention uses ``cu_seq_lens_*``. The
+one label an aligned row cannot hold is dropped: the last column's target (in ``concat``, the token just
+past the window), i.e. at most one labelled token per row.
+
+torch DataLoader workers
+------------------------
+``torch.utils.data.DataLoader(loader, batch_size=None, num_workers=N)``: worker ``w`` renders this rank's
+batches ``w, w + N, ...``, which torch hands over in order, so the stream is the single-process one. Each
+worker's ``state_dict()`` (what torchdata's ``StatefulDataLoader`` saves per worker) is that worker's own
+place, and restores only into the same worker of the same ``N``; the main process's copy does not move
+(use ``state_dict(batches=n)`` there, or ``StatefulDataLoader``).
 """
 
 from __future__ import annotations
@@ -58,6 +77,7 @@ from tokenmill.data.dataset import (
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
+FORMATS = ("tokenmill", "hf")
 
 Sources = Union[PathLike, "list[PathLike]", "Mapping[PathLike, float]"]
 
@@ -148,6 +168,8 @@ class DataLoader(IterableDataset):
         pin_memory: render straight into page-locked torch tensors (for ``.cuda(non_blocking=True)``); the
             prefetch thread is then a Python thread that calls Rust (GIL released while rendering).
         num_threads: Rust threads rendering the rows of a batch.
+        format: ``"tokenmill"`` (the keys above, for tokenmill's own model and trainer) or ``"hf"``
+            (``model(**batch)`` for a transformers causal LM; see the module docstring).
     """
 
     def __init__(
@@ -167,8 +189,11 @@ class DataLoader(IterableDataset):
         prefetch: int = 2,
         pin_memory: bool = False,
         num_threads: Optional[int] = None,
+        format: str = "tokenmill",
     ):
         super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.prefixes, self.weights = _normalize_sources(sources)
         if packing in (None, False, "none"):
             packing = "none"
@@ -209,6 +234,7 @@ class DataLoader(IterableDataset):
         self.document_mask, self.epochs, self.drop_last = bool(document_mask), epochs, drop_last
         self.pad_id, self.prefetch, self.pin_memory = int(pad_id), int(prefetch), bool(pin_memory)
         self.num_threads = int(num_threads or min(4, os.cpu_count() or 1))
+        self.format = format
         self.masks = [mask_prefix(p) for p in self.prefixes]
         self.tokenizer_fingerprint = _check_fingerprints(self.prefixes)
         self._rust: Optional[Any] = None
@@ -216,6 +242,7 @@ class DataLoader(IterableDataset):
         self._core()  # open and validate every file now, not mid-run
         self.position = 0  # global index of the next sample this loader's stream starts from
         self._origin = 0
+        self._worker: tuple[int, int] = (0, 1)  # (id, count) of the torch worker a loaded state came from
 
     # -- construction and pickling (torch DataLoader workers get a copy; the Rust side reopens) --
 
@@ -306,6 +333,14 @@ class DataLoader(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if self._worker[1] > 1 and self._worker != (first, step):
+            raise ValueError(
+                f"this loader state was saved by torch DataLoader worker {self._worker[0]} of "
+                f"{self._worker[1]}; it resumes only there (torchdata's StatefulDataLoader with "
+                f"num_workers={self._worker[1]}), here it is worker {first} of {step}. To change the "
+                "worker count, resume from the main process's loader.state_dict(batches=n)"
+            )
+        self._worker = (first, step)
         core = self._core()
         schedule = self._schedule(self.position, first, step)
         if self.prefetch and not self.pin_memory:
@@ -315,9 +350,10 @@ class DataLoader(IterableDataset):
         else:
             batches = (self._render(core, s, r) for s, r in self._batch_starts(*schedule))
         for batch in batches:
-            # Position advances when a batch is handed over (prefetched ones do not count).
-            self.position += self.global_batch_size
-            yield batch
+            # Position advances when a batch is handed over (prefetched ones do not count). In worker w of
+            # N it is that worker's place: its next batch is N global batches on.
+            self.position += self.global_batch_size * step
+            yield to_hf(batch, self.document_mask) if self.format == "hf" else batch
 
     def _prefetched_rust(
         self, core: Any, schedule: tuple[int, int, Optional[int]]
@@ -386,6 +422,7 @@ class DataLoader(IterableDataset):
         return {
             "version": STATE_VERSION,
             "sample_index": position,
+            "worker": list(self._worker) if batches is None else [0, 1],
             "global_batch_size": self.global_batch_size,
             "seed": self.seed,
             "seq_len": self.seq_len,
@@ -411,7 +448,11 @@ class DataLoader(IterableDataset):
         position = int(state["sample_index"])
         if position < 0:
             raise ValueError(f"sample_index must be >= 0, got {position}")
+        worker = tuple(int(x) for x in state.get("worker", (0, 1)))
+        if len(worker) != 2 or not 0 <= worker[0] < worker[1]:
+            raise ValueError(f"loader state 'worker' must be [id, count] with 0 <= id < count, got {worker}")
         self.position = self._origin = position
+        self._worker = worker  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (
@@ -419,3 +460,19 @@ class DataLoader(IterableDataset):
             f"batch_size={self.batch_size}, packing={self.packing!r}, rank={self.rank}/{self.world_size}, "
             f"position={self.position})"
         )
+
+
+def to_hf(batch: dict[str, Any], document_mask: bool = True) -> dict[str, Any]:
+    """A tokenmill batch as transformers' causal LMs take it (``format="hf"``; see the module docstring)."""
+    lab = batch["labels"]
+    # Our label i is the token after input i, or -100; transformers wants it at column i + 1 (and when it
+    # is not -100 it *is* input_ids[:, i + 1], so the shifted row is exactly the aligned labels).
+    aligned = torch.empty_like(lab)
+    aligned[:, 0] = IGNORE_INDEX
+    aligned[:, 1:] = lab[:, :-1]
+    out = {"input_ids": batch["input_ids"], "labels": aligned, "position_ids": batch["position_ids"]}
+    if document_mask:
+        cu, m = batch["cu_seqlens"], int(batch["max_seqlen"])
+        # A cache switches transformers' packed-row detection off (masking_utils), silently.
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
+    return out

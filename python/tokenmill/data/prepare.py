@@ -149,7 +149,7 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
-        return Tokenizer.load(tokenizer)
+        return Tokenizer.from_file(tokenizer)
     raise TypeError(
         f"tokenizer must be a tokenmill.Tokenizer or the path of one, not {type(tokenizer).__name__}"
     )

@@ -145,6 +145,115 @@ def _render(turns: list[tuple[str, str]], template: str, tokenizer: Any, where: 
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
+def _lit(text: str) -> str:
+    """A Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template(template: str, tokenizer: Any) -> tuple[str, int]:
+    """The Jinja ``chat_template`` (Hugging Face ``tokenizer_config.json``) that renders a chat's
+    ``messages`` as :func:`prepare_sft` does with ``template``, and the id of the token that ends an
+    assistant turn (the eos a chat model's ``generate`` must stop at). ``add_generation_prompt`` appends
+    the opening of an assistant turn. Ids equal ours wherever a text piece's edge is a pre-tokenization
+    boundary (content starting with a letter, digit or space after ``"\\n"``: the usual case)."""
+    names = {v: k for k, v in tokenizer.special_tokens.items()}
+    if template == "chatml":
+        start, end = (
+            _special(tokenizer, "<|im_start|>", template),
+            _special(tokenizer, "<|im_end|>", template),
+        )
+        turn = f"{_lit(names[start])} + m['role'] + {_lit(chr(10))} + m['content'] + {_lit(names[end] + chr(10))}"
+        return (
+            "{%- for m in messages -%}{{- " + turn + " -}}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + _lit(names[start] + "assistant\n") + " -}}{%- endif -%}",
+            end,
+        )
+    if template == "llama3":
+        bot, sh, eh, eot = (
+            _special(tokenizer, n, template)
+            for n in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+        )
+        head = f"{_lit(names[sh])} + m['role'] + {_lit(names[eh] + chr(10) * 2)}"
+        return (
+            "{{- " + _lit(names[bot]) + " -}}"
+            "{%- for m in messages -%}{{- "
+            + head
+            + " + m['content'] + "
+            + _lit(names[eot])
+            + " -}}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- "
+            + _lit(names[sh] + "assistant" + names[eh] + "\n\n")
+            + " -}}{%- endif -%}",
+            eot,
+        )
+    if template == "alpaca":
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError(
+                "template 'alpaca' needs an end-of-text special token, which the tokenizer lacks"
+            )
+        bos = tokenizer.bos_token_id
+        nl2 = _lit("\n\n")
+        # System turns form the preamble wherever they stand; "\n\n" separates an assistant turn from
+        # whatever follows it (the Python renderer's pending ``prompt = "\n\n"``).
+        return (
+            "{%- set ns = namespace(system=[], sep=false) -%}"
+            "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = ns.system + [m['content']] -%}{%- endfor -%}"
+            "{%- set system = ns.system | join("
+            + nl2
+            + ") -%}"
+            + ("{{- " + _lit(names[bos]) + " -}}" if bos is not None else "")
+            + "{{- (system if system else "
+            + _lit(ALPACA_PREAMBLE)
+            + ") + "
+            + nl2
+            + " -}}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{{- ("
+            + nl2
+            + " if ns.sep else '') + "
+            + _lit("### Instruction:\n")
+            + " + m['content'] + "
+            + nl2
+            + " -}}"
+            "{%- set ns.sep = false -%}"
+            "{%- elif m['role'] == 'assistant' -%}"
+            "{{- ("
+            + nl2
+            + " if ns.sep else '') + "
+            + _lit("### Response:\n")
+            + " + m['content'] + "
+            + _lit(names[eos])
+            + " -}}"
+            "{%- set ns.sep = true -%}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- ("
+            + nl2
+            + " if ns.sep else '') + "
+            + _lit("### Response:\n")
+            + " -}}{%- endif -%}",
+            int(eos),
+        )
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def template_of(prefixes: Iterable[PathLike]) -> Optional[str]:
+    """The template that :func:`prepare_sft` recorded in the manifests of ``prefixes`` (None when they
+    are not SFT data, or disagree)."""
+    found = set()
+    for p in prefixes:
+        try:
+            with open(normalize_prefix(p) + ".json") as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if m.get("format") != "tokenmill.sft":
+            return None
+        found.add(m.get("template"))
+    return found.pop() if len(found) == 1 else None
+
+
 def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
     for path in paths:
         with open(path, encoding="utf-8") as f:
