@@ -98,7 +98,10 @@ def apply_lora(
     quantises the base weights to 4-bit NormalFloat (QLoRA; see ``quantize_base``). Bad settings (a target
     that does not exist, rank <= 0, dropout outside [0, 1)) raise ValueError before anything changes.
 
+    >>> from tokenmill.model import Llama, LlamaConfig
     >>> model = apply_lora(Llama(LlamaConfig.preset("tiny")), rank=8, targets=("wq", "wv"))
+    >>> sorted({n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad})
+    ['lora_A', 'lora_B']
     """
     check_lora(rank, alpha, dropout, list(targets), base_dtype)
     if base_dtype == "nf4":

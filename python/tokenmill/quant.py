@@ -21,8 +21,8 @@ CuPy kernel (``kernels/nf4.cu``); CPU tensors use the pure-torch reference (``ke
 >>> from tokenmill.quant import Linear4bit, quantize_nf4, dequantize_nf4
 >>> w = torch.randn(128, 64)
 >>> q = quantize_nf4(w)
->>> q.nbytes, dequantize_nf4(q).shape
-(4236, torch.Size([128, 64]))
+>>> q.nbytes, dequantize_nf4(q).shape  # 4096 packed + 128 absmax codes + 2 fp32 (their scale, offset)
+(4232, torch.Size([128, 64]))
 >>> layer = Linear4bit.from_linear(torch.nn.Linear(64, 128, bias=False))
 >>> layer(torch.randn(2, 64)).shape
 torch.Size([2, 128])
