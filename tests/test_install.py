@@ -128,7 +128,7 @@ def test_prepare_jsonl_zst_and_parquet(venv, demo, tmp_path):
     body = "".join(json.dumps({"text": t}) + "\n" for t in texts)
     (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body.encode()))
     pq.write_table(pa.table({"content": texts}), tmp_path / "docs.parquet")
-    tok = tm.Tokenizer.load(str(tok_path))
+    tok = tm.Tokenizer.from_file(tok_path)
     eot = tok.special_tokens["<|endoftext|>"]
     want = [tok.encode(t) + [eot] for t in texts]
     for name, extra in (("docs.jsonl.zst", []), ("docs.parquet", ["--text-key", "content"])):

@@ -37,7 +37,10 @@ text_st = st.lists(
     st.one_of(
         st.sampled_from(CHARS),
         st.sampled_from([" " * 3, "\n\n", " \n ", "'s", "'LL", "123456", "Привет", "学习中文", "x  y"]),
-        st.characters(codec="utf-8"),
+        # Assigned code points only: the `regex` module, Python's unicodedata and Rust's regex tables follow
+        # different Unicode versions, and a code point assigned after the oldest of them is a letter to one
+        # and unassigned to another (U+3D000 split differently; no disagreement of the tokenizers).
+        st.characters(codec="utf-8", exclude_categories=["Cn"]),
     ),
     max_size=40,
 ).map("".join)
