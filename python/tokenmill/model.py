@@ -7,6 +7,8 @@ biases) built on ``tokenmill.kernels``; rotary embeddings use the Hugging Face "
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any, Optional, Union, cast
 
@@ -213,6 +215,16 @@ def document_block_mask(position_ids: torch.Tensor, block_size: int = 128) -> An
     )
 
 
+@functools.cache
+def _has_varlen() -> bool:
+    """torch's varlen_attn with grouped-query support (older torch lacks one or both)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def resolve_attention(name: str, device: torch.device, varlen_ready: bool) -> str:
     """The attention path ``name`` (one of ATTENTION) takes on ``device``; ``varlen_ready``: cu_seqlens and
     max_seqlen are at hand. Raises ValueError for a choice the device or the inputs cannot run."""
@@ -221,10 +233,15 @@ def resolve_attention(name: str, device: torch.device, varlen_ready: bool) -> st
     if name == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "varlen" if varlen_ready else "flex"
+        return "varlen" if varlen_ready and _has_varlen() else "flex"
     if name == "varlen":
         if device.type != "cuda":
             raise ValueError('attention = "varlen" runs on CUDA only (flash / cuDNN); use "sdpa" or "flex"')
+        if not _has_varlen():
+            raise ValueError(
+                f'attention = "varlen" needs torch.nn.attention.varlen.varlen_attn with enable_gqa (torch '
+                f'{torch.__version__} has none): use "flex"'
+            )
         if not varlen_ready:
             raise ValueError(
                 'attention = "varlen" needs cu_seqlens and max_seqlen with position_ids (the loader\'s batch)'
