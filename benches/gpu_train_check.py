@@ -362,7 +362,7 @@ def main() -> int:
             f"MFU goal >= 45%: {'met' if mfus[best] >= 0.45 else 'NOT met'} (best {mfus[best]:.1%}, {best})"
         )
     for line in packed_summary(rows):
-        print(line)
+        print(line + (" [dry run: tiny model on CPU, not a measurement]" if a.dry_run else ""))
     failed = [n for n, r in rows.items() if "error" in r]
     if failed:
         print(f"sections with errors: {', '.join(failed)}")
