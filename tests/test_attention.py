@@ -297,3 +297,68 @@ def test_gpu_path_has_no_host_sync(path):
         logits.float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- the trainer: what reaches the model, and GPU-only choices refused on the CPU ---------------------------
+
+
+def packed_batches(n: int = 3):
+    pos = rows_from_lengths([[20, 12], [32]])
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 512, (2, 33), generator=g)
+        cu = torch.tensor([0, 20, 32, 64], dtype=torch.int32)
+        out.append(
+            {
+                "input_ids": x[:, :-1].contiguous(),
+                "labels": x[:, 1:].contiguous(),
+                "position_ids": pos,
+                "cu_seqlens": cu,
+                "max_seqlen": 32,
+            }
+        )
+    return out
+
+
+def trainer_config(tmp_path, *overrides):
+    from tokenmill import train as T
+
+    base = [
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--run.device=cpu",
+        "--model.preset=tiny",
+        "--data.seq_len=32",
+        "--data.batch_size=2",
+        "--train.steps=2",
+        "--train.eval_every=0",
+        "--train.progress=false",
+    ]
+    return T.load_config(None, [*base, *overrides])
+
+
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_trainer_hands_documents_to_the_model(tmp_path, monkeypatch, document_mask):
+    from tokenmill import train as T
+
+    seen = []
+
+    def spy(name, device, varlen_ready):
+        seen.append((name, varlen_ready))
+        return resolve_attention(name, device, varlen_ready)
+
+    monkeypatch.setattr(model_module, "resolve_attention", spy)
+    cfg = trainer_config(tmp_path, f"--data.document_mask={str(document_mask).lower()}")
+    T.train(cfg, packed_batches())
+    # With document masks: position_ids, cu_seqlens and max_seqlen reach the model each step; without,
+    # the rows are plain causal and no attention path is chosen at all.
+    assert seen == ([("auto", True)] * 2 if document_mask else [])
+
+
+@pytest.mark.parametrize("path", ["flex", "varlen"])
+def test_trainer_refuses_gpu_attention_on_cpu(tmp_path, path):
+    from tokenmill import train as T
+
+    with pytest.raises(ValueError, match=f'run.attention = "{path}" needs a CUDA device'):
+        T.train(trainer_config(tmp_path, f"--run.attention={path}"), packed_batches())
+    assert not (tmp_path / "run" / "log.jsonl").exists()
