@@ -56,7 +56,7 @@ ATTENTION = ("auto", "sdpa", "flex", "varlen")  # `Llama.attention`, the trainer
 #   blocks wholly outside a document are skipped, GQA taken as is, no host sync.
 # - "varlen": varlen_attn (flash / cuDNN, CUDA only) over the loader's cu_seqlens and max_seqlen, the
 #   batch flattened to B * T tokens: no mask at all, GQA as is, no host sync.
-# - "auto": sdpa on the CPU; on CUDA varlen when cu_seqlens are given, else flex.
+# - "auto": sdpa on the CPU; on CUDA varlen when cu_seqlens are given (and varlen_attn takes GQA), else flex.
 # Rows without position_ids are plain causal attention (flash, GQA as is) whatever the choice.
 
 _flex_compiled: Any = None
