@@ -253,9 +253,10 @@ def run_section(name: str, dry_run: bool = False, data_prefix: str = "") -> dict
 
 
 def selected(only: str | None) -> list[str]:
-    """Section names containing any of the comma-separated patterns of ``only`` (all without it)."""
+    """Section names matching any of the comma-separated patterns of ``only`` (all without it): a pattern
+    that is a section's full name selects that section alone, any other one each name containing it."""
     pats = [p for p in (only or "").split(",") if p]
-    return [n for n in SECTIONS if not pats or any(p in n for p in pats)]
+    return [n for n in SECTIONS if not pats or any(p == n or (p not in SECTIONS and p in n) for p in pats)]
 
 
 def packed_summary(rows: dict) -> list[str]:
@@ -287,7 +288,7 @@ def packed_summary(rows: dict) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--only", help="comma-separated patterns: run the sections whose name contains one")
+    p.add_argument("--only", help="comma-separated section names or parts of names (see --list)")
     p.add_argument(
         "--dry-run", "--smoke", action="store_true", help="tiny shapes on CPU: check the script, not the GPU"
     )

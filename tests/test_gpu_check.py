@@ -155,6 +155,11 @@ def test_train_check_sections_and_packed_goals():
         "1b-s2048-concat-varlen-compile",
     ]
     assert tc.selected(None) == list(tc.SECTIONS)
+    # A full name is that section alone (not its -compile sibling); parts of names still match.
+    assert tc.selected("1b-s2048-concat-nomask,s8192-bestfit-f") == [
+        "1b-s2048-concat-nomask",
+        "1b-s8192-bestfit-flex",
+    ]
     for name in tc.selected("1b-s"):
         sp = tc.SECTIONS[name]
         assert sp["batch"] * sp["seq"] == 16384 and name.startswith(f"1b-s{sp['seq']}-")
