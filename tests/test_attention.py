@@ -113,6 +113,22 @@ def test_flex_matches_float64_reference_and_sdpa(rows, heads):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_compiled_flex_takes_the_block_mask_without_recompiling():
+    """What runs on CUDA is compiled flex_attention; compiled on this CPU (forward only) it reads our
+    BlockMask and its mask_mod the same way: float64-reference outputs, and a batch with other document
+    boundaries reuses the compiled kernel (the boundaries are data, not guards)."""
+    import torch._dynamo
+
+    flex = torch.compile(fa.flex_attention, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 200, 16, generator=g)  # T = 200: a partial second 128-block
+    k, v = (torch.randn(2, 2, 200, 16, generator=g) for _ in range(2))
+    for i, rows in enumerate(([[70, 13, 90, 27], [200]], [[100, 100], [1, 199]])):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = flex(q, k, v, block_mask=document_block_mask(rows_from_lengths(rows)), enable_gqa=True)
+        torch.testing.assert_close(got.double(), reference_attention(q, k, v, rows), rtol=0, atol=2e-6)
+
+
 @pytest.fixture
 def flex_cpu_backward(monkeypatch):
     """flex_attention refuses requires_grad on the CPU; its eager backward is plain torch math, which this
