@@ -133,3 +133,49 @@ def test_bandwidth_goal_uses_device_time():
     r3.dev_ms, r3.dev_gbps, r3.dev_method = 0.95, 3900, "graph"
     gc.bandwidth_goal({"tokenmill": r3, "eager": eager}, 4200.0)
     assert r3.goal.startswith("MISSED") and ">=2x eager: no" in r3.goal
+
+
+def load_train_check():
+    spec = importlib.util.spec_from_file_location("gpu_train_check", ROOT / "benches" / "gpu_train_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_check_sections_and_packed_goals():
+    tc = load_train_check()
+    names = tc.selected("s2048-concat,13b")
+    assert names == [
+        "13b-adamw8bit-ckpt",
+        "1b-s2048-concat-nomask",
+        "1b-s2048-concat-varlen",
+        "1b-s2048-concat-flex",
+        "1b-s2048-concat-sdpa",
+        "1b-s2048-concat-nomask-compile",
+        "1b-s2048-concat-varlen-compile",
+    ]
+    assert tc.selected(None) == list(tc.SECTIONS)
+    # A full name is that section alone (not its -compile sibling); parts of names still match.
+    assert tc.selected("1b-s2048-concat-nomask,s8192-bestfit-f") == [
+        "1b-s2048-concat-nomask",
+        "1b-s8192-bestfit-flex",
+    ]
+    for name in tc.selected("1b-s"):
+        sp = tc.SECTIONS[name]
+        assert sp["batch"] * sp["seq"] == 16384 and name.startswith(f"1b-s{sp['seq']}-")
+        assert sp["data"] in ("synthetic", "concat", "best_fit")
+        assert (sp["attention"] == "auto") == (not sp["mask"] or sp["data"] == "synthetic")
+    # Hand-made figures: 2048 varlen 0.96x at 51% MFU (met), flex 0.90x (not); 8192 varlen 1.2x (met).
+    rows = {
+        "1b-s2048-concat-nomask": {"tokens_per_s": 100.0, "mfu": 0.53},
+        "1b-s2048-concat-varlen": {"tokens_per_s": 96.0, "mfu": 0.51},
+        "1b-s2048-concat-flex": {"tokens_per_s": 90.0, "mfu": 0.48},
+        "1b-s8192-concat-nomask": {"tokens_per_s": 50.0, "mfu": 0.40},
+        "1b-s8192-concat-varlen": {"tokens_per_s": 60.0, "mfu": 0.48},
+        "1b-s8192-bestfit-flex": {"tokens_per_s": 60.0, "mfu": 0.48},  # no unmasked run: no line
+    }
+    lines = tc.packed_summary(rows)
+    assert len(lines) == 3
+    assert "varlen: MFU 51.0%, 0.960x" in lines[0] and lines[0].endswith(": met)")
+    assert "flex: MFU 48.0%, 0.900x" in lines[1] and lines[1].endswith("NOT met)")
+    assert "seq 8192 concat" in lines[2] and "1.200x" in lines[2] and lines[2].endswith(": met)")

@@ -187,6 +187,7 @@ class RunSection:
     param_dtype: str = "float32"  # parameter (and gradient) dtype; "bfloat16" halves memory (13B on one GPU)
     compile: bool = False
     activation_checkpointing: bool = False
+    attention: str = "auto"  # packed documents: "auto", "sdpa", "flex", "varlen" (see model.ATTENTION)
 
 
 @dataclass
@@ -410,6 +411,7 @@ _CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.autocast": ("bfloat16", "float16", "float32"),
     "run.param_dtype": ("float32", "bfloat16", "float16"),
+    "run.attention": ("auto", "sdpa", "flex", "varlen"),  # tokenmill.model.ATTENTION (no torch here)
     "data.packing": ("concat", "best_fit", "none"),
     "optim.name": ("adamw", "adamw8bit"),
     "optim.schedule": ("cosine", "wsd", "constant"),

@@ -307,6 +307,11 @@ def train(
     # -- everything that can be wrong with the inputs is checked before the first step
     if cuda:
         require("cuda", "training on a GPU (the CUDA kernels)")
+    elif cfg.run.attention in ("flex", "varlen"):
+        raise ValueError(
+            f'run.attention = "{cfg.run.attention}" needs a CUDA device (flex_attention has no backward pass '
+            'on the CPU; varlen is flash / cuDNN): use "auto" or "sdpa"'
+        )
     if cfg.train.init_from and hf.is_hf_folder(cfg.train.init_from):
         # A Hugging Face folder: the model shape (and vocabulary) come from its config.json, also on resume.
         model_cfg = hf.run_model_config(cfg.train.init_from, cfg.model, TrainConfig().model["preset"])
@@ -383,6 +388,7 @@ def train(
     finally:
         torch.set_default_dtype(default_dtype)
     model.activation_checkpointing = cfg.run.activation_checkpointing
+    model.attention = cfg.run.attention
     if lora:  # before fully_shard, so that FSDP2 groups the adapters with their block
         L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
     if cfg.run.compile:
@@ -500,9 +506,22 @@ def train(
             return next(data_iter)
 
     def to_dev(b: dict) -> dict:
-        return {
-            k: b[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids") if k in b
-        }
+        # Without document masks the loader's rows are plain causal (positions 0..T-1): flash, no mask.
+        keys = ("input_ids", "labels") + (("position_ids", "cu_seqlens") if cfg.data.document_mask else ())
+        d = {k: b[k].to(device, non_blocking=True) for k in keys if k in b}
+        if "cu_seqlens" in d and "max_seqlen" in b:
+            d["max_seqlen"] = int(b["max_seqlen"])  # a host int from the loader: no sync
+        return d
+
+    def forward(b: dict) -> torch.Tensor:
+        return model(
+            b["input_ids"],
+            b["labels"],
+            b.get("position_ids"),
+            reduction="sum",
+            cu_seqlens=b.get("cu_seqlens"),
+            max_seqlen=b.get("max_seqlen"),
+        )
 
     def amp():
         return (
@@ -518,7 +537,7 @@ def train(
         for b in val_batches:
             b = to_dev(b)
             with amp():
-                loss_sum = model(b["input_ids"], b["labels"], b.get("position_ids"), reduction="sum")
+                loss_sum = forward(b)
             total += torch.stack([loss_sum.double(), (b["labels"] != -100).sum().double()])
         model.train()
         total = _all_sum(total, world)
@@ -580,7 +599,7 @@ def train(
             if fsdp:
                 cast(Any, model).set_requires_gradient_sync(i == len(micro) - 1)  # FSDP2's method
             with amp():
-                ls = model(b["input_ids"], b["labels"], b.get("position_ids"), reduction="sum")
+                ls = forward(b)
             # FSDP averages gradients over ranks; the factor `world` turns that average into a sum.
             (ls * (world / max(n_tok, 1.0))).backward()
             loss_sum += ls.detach().double()
