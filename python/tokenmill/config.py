@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Literal, Optional, Sequence, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -283,7 +283,8 @@ class LogSection:
     # What log.jsonl gets also goes to: "tensorboard" (out_dir/tensorboard), "wandb" (a run in out_dir/wandb).
     trackers: list = field(default_factory=list)
     wandb_project: str = "tokenmill"
-    wandb_mode: str = "offline"  # "offline" (no network; `wandb sync` uploads later) or "online"
+    # "offline" (no network; `wandb sync` uploads later) or "online"; check_config refuses other strings
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 TRACKERS = ("tensorboard", "wandb")

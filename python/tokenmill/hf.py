@@ -309,7 +309,7 @@ def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.T
                 start, end = e["data_offsets"]
                 t = torch.empty(end - start, dtype=torch.uint8)
                 f.seek(base + start)
-                if f.readinto(t.numpy()) != end - start:
+                if f.readinto(t.numpy().data) != end - start:
                     raise ValueError(f"{file}: tensor {src.tensors[n][1]} is truncated")
                 yield n, t.view(_ST_FLOAT[e["dtype"]]).view(src.shapes[n])
 

@@ -407,6 +407,7 @@ def train(
     elif world > 1:
         raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
     if base is not None:
+        assert lora is not None, "train.init_from is the frozen base only of a LoRA run"
         load_weights(base, model, model_cfg, adapters=L.adapter_init(model, cfg.run.seed), verified=True)
         if lora.base_dtype == "nf4":
             L.quantize_base(model)
