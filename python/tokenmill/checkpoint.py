@@ -255,6 +255,16 @@ def load_torch(path: Path, **kw) -> Any:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
 
 
+def recorded_model_config(path: Path) -> tuple[LlamaConfig, str]:
+    """The model shape a folder records and the file that records it: a Hugging Face folder's config.json
+    (``tokenmill.hf.read_config``) or a checkpoint's meta.json."""
+    from tokenmill import hf
+
+    if hf.is_hf_folder(path):
+        return hf.read_config(path), str(Path(path) / "config.json")
+    return LlamaConfig.from_dict(read_meta(path)["model"]), str(Path(path) / "meta.json")
+
+
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
     if theirs.canonical() != model_cfg.canonical():

@@ -312,6 +312,39 @@ class TrainConfig:
             m["vocab_size"] = vocab_size
         return LlamaConfig.preset(preset, **m) if preset else LlamaConfig.from_dict(m)
 
+    def init_model_config(self, theirs: LlamaConfig, source: str) -> LlamaConfig:
+        """The model shape of a run that starts from a model (``train.init_from``): ``theirs``, as ``source``
+        records it (a Hugging Face folder's config.json, a checkpoint's meta.json). Each ``[model]`` key must
+        agree with it or be absent; ``model.preset`` agrees when it, with the other keys over it, is that shape
+        (vocab_size, which a run otherwise takes from its tokenizer, aside); the default preset is ignored.
+        ValueError naming the key and ``source`` otherwise."""
+        default = TrainConfig().model["preset"]
+        keys = {k: v for k, v in self.model.items() if k != "preset"}
+        rule = "with train.init_from set, the model shape comes from the model the run starts from"
+        for key, value in keys.items():
+            try:
+                mine = theirs.replace(**{key: value})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"model.{key} = {value!r}: {e}") from None
+            if mine.canonical() != theirs.canonical():
+                raise ValueError(
+                    f"model.{key} = {value!r} conflicts with {source} ({key} = {getattr(theirs, key)!r} "
+                    f"there); {rule}"
+                )
+        preset = self.model.get("preset", default)
+        if preset != default:
+            try:
+                mine = LlamaConfig.preset(preset, **{"vocab_size": theirs.vocab_size, **keys})
+                same = mine.canonical() == theirs.canonical()
+            except (TypeError, ValueError):
+                same = False  # a preset the other keys do not fit is another shape
+            if not same:
+                raise ValueError(
+                    f"model.preset = {preset!r} conflicts with {source} (the preset, with the other [model] "
+                    f"keys, is another shape); {rule}: remove model.preset"
+                )
+        return theirs
+
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}
 # LlamaConfig's annotations are strings here (postponed evaluation); Optional[int] fields take an int,

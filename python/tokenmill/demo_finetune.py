@@ -159,8 +159,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     run = out / "lora-run"
     sft_overrides = [
         f"--run.out_dir={run}",
-        *shape,
-        f"--train.init_from={imported}",
+        f"--train.init_from={imported}",  # the model shape comes from its meta.json: no [model] keys
         f"--data.train=['{work / 'sft-train'}']",
         f"--data.val=['{work / 'sft-val'}']",
         f"--data.tokenizer={tok_path}",

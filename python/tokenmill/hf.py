@@ -430,31 +430,6 @@ def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype
     return out
 
 
-def run_model_config(hf_dir: PathLike, model_section: dict[str, Any], default_preset: str) -> LlamaConfig:
-    """The trainer's model shape when ``train.init_from`` names a Hugging Face folder: its config.json.
-    Keys of the run's ``[model]`` section must agree with it (the default preset is ignored)."""
-    cfg = read_config(hf_dir)
-    for key, value in model_section.items():
-        if key == "preset":
-            if value != default_preset:
-                raise ValueError(
-                    f"model.preset = {value!r} conflicts with train.init_from {hf_dir} (a Hugging Face folder: "
-                    "the model shape comes from its config.json); remove model.preset"
-                )
-            continue
-        try:
-            theirs = cfg.replace(**{key: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model.{key} = {value!r}: {e}") from None
-        if theirs.canonical() != cfg.canonical():
-            raise ValueError(
-                f"model.{key} = {value!r} conflicts with {Path(hf_dir) / 'config.json'} "
-                f"({key} = {getattr(cfg, key)!r} there); with train.init_from naming a Hugging Face folder "
-                "the model shape comes from its config.json"
-            )
-    return cfg
-
-
 # ------------------------------------------------------------------------------------------------ export
 
 
