@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_hf_llama
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -33,39 +34,16 @@ LLAMA3 = {
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenmill", "a b c d e f g"] * 4
 
 
-def hf_config(kind="llama", **kw):
-    base = dict(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=1000.0,
-    )
-    base.update({k: dict(v) if isinstance(v, dict) else v for k, v in kw.items()})  # transformers edits dicts
-    if kind == "mistral":
-        return transformers.MistralConfig(**{"sliding_window": None, **base})
-    return transformers.LlamaConfig(**base)
+# Over conftest's TINY_HF: MHA, a short context, norm_eps and rope_theta off their defaults (so that a
+# reader that drops them is seen).
+SHAPE = dict(
+    vocab_size=V, num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1000.0
+)
 
 
-def make_hf(path: Path, kind="llama", seed=0, max_shard_size=None, tokenizer=True, **kw) -> Path:
-    """A random LlamaForCausalLM / MistralForCausalLM saved with save_pretrained, weights far from their
-    init (so that a wrongly mapped tensor changes the logits by far more than the tolerance)."""
-    torch.manual_seed(seed)
-    cfg = hf_config(kind, **kw)
-    cls = transformers.MistralForCausalLM if kind == "mistral" else transformers.LlamaForCausalLM
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    save = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(path, **save)
+def make_hf(path: Path, tokenizer=True, **kw) -> Path:
+    """conftest's save_hf_llama (spread weights) with SHAPE under ``kw``, and a tokenizer.json."""
+    save_hf_llama(path, spread=True, **{**SHAPE, **kw})
     if tokenizer:
         Tokenizer.train(TEXTS, vocab_size=300, special_tokens=["<s>", "</s>"]).save_huggingface(
             path / "tokenizer.json"
@@ -354,7 +332,7 @@ def test_exported_then_imported_run_continues_with_the_same_preset(tmp_path):
         batches()[0]["labels"].reshape(-1),
     )
     assert abs(first["loss"] - expect.item()) <= 1e-4
-    with pytest.raises(ValueError, match="another model shape"):
+    with pytest.raises(ValueError, match=r"model\.vocab_size = 384 conflicts with .*meta\.json"):
         T.train(run_config(tmp_path / "c", imported, "--model.preset=tiny", "--model.vocab_size=384"))
 
 

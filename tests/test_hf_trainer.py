@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tokenmill as tm
 import torch
+from conftest import hf_llama
 from tokenmill.data import DataLoader
 from tokenmill.data.dataset import write_token_file
 
@@ -25,17 +26,7 @@ def prefix(tmp_path):
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return hf_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=64)
 
 
 class Recording(tm.data.hf.Trainer):

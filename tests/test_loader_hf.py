@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import hf_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenmill.data import DataLoader
@@ -29,18 +30,7 @@ def make_files(tmp_path, lengths, name="d", seed=0):
 
 
 def tiny_llama(attn="sdpa"):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return hf_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, attn_implementation=attn).eval()
 
 
 def take(it, n):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import save_hf_llama
 from tokenmill import cli, hf
 from tokenmill import train as T
 from tokenmill.lora import LoraLinear, adapter_state_dict
@@ -67,19 +68,7 @@ def hf_to_checkpoint(hf_dir: Path, out: Path) -> Path:
 def base(tmp_path_factory):
     """(HF folder, tokenmill checkpoint) of one tiny random LlamaForCausalLM (GQA, untied)."""
     root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    hcfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
-    transformers.LlamaForCausalLM(hcfg).save_pretrained(root / "hf")
+    save_hf_llama(root / "hf", vocab_size=V, rms_norm_eps=1e-6, tie_word_embeddings=False)
     ckpt = hf_to_checkpoint(root / "hf", root / "ckpt")
     ids = torch.randint(0, V, (2, 20))
     hf_model = transformers.LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
@@ -475,7 +464,10 @@ def test_lora_config_errors(tmp_path, base):
             config(tmp_path / "d", "--model.ffn_hidden=96", f"--train.init_from={adapter}"),
             "a LoRA adapter checkpoint, not a full model",
         ),
-        (lora_config(tmp_path / "e", base_ckpt, "--model.dim=128"), "another model shape"),
+        (
+            lora_config(tmp_path / "e", base_ckpt, "--model.dim=128"),
+            r"model\.dim = 128 conflicts with .*meta\.json",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             T.train(cfg, Batches(make_batches(1)), on_step=lambda s, r: called.append(s))

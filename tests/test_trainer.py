@@ -477,11 +477,65 @@ def test_checkpoint_from_another_shape(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     with pytest.raises(ValueError, match=r"another model shape.*'dim': \(64, 128\)"):
         T.train(config(tmp_path, "--model.dim=128", "--resume=auto"), Batches(make_batches(1)))
-    with pytest.raises(ValueError, match="another model shape"):
+    with pytest.raises(
+        ValueError, match=r"model\.n_layers = 3 conflicts with .*meta\.json \(n_layers = 2 there\)"
+    ):
         T.train(
             config(tmp_path / "x", "--model.n_layers=3", f"--train.init_from={ckpt}"),
             Batches(make_batches(1)),
         )
+
+
+def test_init_from_checkpoint_takes_its_shape(tmp_path):
+    """train.init_from naming a tokenmill checkpoint: the model shape comes from its meta.json, as for a
+    Hugging Face folder; [model] keys must agree or be absent, a preset agrees when it is that shape."""
+    T.train(config(tmp_path / "a", "--model.n_layers=3", "--train.steps=1"), Batches(make_batches(1)))
+    start = tmp_path / "a" / "run" / "checkpoints" / "step_00000001"
+    shape = json.loads((start / "meta.json").read_text())["model"]
+    assert shape["n_layers"] == 3
+
+    def bare(tmp, *overrides):  # config() without its [model] keys
+        cfg = config(tmp, f"--train.init_from={start}", *overrides)
+        del cfg.model["preset"]
+        return cfg
+
+    # No [model] keys: the checkpoint's shape and weights; step 1's loss is the checkpoint model's (float64).
+    data = make_batches(2, seed=5)
+    history = T.train(bare(tmp_path / "b", "--train.steps=2", "--checkpoint.every=1"), Batches(data))
+    with torch.no_grad():
+        logits = Llama.from_checkpoint(start)(data[0]["input_ids"]).double()
+    expect = torch.nn.functional.cross_entropy(logits.reshape(-1, V), data[0]["labels"].reshape(-1))
+    assert abs(losses(history)[0] - expect.item()) <= 1e-4
+    own = tmp_path / "b" / "run" / "checkpoints" / "step_00000002"
+    assert json.loads((own / "meta.json").read_text())["model"] == shape
+
+    # A full run resumes from its own checkpoint (same shape) without the folder it started from.
+    start.rename(tmp_path / "gone")
+    T.train(bare(tmp_path / "b", "--train.steps=3", "--resume=auto"), Batches(data))
+    assert latest_checkpoint(str(tmp_path / "b" / "run")).name == "step_00000003"
+    (tmp_path / "gone").rename(start)
+
+    # Keys that agree, and a preset that (with them) is the shape: the old way of spelling it still works.
+    T.train(
+        config(tmp_path / "c", "--model.n_layers=3", f"--train.init_from={start}", "--train.steps=1"),
+        Batches(data),
+    )
+    called = []
+    for cfg, match in (
+        (
+            bare(tmp_path / "d", "--model.n_layers=2"),
+            r"model\.n_layers = 2 conflicts with .*meta\.json \(n_layers = 3 there\)",
+        ),
+        (bare(tmp_path / "e", "--model.n_heads=8"), r"model\.n_heads = 8 conflicts"),
+        (
+            config(tmp_path / "f", f"--train.init_from={start}"),
+            r"model\.preset = 'tiny' conflicts with .*meta\.json",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            T.train(cfg, Batches(data), on_step=lambda s, r: called.append(s))
+    assert not called
+    assert not any((tmp_path / d / "run" / "checkpoints").exists() for d in "def")
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -47,8 +47,12 @@ class CheckpointError(ValueError):
 
 def latest_checkpoint(out_dir: str) -> Optional[Path]:
     root = Path(out_dir) / "checkpoints"
-    found = [p for p in root.glob("step_*") if STEP_DIR.match(p.name) and (p / "meta.json").exists()]
-    return max(found, key=lambda p: int(STEP_DIR.match(p.name).group(1))) if found else None
+    found = [
+        (int(m.group(1)), p)
+        for p in root.glob("step_*")
+        if (m := STEP_DIR.match(p.name)) and (p / "meta.json").exists()
+    ]
+    return max(found, key=lambda sp: sp[0])[1] if found else None
 
 
 def newest_valid(
@@ -251,6 +255,16 @@ def load_torch(path: Path, **kw) -> Any:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
 
 
+def recorded_model_config(path: Path) -> tuple[LlamaConfig, str]:
+    """The model shape a folder records and the file that records it: a Hugging Face folder's config.json
+    (``tokenmill.hf.read_config``) or a checkpoint's meta.json."""
+    from tokenmill import hf
+
+    if hf.is_hf_folder(path):
+        return hf.read_config(path), str(Path(path) / "config.json")
+    return LlamaConfig.from_dict(read_meta(path)["model"]), str(Path(path) / "meta.json")
+
+
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
     if theirs.canonical() != model_cfg.canonical():
@@ -284,6 +298,7 @@ def load_weights(
     check_state_dict(_shape_probe(model_cfg), state, str(ckpt_dir))
     if adapters is not None:
         state = {**base_state_for(model, state), **adapters}
+    # cast: torch annotates a dict[str, ValueType] (invariant) where any mapping of tensors will do
     set_model_state_dict(model, cast(dict[str, Any], state), options=state_dict_options())
 
 
@@ -305,7 +320,7 @@ def load_adapters(ckpt_dir: Path, model) -> None:
                 f"{ckpt_dir}: adapter tensor {k} has shape {tuple(state[k].shape)} but the model expects "
                 f"{shape} (an adapter of another base or rank?)"
             )
-    set_model_state_dict(model, state, options=state_dict_options(strict=False))
+    set_model_state_dict(model, cast(dict[str, Any], state), options=state_dict_options(strict=False))
 
 
 def _shape_probe(cfg: LlamaConfig) -> torch.nn.Module:

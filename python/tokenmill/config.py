@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Literal, Optional, Sequence, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -284,7 +284,8 @@ class LogSection:
     # What log.jsonl gets also goes to: "tensorboard" (out_dir/tensorboard), "wandb" (a run in out_dir/wandb).
     trackers: list = field(default_factory=list)
     wandb_project: str = "tokenmill"
-    wandb_mode: str = "offline"  # "offline" (no network; `wandb sync` uploads later) or "online"
+    # "offline" (no network; `wandb sync` uploads later) or "online"; check_config refuses other strings
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 TRACKERS = ("tensorboard", "wandb")
@@ -311,6 +312,39 @@ class TrainConfig:
         if vocab_size is not None and "vocab_size" not in m:
             m["vocab_size"] = vocab_size
         return LlamaConfig.preset(preset, **m) if preset else LlamaConfig.from_dict(m)
+
+    def init_model_config(self, theirs: LlamaConfig, source: str) -> LlamaConfig:
+        """The model shape of a run that starts from a model (``train.init_from``): ``theirs``, as ``source``
+        records it (a Hugging Face folder's config.json, a checkpoint's meta.json). Each ``[model]`` key must
+        agree with it or be absent; ``model.preset`` agrees when it, with the other keys over it, is that shape
+        (vocab_size, which a run otherwise takes from its tokenizer, aside); the default preset is ignored.
+        ValueError naming the key and ``source`` otherwise."""
+        default = TrainConfig().model["preset"]
+        keys = {k: v for k, v in self.model.items() if k != "preset"}
+        rule = "with train.init_from set, the model shape comes from the model the run starts from"
+        for key, value in keys.items():
+            try:
+                mine = theirs.replace(**{key: value})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"model.{key} = {value!r}: {e}") from None
+            if mine.canonical() != theirs.canonical():
+                raise ValueError(
+                    f"model.{key} = {value!r} conflicts with {source} ({key} = {getattr(theirs, key)!r} "
+                    f"there); {rule}"
+                )
+        preset = self.model.get("preset", default)
+        if preset != default:
+            try:
+                mine = LlamaConfig.preset(preset, **{"vocab_size": theirs.vocab_size, **keys})
+                same = mine.canonical() == theirs.canonical()
+            except (TypeError, ValueError):
+                same = False  # a preset the other keys do not fit is another shape
+            if not same:
+                raise ValueError(
+                    f"model.preset = {preset!r} conflicts with {source} (the preset, with the other [model] "
+                    f"keys, is another shape); {rule}: remove model.preset"
+                )
+        return theirs
 
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(LlamaConfig)}

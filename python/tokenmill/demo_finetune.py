@@ -112,7 +112,9 @@ def main(args: argparse.Namespace | None = None) -> int:
     ]
     T.train(T.load_config(None, base_overrides))
     base_hf = out / "base-hf"
-    hf.export(latest_checkpoint(str(work / "pretrain")), base_hf)
+    pretrained = latest_checkpoint(str(work / "pretrain"))
+    assert pretrained is not None, "the pre-training run wrote no checkpoint"
+    hf.export(pretrained, base_hf)
     print(
         f"[1/5] base model: a 4-layer LLaMA pre-trained on the stdlib, saved as a Hugging Face folder "
         f"{base_hf} ({time.perf_counter() - t:.0f}s)",
@@ -157,8 +159,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     run = out / "lora-run"
     sft_overrides = [
         f"--run.out_dir={run}",
-        *shape,
-        f"--train.init_from={imported}",
+        f"--train.init_from={imported}",  # the model shape comes from its meta.json: no [model] keys
         f"--data.train=['{work / 'sft-train'}']",
         f"--data.val=['{work / 'sft-val'}']",
         f"--data.tokenizer={tok_path}",
@@ -182,6 +183,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     history = T.train(T.load_config(None, sft_overrides))
     vals = [h["val_loss"] for h in history if "val_loss" in h]
     ckpt = latest_checkpoint(str(run))
+    assert ckpt is not None, f"{run}: the LoRA run wrote no checkpoint"
     adapter_bytes = sum(f.stat().st_size for f in ckpt.glob("model.safetensors"))
     print(
         f"[4/5] {'QLoRA (NF4 base)' if qlora else 'LoRA'} rank 8 on wq wk wv wo w1 w2 w3, {n_steps} steps "

@@ -309,7 +309,7 @@ def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.T
                 start, end = e["data_offsets"]
                 t = torch.empty(end - start, dtype=torch.uint8)
                 f.seek(base + start)
-                if f.readinto(t.numpy()) != end - start:
+                if f.readinto(t.numpy().data) != end - start:
                     raise ValueError(f"{file}: tensor {src.tensors[n][1]} is truncated")
                 yield n, t.view(_ST_FLOAT[e["dtype"]]).view(src.shapes[n])
 
@@ -428,31 +428,6 @@ def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def run_model_config(hf_dir: PathLike, model_section: dict[str, Any], default_preset: str) -> LlamaConfig:
-    """The trainer's model shape when ``train.init_from`` names a Hugging Face folder: its config.json.
-    Keys of the run's ``[model]`` section must agree with it (the default preset is ignored)."""
-    cfg = read_config(hf_dir)
-    for key, value in model_section.items():
-        if key == "preset":
-            if value != default_preset:
-                raise ValueError(
-                    f"model.preset = {value!r} conflicts with train.init_from {hf_dir} (a Hugging Face folder: "
-                    "the model shape comes from its config.json); remove model.preset"
-                )
-            continue
-        try:
-            theirs = cfg.replace(**{key: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model.{key} = {value!r}: {e}") from None
-        if theirs.canonical() != cfg.canonical():
-            raise ValueError(
-                f"model.{key} = {value!r} conflicts with {Path(hf_dir) / 'config.json'} "
-                f"({key} = {getattr(cfg, key)!r} there); with train.init_from naming a Hugging Face folder "
-                "the model shape comes from its config.json"
-            )
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ export

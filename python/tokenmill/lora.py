@@ -12,12 +12,19 @@ a ``tokenmill.quant.Linear4bit``. Parameter names: ``layers.0.attention.wq.lora_
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
 
 from tokenmill.config import LORA_TARGETS, check_lora
+
+if TYPE_CHECKING:
+    from tokenmill.model import Llama  # imports this module
+    from tokenmill.quant import Linear4bit
+
+_M = TypeVar("_M", bound=nn.Module)
+_L = TypeVar("_L", bound="Llama")
 
 __all__ = [
     "LORA_TARGETS",
@@ -42,7 +49,11 @@ _OWNER = {
 class LoraLinear(nn.Module):
     """A frozen base linear plus a trainable low-rank update (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    base: Union[nn.Linear, Linear4bit]  # nn.Module's __getattr__ would type it Tensor | Module
+
+    def __init__(
+        self, base: Union[nn.Linear, Linear4bit], rank: int, alpha: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -70,7 +81,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The dense weight W + (alpha / rank) B A, [out, in], computed in float32, in the base's dtype."""
-        w = self.base.dequantize() if hasattr(self.base, "dequantize") else self.base.weight
+        w = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
         return (w.float() + delta * self.scaling).to(w.dtype)
 
@@ -78,7 +89,7 @@ class LoraLinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
-def _targets(model: nn.Module, targets: Sequence[str]):
+def _targets(model: Llama, targets: Sequence[str]) -> Iterator[tuple[int, str, nn.Module]]:
     """(block index, target name, owner module) for each target linear of each block."""
     for i, block in enumerate(model.layers):
         for t in targets:
@@ -86,13 +97,13 @@ def _targets(model: nn.Module, targets: Sequence[str]):
 
 
 def apply_lora(
-    model: nn.Module,
+    model: _L,
     rank: int = 16,
     alpha: float = 32.0,
     dropout: float = 0.0,
     targets: Sequence[str] = LORA_TARGETS,
     base_dtype: Optional[str] = None,
-) -> nn.Module:
+) -> _L:
     """Replace the ``targets`` projections of every block of ``model`` (a ``tm.model.Llama``) by
     ``LoraLinear`` and freeze every other parameter; returns ``model``. ``base_dtype="nf4"`` also
     quantises the base weights to 4-bit NormalFloat (QLoRA; see ``quantize_base``). Bad settings (a target
@@ -117,7 +128,7 @@ def apply_lora(
     return model
 
 
-def quantize_base(model: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def quantize_base(model: _M, compute_dtype: Optional[torch.dtype] = None) -> _M:
     """Store the dense base of each adapter as NF4 (``tokenmill.quant.Linear4bit``), dequantised on the fly
     in ``compute_dtype`` (default: the base weight's dtype). Done after the base weights are loaded."""
     from tokenmill.quant import Linear4bit  # the QLoRA base; imported only when asked for
@@ -129,7 +140,7 @@ def quantize_base(model: nn.Module, compute_dtype: Optional[torch.dtype] = None)
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: _M) -> _M:
     """Fold every adapter into a dense ``nn.Linear`` (W + alpha/rank B A; an NF4 base is dequantised):
     ``model`` becomes a plain ``Llama`` again, every parameter trainable. Returns ``model``."""
     for owner in list(model.modules()):

@@ -361,7 +361,7 @@ class Memory:
         return self.peak <= self.usable
 
 
-def _activation_bytes(cfg: LlamaConfig, seq_len: int, act: int, flash: bool, lora_rank: Optional[int]):
+def _activation_bytes(cfg: LlamaConfig, seq_len: int, act: int, flash: bool, lora_rank: Optional[int]) -> int:
     d, kv, f, a = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
     per_token_layer = (6 * d + 2 * kv + 3 * f) * act + 2 * 4  # + fp32 rstd of both norms
     # flash: fp32 logsumexp; math attention: the softmax probabilities and the copy of the output for wo
@@ -442,7 +442,9 @@ def memory(
     # (the gradient between blocks and the largest intermediate ones, plus the recomputed block when
     # checkpointing; the head's tensors are freed by then).
     loss_phase = activations + (0 if fused_loss else 8 * cfg.vocab_size * tokens)
-    block_phase = stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 3 * cfg.hidden_dim) * act
+    block_phase: float = (
+        stored + (layer if checkpointing else 0) + tokens * (2 * cfg.dim + 3 * cfg.hidden_dim) * act
+    )
     block_phase += dequant
     workspace = max(loss_phase, block_phase) - activations
     offloaded = 0.0

@@ -274,12 +274,13 @@ class Tokenizer:
         if kind == "tiktoken":
             stem = os.path.basename(path).split(".")[0]
             known_pattern, specials = _TIKTOKEN_FILES.get(stem, (None, None))
-            if pattern is None and known_pattern is None:
+            pattern = pattern or known_pattern
+            if pattern is None:
                 raise ValueError(
                     f"{path}: a tiktoken ranks file holds no pre-tokenization pattern: give one "
                     f"(pattern= / --pattern: {', '.join(PATTERNS)} or a regex; LLaMA-3 uses llama3)"
                 )
-            return cls.from_tiktoken(path, pattern=pattern or known_pattern, special_tokens=specials)
+            return cls.from_tiktoken(path, pattern=pattern, special_tokens=specials)
         if pattern is not None:
             raise ValueError(f"{path}: pattern applies to tiktoken files only; this {kind} file has its own")
         if kind == "tokenmill":
@@ -340,7 +341,7 @@ class Tokenizer:
         """
         if self._core.is_sentencepiece:
             return None
-        return self._core.pattern_engine  # type: ignore[return-value]
+        return self._core.pattern_engine
 
     @property
     def special_tokens(self) -> dict[str, int]:

@@ -312,21 +312,24 @@ def train(
             f'run.attention = "{cfg.run.attention}" needs a CUDA device (flex_attention has no backward pass '
             'on the CPU; varlen is flash / cuDNN): use "auto" or "sdpa"'
         )
-    if cfg.train.init_from and hf.is_hf_folder(cfg.train.init_from):
-        # A Hugging Face folder: the model shape (and vocabulary) come from its config.json, also on resume.
-        model_cfg = hf.run_model_config(cfg.train.init_from, cfg.model, TrainConfig().model["preset"])
+    resume = _resume_point(cfg, rank, world)
+    # LoRA: the frozen base always comes from train.init_from, resumed or not; checkpoints hold adapters.
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    if cfg.train.init_from:
+        # The model shape (and vocabulary) come from the model the run starts from: train.init_from's
+        # config.json (a Hugging Face folder) or meta.json (a checkpoint); a full run that resumes takes the
+        # same shape from its checkpoint and no longer needs train.init_from. [model] keys must agree.
+        start = resume if resume is not None and lora is None else Path(cfg.train.init_from)
+        model_cfg = cfg.init_model_config(*ckpt.recorded_model_config(start))
         tok = _load_tokenizer(cfg, model_cfg.vocab_size)
     else:
         tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
         model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-    resume = _resume_point(cfg, rank, world)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and resume is None else None
     if cfg.data.sft and not cfg.train.init_from:
         raise ValueError("data.sft fine-tunes a trained model: set train.init_from to its checkpoint")
-    # LoRA: the frozen base always comes from train.init_from, resumed or not; checkpoints hold adapters.
-    lora = cfg.lora if cfg.lora.rank > 0 else None
     base = Path(cfg.train.init_from).resolve() if lora else None
     if lora and not cfg.train.init_from:
         raise ValueError(
@@ -336,7 +339,7 @@ def train(
         if not hf.is_hf_folder(ck):
             ckpt.verify(ck, ["model.safetensors"])
     for ck in filter(None, (resume, init_from, base)):
-        if not hf.is_hf_folder(ck):  # an HF folder's shape was checked above (it defines model_cfg)
+        if not hf.is_hf_folder(ck):  # an HF folder here is where the run starts: it gave model_cfg
             check_same_shape(ck, model_cfg)
     if base is not None and not hf.is_hf_folder(base) and read_meta(base).get("lora"):
         raise ValueError(f"train.init_from {base}: a LoRA adapter checkpoint; the base must be full weights")
@@ -413,6 +416,7 @@ def train(
     elif world > 1:
         raise ValueError("dist.fsdp = false with several processes is not supported (use FSDP2)")
     if base is not None:
+        assert lora is not None, "train.init_from is the frozen base only of a LoRA run"
         load_weights(base, model, model_cfg, adapters=L.adapter_init(model, cfg.run.seed), verified=True)
         if lora.base_dtype == "nf4":
             L.quantize_base(model)

@@ -27,11 +27,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from tokenmill.data.loader import DataLoader
 
@@ -53,9 +53,12 @@ class Trainer(transformers.Trainer):
     """``transformers.Trainer`` whose training data is a ``tm.data.DataLoader(..., format="hf")``: the
     loader's own batching, rank sharding and exact resume through Trainer checkpoints (module docstring)."""
 
+    train_dataset: DataLoader  # checked in __init__ (the base class types it as any dataset)
+
     def __init__(self, *args: Any, train_dataset: Any = None, **kwargs: Any):
         loader = _check_loader(train_dataset, "train_dataset")
-        super().__init__(*args, train_dataset=loader, **kwargs)
+        kwargs["train_dataset"] = loader  # through kwargs: mypy cannot tell that *args stops before it
+        super().__init__(*args, **kwargs)
         a = self.args
         if a.per_device_train_batch_size != loader.batch_size:
             raise ValueError(
@@ -127,14 +130,23 @@ class Trainer(transformers.Trainer):
         os.replace(tmp, path)
         super()._save_checkpoint(model, trial)
 
-    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, **kwargs: Any) -> Any:
+    def train(
+        self,
+        resume_from_checkpoint: Union[str, bool, None] = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Optional[list[str]] = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        checkpoint: Optional[str] = None
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
                 raise ValueError(f"no valid checkpoint found in output directory ({self.args.output_dir})")
-        if resume_from_checkpoint:
-            self._restore_loader(os.fspath(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        elif resume_from_checkpoint:
+            checkpoint = os.fspath(resume_from_checkpoint)  # a path-like works too
+        if checkpoint is not None:
+            self._restore_loader(checkpoint)
+        return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _restore_loader(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE.format(rank=self.args.process_index))

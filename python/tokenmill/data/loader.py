@@ -452,7 +452,7 @@ class DataLoader(IterableDataset):
         if len(worker) != 2 or not 0 <= worker[0] < worker[1]:
             raise ValueError(f"loader state 'worker' must be [id, count] with 0 <= id < count, got {worker}")
         self.position = self._origin = position
-        self._worker = worker  # type: ignore[assignment]
+        self._worker = worker
 
     def __repr__(self) -> str:
         return (
