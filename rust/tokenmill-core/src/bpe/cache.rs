@@ -17,9 +17,11 @@ pub const CAPACITY: usize = 1 << 15;
 /// Longer pieces are not cached: they are rare, and would make the bound loose.
 pub const MAX_PIECE: usize = 64;
 
+type Map = FxHashMap<Box<[u8]>, Box<[u32]>>;
+
 #[derive(Default)]
 pub struct PieceCache {
-    map: RwLock<FxHashMap<Box<[u8]>, Box<[u32]>>>,
+    map: RwLock<Map>,
 }
 
 impl PieceCache {

@@ -216,7 +216,7 @@ fn lazy_anchored(
 }
 
 enum Engine {
-    Dfa(Dfa),
+    Dfa(Box<Dfa>),
     Fancy(fancy_regex::Regex),
 }
 
@@ -248,7 +248,7 @@ impl Pretokenizer {
         check_name(pattern_or_name)?;
         let pattern = resolve_pattern(pattern_or_name).to_string();
         let engine = match rewrite::rewrite(&pattern).and_then(|alts| Dfa::new(&alts)) {
-            Some(dfa) => Engine::Dfa(dfa),
+            Some(dfa) => Engine::Dfa(Box::new(dfa)),
             None => Engine::Fancy(
                 fancy_regex::RegexBuilder::new(&pattern)
                     .backtrack_limit(usize::MAX)
