@@ -479,6 +479,18 @@ mod tests {
     }
 
     #[test]
+    fn word_boundary_before_non_ascii_falls_back_to_the_meta_regex() {
+        // A Unicode `\b` makes the lazy DFA quit on non-ASCII bytes; the meta regex takes over.
+        let p = Pretokenizer::new(r"\b\w+\b|\W").unwrap();
+        assert!(p.is_dfa());
+        let re = fancy_regex::Regex::new(p.pattern()).unwrap();
+        for text in ["привет, мир! abc", "中文 x\u{e9}y 12", "a b"] {
+            assert_eq!(ours(&p, text), reference(&re, text), "{text:?}");
+        }
+        assert_eq!(ours(&p, "привет, мир"), ["привет", ",", " ", "мир"]);
+    }
+
+    #[test]
     fn invalid_pattern_is_an_error() {
         assert!(Pretokenizer::new("(").is_err());
     }
