@@ -3,7 +3,8 @@ Hugging Face tokenizers (outputs asserted identical), batch scaling, and worst-c
 
 Corpus: every stdlib .py file + docstrings (tokenmill.corpus, ~13 MB on CPython 3.11), one document per
 file. Vocabulary: 32k ranks trained by rustbpe on the first 4 MB with the cl100k pattern; tiktoken
-gets the same ranks, tokenizers gets our save_huggingface() export. Best of N wall times.
+gets the same ranks, tokenizers gets our save_huggingface() export. Best of N wall times, except
+the per-corpus encode rows: best of N interleaved runs (ours, tiktoken, ours, ...) in process CPU time.
 
 Multilingual prose: documents of 3-8 sentences drawn (seeded) from benches/data/multilingual.txt
 (English, German, Spanish, Russian, Chinese, written for this bench), with fresh numbers, --prose-mb
