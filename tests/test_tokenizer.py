@@ -3,12 +3,13 @@ real text, tiktoken's special-token rules, round trips, batch == single, worst-c
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import tokenmill as tm
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenmill import corpus
 from tokenmill.tokenizer import PATTERNS as NAMES
@@ -16,6 +17,8 @@ from tokenmill.tokenizer import pattern_string
 
 tiktoken = pytest.importorskip("tiktoken")
 rustbpe = pytest.importorskip("rustbpe")
+
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "300"))
 
 SPECIALS = {"<|endoftext|>": None, "<|fim_prefix|>": None, "<|fim|>": None}
 
@@ -162,6 +165,52 @@ def test_identical_ids_on_random_text(name, texts):
         assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
         assert ours.decode(ids) == text
         assert ours.decode_bytes(ids) == text.encode()
+
+    check()
+
+
+# rustbpe / nanochat's pattern: a user pattern, not a name.
+NANOCHAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
+    r"""\s+(?!\S)|\s+"""
+)
+_WORD_CHARS = "абвгдежзиклмнопрстуфхцчшщыьэюяЁДП中文字的是不了人我在有他这学习語言üöäßñéÉabcdeilmnorst😀🎉👍"
+
+
+def multilingual_strategy():
+    """Words in Chinese / Cyrillic / Latin with accents / emoji, some repeated (cache hits) and some CJK
+    runs longer than the piece cache's 64-byte limit (merged without it)."""
+    word = st.text(alphabet=st.sampled_from(_WORD_CHARS), min_size=1, max_size=12)
+    long_cjk = st.text(
+        alphabet=st.sampled_from("中文字的是不了人我在有他这学习語言"), min_size=22, max_size=60
+    )
+    sep = st.sampled_from([" ", "  ", ", ", ". ", "\n", "。", "！", " 123 "])
+    return st.lists(
+        st.tuples(st.one_of(word, word, long_cjk, st.sampled_from(TRICKY)), sep), max_size=30
+    ).map(lambda parts: "".join(w + s for w, s in parts))
+
+
+@pytest.mark.parametrize("name", ["cl100k", "nanochat"])
+def test_piece_cache_gives_tiktoken_ids(name, texts):
+    """The piece -> ids cache (pieces that are not tokens, 2-64 bytes) against tiktoken's plain merge:
+    each text encoded twice (the second time from the cache), in batches on 2 threads (the cache is
+    shared), and with pieces above the cache's length limit. The 1500-token vocabulary leaves most
+    non-Latin words as several tokens, so most pieces go through the merge."""
+    pattern = pattern_string("cl100k") if name == "cl100k" else NANOCHAT
+    ours, theirs = pair("cl100k", texts)
+    ranks = ours.mergeable_ranks()
+    ours = tm.Tokenizer.from_tiktoken(ranks, pattern=pattern)
+    theirs = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    assert ours.pattern_engine == "dfa"
+
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(st.lists(multilingual_strategy(), min_size=1, max_size=6))
+    def check(batch):
+        want = [theirs.encode_ordinary(t) for t in batch]
+        assert [ours.encode_ordinary(t) for t in batch] == want
+        assert [ours.encode_ordinary(t) for t in batch] == want
+        assert ours.encode_ordinary_batch(batch * 3, num_threads=2) == want * 3
+        assert [ours.encode_to_numpy(t).tolist() for t in batch] == want
 
     check()
 

@@ -77,6 +77,15 @@ fn rank(pairs: &PairMap, a: u32, b: u32) -> u64 {
     pairs.get(&(a, b)).copied().unwrap_or(NONE64)
 }
 
+/// Tried and dropped (issue 14, prose without the piece cache, tokbench CPU time, best of 8):
+/// merged-away symbols left in place as tombstones with prev/next links instead of shifting the
+/// arrays (no `memmove` per merge), on stack arrays sized 16 / 40 / 96 by piece length: prose
+/// 51 -> 48 MB/s, code 86 -> 74 MB/s. The scan's time is in the pair-table probes, which miss
+/// the cache, not in the shifting. Also dropped: the pair map as an open-addressing table with key
+/// and entry in one 16-byte slot (one cache line per probe instead of SwissTable's control bytes
+/// plus entry): 52 -> 57 and 54 -> 55 MB/s in two runs, within noise; the probes still miss. And a
+/// 128 KiB bit filter of pair hashes in front of the map (answers most non-merges without a probe):
+/// 55 -> 51 MB/s.
 pub fn merge_scan(piece: &[u8], r: &Ranks, out: &mut Vec<u32>) {
     let n = piece.len();
     debug_assert!(n <= SCAN_MAX);

@@ -209,3 +209,61 @@ proptest! {
         prop_assert_eq!(&TOK.encode_batch(&texts, &[], Some(&[]), Some(1)).unwrap(), &single);
     }
 }
+
+/// Words in Cyrillic, Chinese, accented Latin and emoji (repeated within a text, so the piece cache
+/// is hit), with CJK runs longer than the cache's piece limit (merged without it).
+fn multilingual_strategy() -> impl Strategy<Value = String> {
+    let word = prop::collection::vec(
+        prop::sample::select(
+            "приветмирдомзнания中文字学习語言éüßñaeoqz😀🎉"
+                .chars()
+                .collect::<Vec<_>>(),
+        ),
+        1..12,
+    )
+    .prop_map(|v| v.into_iter().collect::<String>());
+    let long_cjk = prop::collection::vec(
+        prop::sample::select("中文字的是不了人我在有他这".chars().collect::<Vec<_>>()),
+        cache::MAX_PIECE / 3 + 1..cache::MAX_PIECE,
+    )
+    .prop_map(|v| v.into_iter().collect::<String>());
+    let part = prop_oneof![4 => word, 1 => long_cjk];
+    let sep = prop::sample::select(vec![" ", ", ", "\n", "。", " 42 "]);
+    prop::collection::vec((part, sep), 0..24).prop_map(|v| {
+        let once: String = v.into_iter().map(|(w, s)| w + s).collect();
+        once.repeat(2)
+    })
+}
+
+#[test]
+fn piece_cache_is_bounded() {
+    // More distinct pieces that are not tokens than the cache holds: it stops at its capacity (the
+    // pieces seen first stay); ids stay those of the plain merge, cached or not.
+    let tok = Tokenizer::from_ranks(train_vocab(CORPUS, "cl100k", 100), "cl100k", vec![]).unwrap();
+    let word = |mut i: usize| {
+        let mut w = String::from(" zq");
+        while i > 0 {
+            w.push((b'a' + (i % 26) as u8) as char);
+            i /= 26;
+        }
+        w
+    };
+    let text: String = (0..cache::CAPACITY + 5000).map(word).collect();
+    assert_eq!(tok.encode_ordinary(&text), reference_encode(&tok, &text));
+    let n = tok.cache.len();
+    assert_eq!(n, cache::CAPACITY);
+    assert_eq!(tok.encode_ordinary(&text), reference_encode(&tok, &text));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn cached_merges_match_naive_tiktoken(text in multilingual_strategy()) {
+        let want = reference_encode(&TOK, &text);
+        // The second time from the cache; also through two threads sharing it.
+        prop_assert_eq!(&TOK.encode_ordinary(&text), &want);
+        prop_assert_eq!(&TOK.encode_ordinary(&text), &want);
+        let batch = vec![text.clone(); 4];
+        prop_assert_eq!(TOK.encode_ordinary_batch(&batch, Some(2)).unwrap(), vec![want; 4]);
+    }
+}
