@@ -24,6 +24,9 @@ def paths(tmp_path_factory):
     tok = tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], special_tokens=["<|endoftext|>"])
     tok.save(str(d / "tok.tokenmill"))
     write_token_file(d / "data", [list(range(1, 60)), list(range(5, 90))], dtype="uint16")
+    write_token_file(d / "torn", [list(range(1, 60))], dtype="uint16")
+    idx = (d / "torn.idx").read_bytes()
+    (d / "torn.idx").write_bytes(idx[:-3])  # a truncated index
     # A checkpoint folder as Llama.from_checkpoint reads it: meta.json + model.safetensors.
     from safetensors.torch import save_file
     from tokenmill.model import Llama, LlamaConfig
@@ -136,6 +139,7 @@ def cases(d):
         (["prepare", str(d / "nope*.txt"), "--tokenizer", str(d / "tok.tokenmill"), "-o", out], "nope*.txt"),
         (["inspect", str(d / "data"), "--top", "-5"], "--top"),
         (["inspect", str(d / "nope")], "nope"),
+        (["inspect", str(d / "torn")], "torn.idx: truncated"),
         (["merge", str(d / "nope*"), "-o", out], "nope*"),
         ([*plan, "--gpus", "0"], "--gpus"),
         ([*plan, "--mfu", "1.5"], "--mfu"),
@@ -240,3 +244,13 @@ def test_bad_torchrun_environment(paths, monkeypatch, capsys, env, names):
         monkeypatch.setenv(k, v)
     train = [a for a, _ in cases(paths) if a[0] == "train"][0][:7]  # the valid base of the train cases
     check(cli.main(train), capsys.readouterr().err, names)
+
+
+def test_inspect_verify_names_each_problem_once(paths, tmp_path, capsys):
+    tm.data.prepare(paths / "a.txt", tmp_path / "ds", str(paths / "tok.tokenmill"))
+    idx = (tmp_path / "ds.idx").read_bytes()
+    (tmp_path / "ds.idx").write_bytes(idx[:-3])
+    assert cli.main(["inspect", str(tmp_path / "ds"), "--verify"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("verification FAILED") and any("truncated" in ln for ln in err)
+    assert len(err) == len(set(err)), err

@@ -317,8 +317,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         s = dp.inspect(args.prefix, top_k=args.top)
     except ValueError as e:
+        if not args.verify:  # nothing else reports it: one error line (main prints it)
+            raise
         s = None
-        problems.append(str(e))
+        # verify() has usually named the same structural fault already
+        problems += [line for line in str(e).splitlines() if line not in problems]
     if s is not None:
         m = s["manifest"]
         print(f"{args.prefix}: {s['documents']:,} documents, {s['tokens']:,} tokens, dtype {s['dtype']}")
