@@ -414,3 +414,23 @@ def test_parquet_source_errors_keep_their_type(tok, tmp_path, monkeypatch):
     with pytest.raises(_Boom, match="reader broke at batch 0"):
         dp.prepare(tmp_path / "in.parquet", tmp_path / "out" / "ds", tok)
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_output_prefix_must_name_a_file(tok, tmp_path):
+    """A prefix ending in a separator would write hidden dir/.bin, dir/.idx: refused before any work by
+    prepare, merge and prepare_sft; a prefix given with .bin/.idx is the dataset the readers open."""
+    src = write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    (tmp_path / "out").mkdir()
+    for call in (
+        lambda p: dp.prepare(src, p, tok),
+        lambda p: dp.merge(tmp_path / "nope", p),
+        lambda p: tm.data.prepare_sft(src, p, tok),
+    ):
+        for p in (f"{tmp_path / 'out'}{os.sep}", f"{tmp_path / 'out'}{os.sep}."):
+            with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+                call(p)
+    assert list((tmp_path / "out").iterdir()) == []
+    dp.prepare(src, tmp_path / "out" / "ds.bin", tok)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
+    assert megatron_read(tmp_path / "out" / "ds")[1] == expected(tok, ["some text"])
+    assert list(tm.data.TokenDataset(tmp_path / "out" / "ds.bin")[0]) == expected(tok, ["some text"])[0]

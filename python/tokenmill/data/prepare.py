@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from tokenmill import _core
+from tokenmill.data.dataset import output_prefix as _output_prefix
 from tokenmill.extras import require
 from tokenmill.tokenizer import EOS_TOKENS
 
@@ -210,6 +211,7 @@ def prepare(
         raise ValueError(f"input_format must be 'text', 'jsonl' or 'parquet', got {input_format!r}")
     if delimiter is not None and ("\n" in delimiter or "\r" in delimiter):
         raise ValueError("delimiter is one line: it cannot contain line breaks")
+    out = _output_prefix(output_prefix)
     tok = _load_tokenizer(tokenizer)
     eos = _eos_id(tok, append_eos, eos_token)
     files = expand_inputs(inputs)
@@ -233,7 +235,7 @@ def prepare(
     manifest = json.loads(
         _core.prepare_corpus(
             specs,
-            os.fspath(output_prefix),
+            out,
             tok._core,
             text_key,
             eos,
@@ -273,7 +275,7 @@ def merge(shards: Union[PathLike, Sequence[PathLike]], output_prefix: PathLike) 
             prefixes += found
         else:
             prefixes.append(s)
-    return json.loads(_core.prepared_merge(prefixes, os.fspath(output_prefix)))
+    return json.loads(_core.prepared_merge(prefixes, _output_prefix(output_prefix)))
 
 
 def verify(prefix: PathLike) -> list[str]:

@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 from tokenmill import _core
 from tokenmill._fsutil import write_atomic
 from tokenmill.data.dataset import MASK_SUFFIX, PathLike, normalize_prefix
+from tokenmill.data.dataset import output_prefix as _output_prefix
 
 TEMPLATES = ("alpaca", "chatml", "llama3")
 ROLES = ("system", "user", "assistant")
@@ -307,6 +308,7 @@ def prepare_sft(
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    prefix = _output_prefix(output_prefix)
     paths = [jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else list(jsonl_paths)
     if not paths:
         raise ValueError("no input files")
@@ -324,7 +326,6 @@ def prepare_sft(
         docs, masks = [docs[i] for i in keep], [masks[i] for i in keep]
         if not docs:
             raise ValueError(f"every record is longer than max_length={max_length} tokens")
-    prefix = normalize_prefix(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = _core.token_dtype(tokenizer.n_vocab)
     _core.write_token_file(prefix, docs, dtype)
