@@ -23,6 +23,9 @@ def paths(tmp_path_factory):
     (d / "hyp.txt").write_text("a b c\n")
     tok = tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], special_tokens=["<|endoftext|>"])
     tok.save(str(d / "tok.tokenmill"))
+    tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)]).save(str(d / "noeos.tokenmill"))
+    (d / "pyfiles").mkdir()
+    (d / "pyfiles" / "a.py").write_text("print('not a known input format')\n")
     write_token_file(d / "data", [list(range(1, 60)), list(range(5, 90))], dtype="uint16")
     write_token_file(d / "torn", [list(range(1, 60))], dtype="uint16")
     idx = (d / "torn.idx").read_bytes()
@@ -46,6 +49,7 @@ def cases(d):
     train = ["train", str(d / "empty.toml"), f"--run.out_dir={d / 'run'}", "--run.device=cpu"]
     train += ["--model.preset=tiny", f"--data.train=['{d / 'data'}']", "--data.seq_len=16"]
     out = str(d / "out")
+    prep = ["prepare", "--tokenizer", str(d / "tok.tokenmill"), "-o", out]
     return [
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "10", "--out", out], "--vocab-size"),
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "ten", "--out", out], "--vocab-size"),
@@ -137,6 +141,14 @@ def cases(d):
         ),
         (["prepare", str(d / "a.txt"), "-o", out], "--tokenizer"),
         (["prepare", str(d / "nope*.txt"), "--tokenizer", str(d / "tok.tokenmill"), "-o", out], "nope*.txt"),
+        ([*prep, str(d / "pyfiles")], "pyfiles: directory holds no input files"),
+        ([*prep, str(d / "pyfiles" / "a.py")], "--format"),
+        (["prepare", str(d / "a.txt"), "--tokenizer", str(d / "noeos.tokenmill"), "-o", out], "--eos-token"),
+        (
+            ["prepare", str(d / "a.txt"), "--tokenizer", str(d / "pyfiles"), "-o", out],
+            "pyfiles: is a directory",
+        ),
+        ([*prep, str(d / "a.txt"), "-o", str(d / "pyfiles") + "/"], "names a directory"),
         (["inspect", str(d / "data"), "--top", "-5"], "--top"),
         (["inspect", str(d / "nope")], "nope"),
         (["inspect", str(d / "torn")], "torn.idx: truncated"),

@@ -206,6 +206,8 @@ def test_bad_records_name_file_and_line(tmp_path, tok):
         prepare_sft(src, tmp_path / "o", tok)
     with pytest.raises(FileNotFoundError):
         prepare_sft(tmp_path / "missing.jsonl", tmp_path / "o", tok)
+    with pytest.raises(IsADirectoryError, match="is a directory; name the .jsonl files"):
+        prepare_sft(tmp_path, tmp_path / "o", tok)
     with pytest.raises(ValueError, match="template"):
         prepare_sft(src, tmp_path / "o", tok, template="vicuna")
     assert not (tmp_path / "o.idx").exists()

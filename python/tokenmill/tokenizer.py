@@ -258,6 +258,10 @@ class Tokenizer:
                 head = f.read(4096)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such tokenizer file") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(
+                f"{path}: is a directory, not a tokenizer file (name the file in it, e.g. tokenizer.json)"
+            ) from None
         if head.startswith(b"tokenmill-tokenizer"):
             kind = "tokenmill"
         elif head.lstrip()[:1] == b"{":

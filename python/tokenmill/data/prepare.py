@@ -98,6 +98,11 @@ def expand_inputs(inputs: Union[PathLike, Iterable[PathLike]]) -> list[str]:
                     for f in filenames
                     if not f.startswith(".") and _format_of(f, in_directory=True) is not None
                 ]
+            if not found:
+                raise ValueError(
+                    f"{s}: directory holds no input files ({', '.join(_TEXT + _JSONL[:-1] + _PARQUET)}, "
+                    "optionally .gz/.zst); name other files one by one with input_format= (--format)"
+                )
             out += sorted(found)
         elif glob.has_magic(s) and not os.path.exists(s):
             matched = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
@@ -170,7 +175,7 @@ def _eos_id(tokenizer: Any, append_eos: bool, eos_token: Union[str, int, None]) 
         return int(tokenizer.eos_token_id)
     raise ValueError(
         "append_eos=True but the tokenizer has none of the usual end-of-document special tokens "
-        f"({', '.join(EOS_TOKENS)}); pass eos_token=... or append_eos=False"
+        f"({', '.join(EOS_TOKENS)}); pass eos_token= (--eos-token) or append_eos=False (--no-eos)"
     )
 
 
@@ -223,7 +228,7 @@ def prepare(
         if fmt is None:
             raise ValueError(
                 f"{f}: unknown input format (expected .txt, .jsonl or .parquet, optionally .gz/.zst); "
-                "pass input_format="
+                "pass input_format= (--format)"
             )
         specs.append((f, "external" if fmt == "parquet" else fmt, delimiter if fmt == "text" else None))
     external = None

@@ -313,6 +313,8 @@ def prepare_sft(
     if not paths:
         raise ValueError("no input files")
     for p in paths:
+        if Path(p).is_dir():
+            raise IsADirectoryError(f"{os.fspath(p)}: is a directory; name the .jsonl files in it")
         if not Path(p).is_file():
             raise FileNotFoundError(f"{os.fspath(p)}: no such file")
     rendered = [_render(_messages(rec, where), template, tokenizer, where) for rec, where in _records(paths)]
