@@ -393,3 +393,31 @@ def test_docstring_examples():
         ran += len(test.examples)
         runner.run(test)
     assert ran > 5 and runner.failures == 0
+
+
+def test_cli_encode_takes_the_bytes_as_they_are(tmp_path, texts, monkeypatch, capsys):
+    """A file or stdin is encoded byte for byte as tiktoken encodes its text (CRLF kept, not turned into
+    LF); invalid UTF-8 is an error naming the file and line, never replaced by U+FFFD."""
+    import io
+
+    from tokenmill import cli
+
+    ours, theirs = pair("cl100k", texts)
+    ours.save(tmp_path / "tok")
+    raw = "first line\r\nzweite Zeile: äöü\r\n日本語 😀\r\n".encode()
+    (tmp_path / "in.txt").write_bytes(raw)
+    want = " ".join(map(str, theirs.encode(raw.decode())))
+    argv = ["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok")]
+    assert cli.main([*argv, str(tmp_path / "in.txt")]) == 0
+    assert capsys.readouterr().out.strip() == want
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert cli.main([*argv, "-"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    (tmp_path / "bad.txt").write_bytes(b"ok\nstill ok \xff\xfe\n")
+    assert cli.main([*argv, str(tmp_path / "bad.txt")]) == 1
+    assert f"{tmp_path / 'bad.txt'}:2: invalid UTF-8 (byte 0xff at offset 12)" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a\xffb")))
+    assert cli.main([*argv, "-"]) == 1
+    assert "<stdin>:1: invalid UTF-8 (byte 0xff at offset 1)" in capsys.readouterr().err
+    assert cli.main([*argv, str(tmp_path / "in.txt"), "--out", str(tmp_path / "nodir" / "ids.npy")]) == 1
+    assert f"{tmp_path / 'nodir'}: no such directory" in capsys.readouterr().err

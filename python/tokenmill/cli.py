@@ -368,11 +368,22 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_file(args.tokenizer, pattern=args.pattern)
     if args.text is not None:
         text = args.text
-    elif args.input in (None, "-"):
-        text = sys.stdin.read()
     else:
-        with open(args.input, encoding="utf-8") as f:
-            text = f.read()
+        # bytes, decoded strictly: a text-mode read would replace bad bytes with U+FFFD silently (stdin)
+        # or fail naming no file
+        name = "<stdin>" if args.input in (None, "-") else args.input
+        if name == "<stdin>":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as f:
+                data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(
+                f"{name}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+            ) from None
     ids = tok.encode_to_numpy(text, allowed_special="all" if args.allow_special else ())
     if args.out:
         from tokenmill._fsutil import write_atomic
