@@ -52,6 +52,18 @@ def cases(d):
     prep = ["prepare", "--tokenizer", str(d / "tok.tokenmill"), "-o", out]
     return [
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "10", "--out", out], "--vocab-size"),
+        (
+            [
+                "tokenizer",
+                "train",
+                str(d / "a.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(d / "nodir" / "t.json"),
+            ],
+            f"{d / 'nodir'}: no such directory (writing {d / 'nodir' / 't.json'})",
+        ),
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "ten", "--out", out], "--vocab-size"),
         (
             [

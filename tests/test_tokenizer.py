@@ -4,6 +4,7 @@ real text, tiktoken's special-token rules, round trips, batch == single, worst-c
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -421,3 +422,11 @@ def test_cli_encode_takes_the_bytes_as_they_are(tmp_path, texts, monkeypatch, ca
     assert "<stdin>:1: invalid UTF-8 (byte 0xff at offset 1)" in capsys.readouterr().err
     assert cli.main([*argv, str(tmp_path / "in.txt"), "--out", str(tmp_path / "nodir" / "ids.npy")]) == 1
     assert f"{tmp_path / 'nodir'}: no such directory" in capsys.readouterr().err
+
+
+def test_save_into_a_missing_folder_names_the_folder(tmp_path):
+    tok = tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], pattern="gpt2")
+    for save in (tok.save, tok.save_huggingface, tok.save_tiktoken):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(tmp_path / 'no'))}: no such directory"):
+            save(tmp_path / "no" / "tok")
+    assert list(tmp_path.iterdir()) == []
