@@ -9,6 +9,7 @@ import argparse
 import importlib
 import math
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import tokenmill
@@ -267,8 +268,6 @@ def _print_manifest_summary(m: dict, output: str) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    import warnings
-
     dp = importlib.import_module("tokenmill.data.prepare")
 
     if args.merge:
@@ -721,8 +720,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ["tokenmill", args.command, *filter(None, [getattr(args, "tokenizer_command", None)])]
         + ([args.metric] if args.command == "eval" else [])
     )
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)  # not Python's file:line and source line
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
