@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tokenmill as tm
 from tokenmill import cli
@@ -28,6 +29,11 @@ def paths(tmp_path_factory):
     (d / "pyfiles" / "a.py").write_text("print('not a known input format')\n")
     write_token_file(d / "data", [list(range(1, 60)), list(range(5, 90))], dtype="uint16")
     write_token_file(d / "torn", [list(range(1, 60))], dtype="uint16")
+    write_token_file(d / "wide", [list(range(250, 300))], dtype="int32")  # ids past the tiny model's 257
+    write_token_file(d / "neg", [[5, 6, 7, 8]], dtype="int32")
+    np.array([5, -3, 7, 8], np.int32).tofile(d / "neg.bin")  # a signed file holding a negative value
+    (d / "big.json").write_text(json.dumps({"tokenizer": {"n_vocab": 600, "fingerprint": "x"}}))
+    write_token_file(d / "big", [list(range(1, 60))], dtype="uint16")
     idx = (d / "torn.idx").read_bytes()
     (d / "torn.idx").write_bytes(idx[:-3])  # a truncated index
     # A checkpoint folder as Llama.from_checkpoint reads it: meta.json + model.safetensors.
@@ -189,6 +195,18 @@ def cases(d):
         ([*pp, "--device", "tpu"], "--device"),
         ([*pp, "--seq-len", "100000"], "--seq-len"),
         (["eval", "perplexity", str(d / "nope"), str(d / "data")], "nope"),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "big")],
+            "big: tokenized with a 600-token vocabulary",
+        ),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "wide")],
+            "wide: batch 0: token id 299 >= model.vocab_size",
+        ),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "neg"), "--seq-len", "2"],
+            "token id -3 is negative",
+        ),
         (["eval", "perplexity", str(d / "ckpt"), str(d / "nodata")], "nodata"),
         ([*train, "--checkpoint.keep=0"], "checkpoint.keep"),
         ([*train, "--optim.warmup_steps=-10"], "optim.warmup_steps"),

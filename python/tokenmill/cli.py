@@ -103,7 +103,9 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from tokenmill import eval as ev
     from tokenmill.checkpoint import newest_valid, read_meta
     from tokenmill.data import DataLoader
+    from tokenmill.data.dataset import read_manifest
     from tokenmill.model import Llama
+    from tokenmill.train import _check_batch as check_batch
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -130,6 +132,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     loader = DataLoader(
         args.data, seq_len=seq_len, batch_size=args.batch_size, epochs=1, drop_last=False, prefetch=1
     )
+    vocab = model.config.vocab_size
+    for prefix in args.data:
+        n_vocab = ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("n_vocab")
+        if n_vocab is not None and n_vocab > vocab:
+            raise ValueError(
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary but the model has {vocab}"
+            )
     tok_path = args.tokenizer
     if tok_path is None and read_meta(ckpt).get("tokenizer"):
         tok_path = str(ckpt / read_meta(ckpt)["tokenizer"])
@@ -147,7 +156,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
     def batches():
         nonlocal text_bytes
-        for b in loader:
+        for i, b in enumerate(loader):
+            check_batch(b, vocab, f"{' '.join(args.data)}: batch {i}")  # files without manifest
             if byte_len is not None:
                 labels = b["labels"].numpy()
                 scored = labels[labels != -100]
