@@ -257,11 +257,19 @@ def template_of(prefixes: Iterable[PathLike]) -> Optional[str]:
 
 def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes: a bad byte is reported at its line, as prepare does
+            for lineno, raw in enumerate(f, 1):
+                where = f"{os.fspath(path)}:{lineno}"
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark opening the file
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
-                where = f"{os.fspath(path)}:{lineno}"
                 try:
                     yield json.loads(line), where
                 except ValueError as e:
