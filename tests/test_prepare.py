@@ -434,3 +434,18 @@ def test_output_prefix_must_name_a_file(tok, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
     assert megatron_read(tmp_path / "out" / "ds")[1] == expected(tok, ["some text"])
     assert list(tm.data.TokenDataset(tmp_path / "out" / "ds.bin")[0]) == expected(tok, ["some text"])[0]
+
+
+def test_jsonl_written_by_windows_tools(tok, tmp_path):
+    """A byte-order mark opening the file, CRLF line ends and no final newline: every record is read, as
+    Python's json module reads the file decoded with utf-8-sig (the BOM used to make line 1 malformed)."""
+    raw = "\ufeff" + "\r\n".join(json.dumps({"text": t}) for t in ["first", "zweite ä", "last"])
+    src = tmp_path / "win.jsonl"
+    src.write_bytes(raw.encode())
+    want = [json.loads(line)["text"] for line in src.read_bytes().decode("utf-8-sig").splitlines()]
+    m = dp.prepare(src, tmp_path / "ds", tok, on_error="fail")
+    assert m["errors"] == [] and megatron_read(tmp_path / "ds")[1] == expected(tok, want)
+    # Only the file's first bytes: a BOM inside a later line is still malformed JSON.
+    src.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"win\.jsonl:2: malformed JSON"):
+        dp.prepare(src, tmp_path / "ds2", tok, on_error="fail")
