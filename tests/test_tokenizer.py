@@ -430,3 +430,24 @@ def test_save_into_a_missing_folder_names_the_folder(tmp_path):
         with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(tmp_path / 'no'))}: no such directory"):
             save(tmp_path / "no" / "tok")
     assert list(tmp_path.iterdir()) == []
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab é日😀\r\n\t\u2028\x85\ufeff")), max_size=40))
+def test_cli_encode_of_a_file_equals_tiktoken_on_its_text(texts, text):
+    """Whatever line breaks (CR, CRLF, U+2028, NEL) or BOM the file holds, the ids are tiktoken's for the
+    file's exact text."""
+    import contextlib
+    import io
+    import tempfile
+
+    from tokenmill import cli
+
+    ours, theirs = pair("cl100k", texts)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save(f"{d}/tok")
+        with open(f"{d}/in.txt", "wb") as f:
+            f.write(text.encode())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["tokenizer", "encode", f"{d}/in.txt", "--tokenizer", f"{d}/tok"]) == 0
+    assert out.getvalue().split() == [str(i) for i in theirs.encode(text)]
