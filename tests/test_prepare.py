@@ -449,3 +449,14 @@ def test_jsonl_written_by_windows_tools(tok, tmp_path):
     src.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
     with pytest.raises(ValueError, match=r"win\.jsonl:2: malformed JSON"):
         dp.prepare(src, tmp_path / "ds2", tok, on_error="fail")
+
+
+def test_inspect_verify_merge_take_a_bin_or_idx_path(tok, tmp_path):
+    """As TokenDataset and DataLoader do, `data/ds.bin` / `data/ds.idx` name the dataset `data/ds`
+    (inspect used to look for data/ds.bin.json and data/ds.idx.idx)."""
+    dp.prepare(write_jsonl(tmp_path / "a.jsonl", ["one doc", "two docs"]), tmp_path / "ds", tok)
+    for name in ("ds.bin", "ds.idx"):
+        assert dp.verify(tmp_path / name) == []
+        assert dp.inspect(tmp_path / name, verify=True)["documents"] == 2
+    dp.merge(tmp_path / "ds.bin", tmp_path / "m")
+    assert files(tmp_path / "m") == files(tmp_path / "ds")

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from tokenmill import _core
+from tokenmill.data.dataset import normalize_prefix
 from tokenmill.data.dataset import output_prefix as _output_prefix
 from tokenmill.extras import require
 from tokenmill.tokenizer import EOS_TOKENS
@@ -279,13 +280,13 @@ def merge(shards: Union[PathLike, Sequence[PathLike]], output_prefix: PathLike) 
                 raise FileNotFoundError(f"{s}: no prepared shard matches this pattern")
             prefixes += found
         else:
-            prefixes.append(s)
+            prefixes.append(normalize_prefix(s))
     return json.loads(_core.prepared_merge(prefixes, _output_prefix(output_prefix)))
 
 
 def verify(prefix: PathLike) -> list[str]:
     """Problems found re-checking ``prefix`` against its manifest (checksums, structure, counts, ids)."""
-    return _core.prepared_verify(os.fspath(prefix))
+    return _core.prepared_verify(normalize_prefix(prefix))
 
 
 def inspect(prefix: PathLike, verify: bool = False, top_k: int = 10) -> dict:
@@ -295,7 +296,7 @@ def inspect(prefix: PathLike, verify: bool = False, top_k: int = 10) -> dict:
     counts); any mismatch raises ValueError listing the problems. Plain Megatron datasets (no
     manifest) can be inspected but not verified.
     """
-    p = os.fspath(prefix)
+    p = normalize_prefix(prefix)  # data/web.bin or .idx names data/web, as for the readers
     if verify:
         problems = _core.prepared_verify(p)
         if problems:
