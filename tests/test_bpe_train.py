@@ -460,3 +460,32 @@ def test_digest_is_stable(code_corpus):
     a = hashlib.sha256(b"\0".join(train(code_corpus, 1500, "o200k"))).hexdigest()
     b = hashlib.sha256(b"\0".join(train(list(reversed(code_corpus)), 1500, "o200k"))).hexdigest()
     assert a == b
+
+
+def test_a_corpus_too_small_for_vocab_size_warns(tmp_path, capsys):
+    """["ab ab"] has two pairs to merge ("a"+"b", " "+"ab"): asking for more is a warning with the counts,
+    not a silently smaller vocabulary; the CLI says it in one line."""
+    import warnings
+
+    from tokenmill import cli
+
+    with pytest.warns(
+        UserWarning, match=r"only 2 merges .*: the vocabulary has 258 tokens, not the vocab_size 300"
+    ):
+        tok = Tokenizer.train(["ab ab"] * 3, vocab_size=300, pattern="gpt2", show_progress=False)
+    assert tok.n_vocab == 258 and tok.encode("ab ab") == [256, 257]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Tokenizer.train(["ab ab"] * 3, vocab_size=258, pattern="gpt2", show_progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.warns(UserWarning, match=r"only 0 merges .* 257 tokens, not the vocab_size 300"):
+        Tokenizer.train_files([empty], vocab_size=300, special_tokens=["<s>"], show_progress=False)
+    out = tmp_path / "tok.json"
+    assert (
+        cli.main(["tokenizer", "train", str(empty), "--vocab-size", "300", "--out", str(out), "--quiet"]) == 0
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "tokenmill tokenizer train: warning: the corpus gave only 0 merges"
+    )

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tokenmill as tm
 from tokenmill import cli
@@ -23,7 +24,18 @@ def paths(tmp_path_factory):
     (d / "hyp.txt").write_text("a b c\n")
     tok = tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], special_tokens=["<|endoftext|>"])
     tok.save(str(d / "tok.tokenmill"))
+    tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)]).save(str(d / "noeos.tokenmill"))
+    (d / "pyfiles").mkdir()
+    (d / "pyfiles" / "a.py").write_text("print('not a known input format')\n")
     write_token_file(d / "data", [list(range(1, 60)), list(range(5, 90))], dtype="uint16")
+    write_token_file(d / "torn", [list(range(1, 60))], dtype="uint16")
+    write_token_file(d / "wide", [list(range(250, 300))], dtype="int32")  # ids past the tiny model's 257
+    write_token_file(d / "neg", [[5, 6, 7, 8]], dtype="int32")
+    np.array([5, -3, 7, 8], np.int32).tofile(d / "neg.bin")  # a signed file holding a negative value
+    (d / "big.json").write_text(json.dumps({"tokenizer": {"n_vocab": 600, "fingerprint": "x"}}))
+    write_token_file(d / "big", [list(range(1, 60))], dtype="uint16")
+    idx = (d / "torn.idx").read_bytes()
+    (d / "torn.idx").write_bytes(idx[:-3])  # a truncated index
     # A checkpoint folder as Llama.from_checkpoint reads it: meta.json + model.safetensors.
     from safetensors.torch import save_file
     from tokenmill.model import Llama, LlamaConfig
@@ -43,8 +55,21 @@ def cases(d):
     train = ["train", str(d / "empty.toml"), f"--run.out_dir={d / 'run'}", "--run.device=cpu"]
     train += ["--model.preset=tiny", f"--data.train=['{d / 'data'}']", "--data.seq_len=16"]
     out = str(d / "out")
+    prep = ["prepare", "--tokenizer", str(d / "tok.tokenmill"), "-o", out]
     return [
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "10", "--out", out], "--vocab-size"),
+        (
+            [
+                "tokenizer",
+                "train",
+                str(d / "a.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(d / "nodir" / "t.json"),
+            ],
+            f"{d / 'nodir'}: no such directory (writing {d / 'nodir' / 't.json'})",
+        ),
         (["tokenizer", "train", str(d / "a.txt"), "--vocab-size", "ten", "--out", out], "--vocab-size"),
         (
             [
@@ -134,8 +159,17 @@ def cases(d):
         ),
         (["prepare", str(d / "a.txt"), "-o", out], "--tokenizer"),
         (["prepare", str(d / "nope*.txt"), "--tokenizer", str(d / "tok.tokenmill"), "-o", out], "nope*.txt"),
+        ([*prep, str(d / "pyfiles")], "pyfiles: directory holds no input files"),
+        ([*prep, str(d / "pyfiles" / "a.py")], "--format"),
+        (["prepare", str(d / "a.txt"), "--tokenizer", str(d / "noeos.tokenmill"), "-o", out], "--eos-token"),
+        (
+            ["prepare", str(d / "a.txt"), "--tokenizer", str(d / "pyfiles"), "-o", out],
+            "pyfiles: is a directory",
+        ),
+        ([*prep, str(d / "a.txt"), "-o", str(d / "pyfiles") + "/"], "names a directory"),
         (["inspect", str(d / "data"), "--top", "-5"], "--top"),
         (["inspect", str(d / "nope")], "nope"),
+        (["inspect", str(d / "torn")], "torn.idx: truncated"),
         (["merge", str(d / "nope*"), "-o", out], "nope*"),
         ([*plan, "--gpus", "0"], "--gpus"),
         ([*plan, "--mfu", "1.5"], "--mfu"),
@@ -161,6 +195,18 @@ def cases(d):
         ([*pp, "--device", "tpu"], "--device"),
         ([*pp, "--seq-len", "100000"], "--seq-len"),
         (["eval", "perplexity", str(d / "nope"), str(d / "data")], "nope"),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "big")],
+            "big: tokenized with a 600-token vocabulary",
+        ),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "wide")],
+            "wide: batch 0: token id 299 >= model.vocab_size",
+        ),
+        (
+            ["eval", "perplexity", str(d / "ckpt"), str(d / "neg"), "--seq-len", "2"],
+            "token id -3 is negative",
+        ),
         (["eval", "perplexity", str(d / "ckpt"), str(d / "nodata")], "nodata"),
         ([*train, "--checkpoint.keep=0"], "checkpoint.keep"),
         ([*train, "--optim.warmup_steps=-10"], "optim.warmup_steps"),
@@ -240,3 +286,13 @@ def test_bad_torchrun_environment(paths, monkeypatch, capsys, env, names):
         monkeypatch.setenv(k, v)
     train = [a for a, _ in cases(paths) if a[0] == "train"][0][:7]  # the valid base of the train cases
     check(cli.main(train), capsys.readouterr().err, names)
+
+
+def test_inspect_verify_names_each_problem_once(paths, tmp_path, capsys):
+    tm.data.prepare(paths / "a.txt", tmp_path / "ds", str(paths / "tok.tokenmill"))
+    idx = (tmp_path / "ds.idx").read_bytes()
+    (tmp_path / "ds.idx").write_bytes(idx[:-3])
+    assert cli.main(["inspect", str(tmp_path / "ds"), "--verify"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("verification FAILED") and any("truncated" in ln for ln in err)
+    assert len(err) == len(set(err)), err

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import tokenmill as tm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -182,6 +183,46 @@ def test_megatron_written_file_reads_identically(tmp_path):
     loader = DataLoader(prefix, seq_len=8, batch_size=2, epochs=1, drop_last=False)
     for b in batches(loader):
         check_batch(b, [5, 17, 1, 9], 8, True, "concat")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_megatron_files_of_every_readable_dtype(tmp_path, dtype):
+    mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    prefix = str(tmp_path / "m")
+    docs = [[d % 250 for d in doc] for doc in make_docs([5, 17, 1, 9])]
+    builder = mc.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for d in docs:
+        builder.add_document(torch.tensor(d), [len(d)])
+    builder.finalize(prefix + ".idx")
+    theirs = mc.IndexedDataset(prefix)
+    ds = TokenDataset(prefix)
+    assert ds.dtype == np.dtype(dtype)
+    assert [ds[i].tolist() for i in range(len(ds))] == [theirs[i].tolist() for i in range(len(theirs))]
+    assert tm.data.inspect(prefix)["tokens"] == sum(map(len, docs))
+
+
+def test_megatron_files_we_do_not_read_are_refused_by_name(tmp_path):
+    """int16 files are legal Megatron files we do not read: the refusal names the dtype. A signed file
+    holding a negative value is refused by inspect (it used to count -3 as token 4294967293)."""
+    mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    prefix = str(tmp_path / "i16")
+    builder = mc.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int16)
+    builder.add_document(torch.tensor([1, 2, 3]), [3])
+    builder.finalize(
+        prefix + ".idx"
+    )  # (megatron-core 0.16's IndexedDataset segfaults on this one-document file)
+    refusal = r"i16\.idx: token dtype int16 \(code 3\) is not supported"
+    with pytest.raises(ValueError, match=refusal):
+        TokenDataset(prefix)
+    with pytest.raises(ValueError, match=refusal):
+        DataLoader(prefix, seq_len=2, batch_size=1)
+    prefix = str(tmp_path / "neg")
+    builder = mc.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(torch.tensor([5, -3, 7]), [3])
+    builder.finalize(prefix + ".idx")
+    assert np.fromfile(prefix + ".bin", np.int32).tolist() == [5, -3, 7]
+    with pytest.raises(ValueError, match=r"neg\.bin: token -3 at position 1 is not a token id"):
+        tm.data.inspect(prefix)
 
 
 def test_mixing_proportions(files):

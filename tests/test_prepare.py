@@ -414,3 +414,49 @@ def test_parquet_source_errors_keep_their_type(tok, tmp_path, monkeypatch):
     with pytest.raises(_Boom, match="reader broke at batch 0"):
         dp.prepare(tmp_path / "in.parquet", tmp_path / "out" / "ds", tok)
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_output_prefix_must_name_a_file(tok, tmp_path):
+    """A prefix ending in a separator would write hidden dir/.bin, dir/.idx: refused before any work by
+    prepare, merge and prepare_sft; a prefix given with .bin/.idx is the dataset the readers open."""
+    src = write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    (tmp_path / "out").mkdir()
+    for call in (
+        lambda p: dp.prepare(src, p, tok),
+        lambda p: dp.merge(tmp_path / "nope", p),
+        lambda p: tm.data.prepare_sft(src, p, tok),
+    ):
+        for p in (f"{tmp_path / 'out'}{os.sep}", f"{tmp_path / 'out'}{os.sep}."):
+            with pytest.raises(ValueError, match="names a directory, not a file prefix"):
+                call(p)
+    assert list((tmp_path / "out").iterdir()) == []
+    dp.prepare(src, tmp_path / "out" / "ds.bin", tok)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds.bin", "ds.idx", "ds.json"]
+    assert megatron_read(tmp_path / "out" / "ds")[1] == expected(tok, ["some text"])
+    assert list(tm.data.TokenDataset(tmp_path / "out" / "ds.bin")[0]) == expected(tok, ["some text"])[0]
+
+
+def test_jsonl_written_by_windows_tools(tok, tmp_path):
+    """A byte-order mark opening the file, CRLF line ends and no final newline: every record is read, as
+    Python's json module reads the file decoded with utf-8-sig (the BOM used to make line 1 malformed)."""
+    raw = "\ufeff" + "\r\n".join(json.dumps({"text": t}) for t in ["first", "zweite ä", "last"])
+    src = tmp_path / "win.jsonl"
+    src.write_bytes(raw.encode())
+    want = [json.loads(line)["text"] for line in src.read_bytes().decode("utf-8-sig").splitlines()]
+    m = dp.prepare(src, tmp_path / "ds", tok, on_error="fail")
+    assert m["errors"] == [] and megatron_read(tmp_path / "ds")[1] == expected(tok, want)
+    # Only the file's first bytes: a BOM inside a later line is still malformed JSON.
+    src.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"win\.jsonl:2: malformed JSON"):
+        dp.prepare(src, tmp_path / "ds2", tok, on_error="fail")
+
+
+def test_inspect_verify_merge_take_a_bin_or_idx_path(tok, tmp_path):
+    """As TokenDataset and DataLoader do, `data/ds.bin` / `data/ds.idx` name the dataset `data/ds`
+    (inspect used to look for data/ds.bin.json and data/ds.idx.idx)."""
+    dp.prepare(write_jsonl(tmp_path / "a.jsonl", ["one doc", "two docs"]), tmp_path / "ds", tok)
+    for name in ("ds.bin", "ds.idx"):
+        assert dp.verify(tmp_path / name) == []
+        assert dp.inspect(tmp_path / name, verify=True)["documents"] == 2
+    dp.merge(tmp_path / "ds.bin", tmp_path / "m")
+    assert files(tmp_path / "m") == files(tmp_path / "ds")

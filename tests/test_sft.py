@@ -206,6 +206,11 @@ def test_bad_records_name_file_and_line(tmp_path, tok):
         prepare_sft(src, tmp_path / "o", tok)
     with pytest.raises(FileNotFoundError):
         prepare_sft(tmp_path / "missing.jsonl", tmp_path / "o", tok)
+    src.write_bytes(json.dumps(ALPACA).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid UTF-8 \(byte 0xe9 at column 14\)"):
+        prepare_sft(src, tmp_path / "o", tok)
+    with pytest.raises(IsADirectoryError, match="is a directory; name the .jsonl files"):
+        prepare_sft(tmp_path, tmp_path / "o", tok)
     with pytest.raises(ValueError, match="template"):
         prepare_sft(src, tmp_path / "o", tok, template="vicuna")
     assert not (tmp_path / "o.idx").exists()
@@ -238,3 +243,13 @@ def test_max_length_drops_whole_records(tmp_path, tok):
     assert np.array_equal(
         TokenDataset(tmp_path / "short")[0], TokenDataset(tmp_path / "full")[int(lengths.argmin())]
     )
+
+
+def test_bom_and_crlf_read_like_plain_lines(tmp_path, tok):
+    lines = [json.dumps(r) for r in (ALPACA, ALPACA_INPUT, CHAT)]
+    (tmp_path / "plain.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "win.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    prepare_sft(tmp_path / "plain.jsonl", tmp_path / "a", tok)
+    prepare_sft(tmp_path / "win.jsonl", tmp_path / "b", tok)
+    for suffix in (".bin", ".idx", ".mask.bin", ".mask.idx"):
+        assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -442,3 +443,60 @@ def test_docstring_examples():
         ran += len(test.examples)
         runner.run(test)
     assert ran > 5 and runner.failures == 0
+
+
+def test_cli_encode_takes_the_bytes_as_they_are(tmp_path, texts, monkeypatch, capsys):
+    """A file or stdin is encoded byte for byte as tiktoken encodes its text (CRLF kept, not turned into
+    LF); invalid UTF-8 is an error naming the file and line, never replaced by U+FFFD."""
+    import io
+
+    from tokenmill import cli
+
+    ours, theirs = pair("cl100k", texts)
+    ours.save(tmp_path / "tok")
+    raw = "first line\r\nzweite Zeile: äöü\r\n日本語 😀\r\n".encode()
+    (tmp_path / "in.txt").write_bytes(raw)
+    want = " ".join(map(str, theirs.encode(raw.decode())))
+    argv = ["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok")]
+    assert cli.main([*argv, str(tmp_path / "in.txt")]) == 0
+    assert capsys.readouterr().out.strip() == want
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert cli.main([*argv, "-"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    (tmp_path / "bad.txt").write_bytes(b"ok\nstill ok \xff\xfe\n")
+    assert cli.main([*argv, str(tmp_path / "bad.txt")]) == 1
+    assert f"{tmp_path / 'bad.txt'}:2: invalid UTF-8 (byte 0xff at offset 12)" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a\xffb")))
+    assert cli.main([*argv, "-"]) == 1
+    assert "<stdin>:1: invalid UTF-8 (byte 0xff at offset 1)" in capsys.readouterr().err
+    assert cli.main([*argv, str(tmp_path / "in.txt"), "--out", str(tmp_path / "nodir" / "ids.npy")]) == 1
+    assert f"{tmp_path / 'nodir'}: no such directory" in capsys.readouterr().err
+
+
+def test_save_into_a_missing_folder_names_the_folder(tmp_path):
+    tok = tm.Tokenizer.from_tiktoken([bytes([b]) for b in range(256)], pattern="gpt2")
+    for save in (tok.save, tok.save_huggingface, tok.save_tiktoken):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(tmp_path / 'no'))}: no such directory"):
+            save(tmp_path / "no" / "tok")
+    assert list(tmp_path.iterdir()) == []
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab é日😀\r\n\t\u2028\x85\ufeff")), max_size=40))
+def test_cli_encode_of_a_file_equals_tiktoken_on_its_text(texts, text):
+    """Whatever line breaks (CR, CRLF, U+2028, NEL) or BOM the file holds, the ids are tiktoken's for the
+    file's exact text."""
+    import contextlib
+    import io
+    import tempfile
+
+    from tokenmill import cli
+
+    ours, theirs = pair("cl100k", texts)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save(f"{d}/tok")
+        with open(f"{d}/in.txt", "wb") as f:
+            f.write(text.encode())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["tokenizer", "encode", f"{d}/in.txt", "--tokenizer", f"{d}/tok"]) == 0
+    assert out.getvalue().split() == [str(i) for i in theirs.encode(text)]

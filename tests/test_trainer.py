@@ -469,6 +469,10 @@ def test_token_id_beyond_vocab_fails_before_any_step(tmp_path):
     called = []
     with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 512"):
         T.train(config(tmp_path), Batches(data), on_step=lambda s, r: called.append(s))
+    data = make_batches(1)
+    data[0]["input_ids"][1, 3] = -3  # what a signed Megatron file can hold: not an IndexError mid-step
+    with pytest.raises(ValueError, match=r"token id -3 is negative"):
+        T.train(config(tmp_path / "neg"), Batches(data), on_step=lambda s, r: called.append(s))
     assert not called
 
 

@@ -42,6 +42,8 @@ def write_atomic(path: PathLike, data: Union[bytes, str, Callable[[BinaryIO], No
     ['a.txt']
     """
     target = Path(path)
+    if not target.parent.is_dir():  # else mkstemp's error would name a temporary the user never chose
+        raise FileNotFoundError(f"{target.parent}: no such directory (writing {target})")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import math
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import tokenmill
@@ -102,7 +103,9 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from tokenmill import eval as ev
     from tokenmill.checkpoint import newest_valid, read_meta
     from tokenmill.data import DataLoader
+    from tokenmill.data.dataset import read_manifest
     from tokenmill.model import Llama
+    from tokenmill.train import _check_batch as check_batch
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,6 +132,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     loader = DataLoader(
         args.data, seq_len=seq_len, batch_size=args.batch_size, epochs=1, drop_last=False, prefetch=1
     )
+    vocab = model.config.vocab_size
+    for prefix in args.data:
+        n_vocab = ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("n_vocab")
+        if n_vocab is not None and n_vocab > vocab:
+            raise ValueError(
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary but the model has {vocab}"
+            )
     tok_path = args.tokenizer
     if tok_path is None and read_meta(ckpt).get("tokenizer"):
         tok_path = str(ckpt / read_meta(ckpt)["tokenizer"])
@@ -146,7 +156,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
     def batches():
         nonlocal text_bytes
-        for b in loader:
+        for i, b in enumerate(loader):
+            check_batch(b, vocab, f"{' '.join(args.data)}: batch {i}")  # files without manifest
             if byte_len is not None:
                 labels = b["labels"].numpy()
                 scored = labels[labels != -100]
@@ -267,8 +278,6 @@ def _print_manifest_summary(m: dict, output: str) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    import warnings
-
     dp = importlib.import_module("tokenmill.data.prepare")
 
     if args.merge:
@@ -317,8 +326,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         s = dp.inspect(args.prefix, top_k=args.top)
     except ValueError as e:
+        if not args.verify:  # nothing else reports it: one error line (main prints it)
+            raise
         s = None
-        problems.append(str(e))
+        # verify() has usually named the same structural fault already
+        problems += [line for line in str(e).splitlines() if line not in problems]
     if s is not None:
         m = s["manifest"]
         print(f"{args.prefix}: {s['documents']:,} documents, {s['tokens']:,} tokens, dtype {s['dtype']}")
@@ -365,11 +377,22 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_file(args.tokenizer, pattern=args.pattern)
     if args.text is not None:
         text = args.text
-    elif args.input in (None, "-"):
-        text = sys.stdin.read()
     else:
-        with open(args.input, encoding="utf-8") as f:
-            text = f.read()
+        # bytes, decoded strictly: a text-mode read would replace bad bytes with U+FFFD silently (stdin)
+        # or fail naming no file
+        name = "<stdin>" if args.input in (None, "-") else args.input
+        if name == "<stdin>":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as f:
+                data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(
+                f"{name}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+            ) from None
     ids = tok.encode_to_numpy(text, allowed_special="all" if args.allow_special else ())
     if args.out:
         from tokenmill._fsutil import write_atomic
@@ -707,8 +730,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ["tokenmill", args.command, *filter(None, [getattr(args, "tokenizer_command", None)])]
         + ([args.metric] if args.command == "eval" else [])
     )
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)  # not Python's file:line and source line
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1

@@ -102,6 +102,17 @@ def _report_coverage(dropped: int, total: int) -> None:
         )
 
 
+def _report_size(n_mergeable: int, n_tokens: int, vocab_size: int, min_frequency: int) -> None:
+    """Warn when the corpus ran out of pairs to merge before ``vocab_size`` (an empty or tiny corpus)."""
+    if n_tokens < vocab_size:
+        warnings.warn(
+            f"the corpus gave only {n_mergeable - 256} merges seen at least {max(min_frequency, 1)} times: "
+            f"the vocabulary has {n_tokens} tokens, not the vocab_size {vocab_size} asked for",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _train_args(vocab_size: int, special_tokens: Sequence[str], min_frequency: int) -> list[str]:
     """Check the arguments of :meth:`Tokenizer.train`; returns the special tokens as a list."""
     if isinstance(special_tokens, str):
@@ -161,6 +172,7 @@ class Tokenizer:
             iter(texts), vocab_size, pattern, specials, min_frequency, show_progress, strict
         )
         _report_coverage(dropped, total)
+        _report_size(len(tokens), len(tokens) + len(specials), vocab_size, min_frequency)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -184,6 +196,7 @@ class Tokenizer:
             [os.fspath(p) for p in paths], vocab_size, pattern, specials, min_frequency, show_progress, strict
         )
         _report_coverage(dropped, total)
+        _report_size(len(tokens), len(tokens) + len(specials), vocab_size, min_frequency)
         return cls.from_tiktoken(tokens, pattern=pattern, special_tokens=specials)
 
     @classmethod
@@ -258,6 +271,10 @@ class Tokenizer:
                 head = f.read(4096)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such tokenizer file") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(
+                f"{path}: is a directory, not a tokenizer file (name the file in it, e.g. tokenizer.json)"
+            ) from None
         if head.startswith(b"tokenmill-tokenizer"):
             kind = "tokenmill"
         elif head.lstrip()[:1] == b"{":

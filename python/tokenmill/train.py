@@ -234,6 +234,9 @@ def _check_batch(batch: dict, vocab_size: int, where: str) -> None:
             f"{where}: token id {max(hi, int(batch['labels'].max()))} >= model.vocab_size {vocab_size} "
             "(tokenizer/vocabulary mismatch between the data and the model?)"
         )
+    lo = int(ids.min())
+    if lo < 0:  # a signed Megatron file can hold one; the embedding would fail with an IndexError
+        raise ValueError(f"{where}: token id {lo} is negative (a damaged or foreign token file?)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,6 +28,18 @@ def normalize_prefix(prefix: PathLike) -> str:
     return p
 
 
+def output_prefix(prefix: PathLike) -> str:
+    """The prefix an output is written at (``normalize_prefix``), refused when it names no file: a
+    prefix ending in a separator would write the hidden files ``dir/.bin``, ``dir/.idx``."""
+    p = normalize_prefix(prefix)
+    if os.path.basename(p) in ("", ".", ".."):
+        raise ValueError(
+            f"output prefix {p!r} names a directory, not a file prefix: give e.g. "
+            f"{os.path.join(p, 'data')!r} (writes data.bin, data.idx, data.json there)"
+        )
+    return p
+
+
 def read_manifest(prefix: PathLike) -> Optional[dict[str, Any]]:
     path = Path(normalize_prefix(prefix) + ".json")
     if not path.exists():

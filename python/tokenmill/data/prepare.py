@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from tokenmill import _core
+from tokenmill.data.dataset import normalize_prefix
+from tokenmill.data.dataset import output_prefix as _output_prefix
 from tokenmill.extras import require
 from tokenmill.tokenizer import EOS_TOKENS
 
@@ -97,6 +99,11 @@ def expand_inputs(inputs: Union[PathLike, Iterable[PathLike]]) -> list[str]:
                     for f in filenames
                     if not f.startswith(".") and _format_of(f, in_directory=True) is not None
                 ]
+            if not found:
+                raise ValueError(
+                    f"{s}: directory holds no input files ({', '.join(_TEXT + _JSONL[:-1] + _PARQUET)}, "
+                    "optionally .gz/.zst); name other files one by one with input_format= (--format)"
+                )
             out += sorted(found)
         elif glob.has_magic(s) and not os.path.exists(s):
             matched = sorted(p for p in glob.glob(s, recursive=True) if os.path.isfile(p))
@@ -169,7 +176,7 @@ def _eos_id(tokenizer: Any, append_eos: bool, eos_token: Union[str, int, None]) 
         return int(tokenizer.eos_token_id)
     raise ValueError(
         "append_eos=True but the tokenizer has none of the usual end-of-document special tokens "
-        f"({', '.join(EOS_TOKENS)}); pass eos_token=... or append_eos=False"
+        f"({', '.join(EOS_TOKENS)}); pass eos_token= (--eos-token) or append_eos=False (--no-eos)"
     )
 
 
@@ -210,6 +217,7 @@ def prepare(
         raise ValueError(f"input_format must be 'text', 'jsonl' or 'parquet', got {input_format!r}")
     if delimiter is not None and ("\n" in delimiter or "\r" in delimiter):
         raise ValueError("delimiter is one line: it cannot contain line breaks")
+    out = _output_prefix(output_prefix)
     tok = _load_tokenizer(tokenizer)
     eos = _eos_id(tok, append_eos, eos_token)
     files = expand_inputs(inputs)
@@ -221,7 +229,7 @@ def prepare(
         if fmt is None:
             raise ValueError(
                 f"{f}: unknown input format (expected .txt, .jsonl or .parquet, optionally .gz/.zst); "
-                "pass input_format="
+                "pass input_format= (--format)"
             )
         specs.append((f, "external" if fmt == "parquet" else fmt, delimiter if fmt == "text" else None))
     external = None
@@ -233,7 +241,7 @@ def prepare(
     manifest = json.loads(
         _core.prepare_corpus(
             specs,
-            os.fspath(output_prefix),
+            out,
             tok._core,
             text_key,
             eos,
@@ -272,13 +280,13 @@ def merge(shards: Union[PathLike, Sequence[PathLike]], output_prefix: PathLike) 
                 raise FileNotFoundError(f"{s}: no prepared shard matches this pattern")
             prefixes += found
         else:
-            prefixes.append(s)
-    return json.loads(_core.prepared_merge(prefixes, os.fspath(output_prefix)))
+            prefixes.append(normalize_prefix(s))
+    return json.loads(_core.prepared_merge(prefixes, _output_prefix(output_prefix)))
 
 
 def verify(prefix: PathLike) -> list[str]:
     """Problems found re-checking ``prefix`` against its manifest (checksums, structure, counts, ids)."""
-    return _core.prepared_verify(os.fspath(prefix))
+    return _core.prepared_verify(normalize_prefix(prefix))
 
 
 def inspect(prefix: PathLike, verify: bool = False, top_k: int = 10) -> dict:
@@ -288,7 +296,7 @@ def inspect(prefix: PathLike, verify: bool = False, top_k: int = 10) -> dict:
     counts); any mismatch raises ValueError listing the problems. Plain Megatron datasets (no
     manifest) can be inspected but not verified.
     """
-    p = os.fspath(prefix)
+    p = normalize_prefix(prefix)  # data/web.bin or .idx names data/web, as for the readers
     if verify:
         problems = _core.prepared_verify(p)
         if problems:

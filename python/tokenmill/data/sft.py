@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 from tokenmill import _core
 from tokenmill._fsutil import write_atomic
 from tokenmill.data.dataset import MASK_SUFFIX, PathLike, normalize_prefix
+from tokenmill.data.dataset import output_prefix as _output_prefix
 
 TEMPLATES = ("alpaca", "chatml", "llama3")
 ROLES = ("system", "user", "assistant")
@@ -256,11 +257,19 @@ def template_of(prefixes: Iterable[PathLike]) -> Optional[str]:
 
 def _records(paths: Sequence[PathLike]) -> Iterable[tuple[Any, str]]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes: a bad byte is reported at its line, as prepare does
+            for lineno, raw in enumerate(f, 1):
+                where = f"{os.fspath(path)}:{lineno}"
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark opening the file
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
-                where = f"{os.fspath(path)}:{lineno}"
                 try:
                     yield json.loads(line), where
                 except ValueError as e:
@@ -307,10 +316,13 @@ def prepare_sft(
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    prefix = _output_prefix(output_prefix)
     paths = [jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else list(jsonl_paths)
     if not paths:
         raise ValueError("no input files")
     for p in paths:
+        if Path(p).is_dir():
+            raise IsADirectoryError(f"{os.fspath(p)}: is a directory; name the .jsonl files in it")
         if not Path(p).is_file():
             raise FileNotFoundError(f"{os.fspath(p)}: no such file")
     rendered = [_render(_messages(rec, where), template, tokenizer, where) for rec, where in _records(paths)]
@@ -324,7 +336,6 @@ def prepare_sft(
         docs, masks = [docs[i] for i in keep], [masks[i] for i in keep]
         if not docs:
             raise ValueError(f"every record is longer than max_length={max_length} tokens")
-    prefix = normalize_prefix(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = _core.token_dtype(tokenizer.n_vocab)
     _core.write_token_file(prefix, docs, dtype)

@@ -23,7 +23,17 @@ impl AtomicFile {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let file = File::create(&tmp).map_err(|e| match target.parent() {
+            // else the error would name a temporary the user never chose
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Error::io(
+                dir,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("no such directory (writing {})", target.display()),
+                ),
+            ),
+            _ => Error::io(&tmp, e),
+        })?;
         Ok(AtomicFile {
             target,
             tmp,

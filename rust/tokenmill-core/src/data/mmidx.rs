@@ -254,8 +254,19 @@ impl IndexedDataset {
             )));
         }
         let code = idx[17];
-        let dtype = DType::from_code(code)
-            .ok_or_else(|| bad(format!("unsupported token dtype code {code}")))?;
+        let dtype = DType::from_code(code).ok_or_else(|| {
+            // Megatron's DType codes; the others are legal Megatron files tokenmill does not read.
+            let name = match code {
+                2 => "int8",
+                3 => "int16",
+                6 => "float64",
+                7 => "float32",
+                _ => "unknown",
+            };
+            bad(format!(
+                "token dtype {name} (code {code}) is not supported: tokenmill reads uint8, uint16, int32 and int64 token files"
+            ))
+        })?;
         let n_seq = u64_at(&idx, 18) as usize;
         let n_doc = u64_at(&idx, 26) as usize;
         let need = n_seq
@@ -379,16 +390,30 @@ impl IndexedDataset {
                 .iter_mut()
                 .zip(bytes.chunks_exact(2))
                 .for_each(|(o, b)| *o = u16::from_le_bytes([b[0], b[1]]) as u32),
-            DType::I32 => out
-                .iter_mut()
-                .zip(bytes.chunks_exact(4))
-                .for_each(|(o, b)| *o = i32::from_le_bytes(b.try_into().unwrap()) as u32),
-            DType::I64 => out
-                .iter_mut()
-                .zip(bytes.chunks_exact(8))
-                .for_each(|(o, b)| *o = i64::from_le_bytes(b.try_into().unwrap()) as u32),
+            // Signed files (Megatron's, or written by hand) may hold values that are no token id:
+            // refuse them rather than wrap (-3 would read as 4294967293).
+            DType::I32 => {
+                for (k, (o, b)) in out.iter_mut().zip(bytes.chunks_exact(4)).enumerate() {
+                    let v = i32::from_le_bytes(b.try_into().unwrap());
+                    *o =
+                        u32::try_from(v).map_err(|_| self.bad_token(start + k as u64, v as i64))?;
+                }
+            }
+            DType::I64 => {
+                for (k, (o, b)) in out.iter_mut().zip(bytes.chunks_exact(8)).enumerate() {
+                    let v = i64::from_le_bytes(b.try_into().unwrap());
+                    *o = u32::try_from(v).map_err(|_| self.bad_token(start + k as u64, v))?;
+                }
+            }
         }
         Ok(())
+    }
+
+    fn bad_token(&self, position: u64, value: i64) -> Error {
+        Error::format(
+            bin_path(&self.prefix),
+            format!("token {value} at position {position} is not a token id (negative or above 2^32 - 1)"),
+        )
     }
 
     /// The tokens of sequence `i`.

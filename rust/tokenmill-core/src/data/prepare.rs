@@ -162,6 +162,12 @@ fn process(
         }
         RecordKind::Json => {
             let line = std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, e, r.line))?;
+            // A byte-order mark opening the file (Windows tools write one) is no part of the record;
+            // JSON parsers may ignore it (RFC 8259 section 8.1).
+            let line = match r.line {
+                1 => line.strip_prefix('\u{feff}').unwrap_or(line),
+                _ => line,
+            };
             jsonl::text_under_key(line, key).map_err(|e| match e {
                 KeyError::Malformed(m) => skip(SkipKind::MalformedJson, m),
                 KeyError::Missing(m) => skip(SkipKind::MissingKey, m),
