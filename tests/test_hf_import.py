@@ -293,6 +293,43 @@ def test_init_from_hf_folder_conflicting_model_key(tmp_path):
     T.train(run_config(tmp_path, path, "--model.dim=64", "--train.steps=1"), Batches(batches()))
 
 
+def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
+    """Token files (or data.tokenizer) of another tokenizer than the one kept with train.init_from's model (an
+    HF folder's tokenizer.json, an imported checkpoint's tokenmill-tokenizer.json) stop the run before any
+    step: their ids would mean other tokens to the model. The model's own tokenizer trains."""
+    import tokenmill as tm
+
+    path = make_hf(tmp_path / "hf")
+    imported = hf.import_hf(path, tmp_path / "imported")
+    mine = Tokenizer.from_huggingface(path / "tokenizer.json")
+    other = Tokenizer.train(TEXTS[::-1] + ["zebra"], vocab_size=290, special_tokens=["<s>", "</s>"])
+    other.save(tmp_path / "other.json")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "theirs"), mine)
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "others"), other)
+    data = ["--data.seq_len=8", "--data.batch_size=2", "--data.document_mask=false"]
+    for start in (path, imported):
+        with pytest.raises(
+            ValueError, match=r"others \(tokenized with\) is another tokenizer .*tokenizer.json"
+        ):
+            T.train(run_config(tmp_path, start, f"--data.train=['{tmp_path / 'others'}']", *data))
+        with pytest.raises(ValueError, match=r"data.tokenizer .*other.json is another tokenizer"):
+            T.train(
+                run_config(
+                    tmp_path,
+                    start,
+                    f"--data.train=['{tmp_path / 'theirs'}']",
+                    f"--data.tokenizer={tmp_path / 'other.json'}",
+                    *data,
+                )
+            )
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    h = T.train(
+        run_config(tmp_path, imported, f"--data.train=['{tmp_path / 'theirs'}']", "--train.steps=1", *data)
+    )
+    assert [x["step"] for x in h if "loss" in x and "step" in x] == [1]
+
+
 def test_export_of_imported_fine_tuned_model_loads_in_transformers(tmp_path):
     path = make_hf(tmp_path / "hf", num_key_value_heads=2, rope_theta=10000.0, rope_scaling=LLAMA3)
     imported = hf.import_hf(path, tmp_path / "imported")

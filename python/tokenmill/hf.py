@@ -107,6 +107,14 @@ def is_hf_folder(path: PathLike) -> bool:
     return (p / "config.json").is_file() and not (p / "meta.json").exists()
 
 
+def tokenizer_file(hf_dir: PathLike) -> Optional[Path]:
+    """The tokenizer of a Hugging Face folder: ``tokenizer.json``, else ``tokenizer.model``; None without one."""
+    return next(
+        (Path(hf_dir) / n for n in ("tokenizer.json", "tokenizer.model") if (Path(hf_dir) / n).is_file()),
+        None,
+    )
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -291,8 +299,7 @@ def _inspect(hf_dir: PathLike) -> _Source:
     if missing:
         raise ValueError(f"{where}: tensor(s) missing: {', '.join(missing[:5])}")
 
-    tokenizer = next((root / n for n in ("tokenizer.json", "tokenizer.model") if (root / n).is_file()), None)
-    return _Source(cfg, tensors, want, tokenizer)
+    return _Source(cfg, tensors, want, tokenizer_file(root))
 
 
 def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -172,6 +172,35 @@ def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
             )
 
 
+def _check_base_tokenizer(cfg: TrainConfig, tok, start: Path, manifests: bool) -> None:
+    """The run's tokenizer (data.tokenizer; else, with ``manifests``, the token files' manifests) against the
+    one kept with the model the run starts from: the same ids must mean the same tokens to the model."""
+    from tokenmill.data.dataset import read_manifest
+
+    path = ckpt.recorded_tokenizer(start)
+    if path is None:
+        return
+    theirs = tokenmill.Tokenizer.from_file(path).fingerprint
+    if tok is not None:
+        mine = [(f"data.tokenizer {cfg.data.tokenizer}", tok.fingerprint)]
+    elif manifests:
+        mine = [
+            (
+                f"{prefix} (tokenized with)",
+                ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("fingerprint"),
+            )
+            for prefix in [*cfg.data.train, *cfg.data.val]
+        ]
+    else:
+        mine = []
+    for what, fp in mine:
+        if fp and fp != theirs:
+            raise ValueError(
+                f"{what} is another tokenizer (fingerprint {fp}) than the model's {path} (fingerprint "
+                f"{theirs}): its token ids would mean other tokens to the model of train.init_from"
+            )
+
+
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Optional[Iterable]]:
     if not cfg.data.train:
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
@@ -322,6 +351,7 @@ def train(
         start = resume if resume is not None and lora is None else Path(cfg.train.init_from)
         model_cfg = cfg.init_model_config(*ckpt.recorded_model_config(start))
         tok = _load_tokenizer(cfg, model_cfg.vocab_size)
+        _check_base_tokenizer(cfg, tok, start, manifests=train_data is None)
     else:
         tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
         model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
