@@ -326,9 +326,7 @@ def train(
     require("train", "training")  # safetensors is first needed at the end, for the checkpoint
     tracking.check(cfg.log.trackers)
     rank, world, device = _init_distributed(cfg.run.device)
-    out = Path(cfg.run.out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.run.out_dir)  # created once every input is checked: a refused run leaves no folder
     cuda = device.type == "cuda"
     autocast = _dtype(cfg.run.autocast) if cuda else torch.float32
     param_dtype = _dtype(cfg.run.param_dtype)
@@ -469,6 +467,8 @@ def train(
         fused = cuda and not cfg.dist.cpu_offload
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     # -- resume: weights, optimizer, loader position, RNG states, counters
     log_path = out / "log.jsonl"
     step, bad_steps, tokens_seen = 0, 0, 0
