@@ -218,6 +218,11 @@ def test_import_tokenizer_model_when_no_tokenizer_json(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
     text = "the lazy fox, hello world"
     assert tok.encode_ordinary(text) == sp.encode(text)
+    # This model removes extra whitespace, which tokenizer.json cannot express: export-hf refuses, and leaves
+    # neither the folder nor its temporary twin (the tokenizer is written before the weights).
+    with pytest.raises(ValueError, match="cannot be saved as tokenizer.json: remove_extra_whitespaces"):
+        hf.export(out, tmp_path / "exported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "corpus.txt", "hf", "sp.vocab"]
 
 
 # ------------------------------------------------------------------------------------------------ trainer

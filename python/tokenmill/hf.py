@@ -636,11 +636,15 @@ def _write(out: Path, tensors: dict, json_files: dict, tok=None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, t in tensors.items():
-        save_file(t, str(tmp / name), metadata={"format": "pt"})
-    for name, obj in json_files.items():
-        (tmp / name).write_text(json.dumps(obj, indent=2))
-    if tok is not None:
-        tok.save_huggingface(str(tmp / "tokenizer.json"))
-    replace_dir(tmp, out)
+    try:
+        if tok is not None:  # first: a tokenizer that tokenizer.json cannot express fails before the weights
+            tok.save_huggingface(str(tmp / "tokenizer.json"))
+        for name, t in tensors.items():
+            save_file(t, str(tmp / name), metadata={"format": "pt"})
+        for name, obj in json_files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:  # nothing half-written is left beside OUT
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
