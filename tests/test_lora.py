@@ -316,6 +316,14 @@ def test_export_refuses_ambiguous_or_mismatched_adapters(tmp_path, base):
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
     r = os.system(f"{sys.executable} -m tokenmill export-hf {ckpt} {out} 2>{tmp_path / 'err'}")
     assert r != 0 and "--adapter" in (tmp_path / "err").read_text() and not out.exists()
+    # OUT naming an existing folder (here the HF base itself, a slip of the command line) is refused before any
+    # work: export-hf never replaces a folder
+    hf_dir, _ = base
+    before = {p.name: p.stat().st_mtime_ns for p in hf_dir.iterdir()}
+    for kw in ({"adapter": True}, {"merge": True}):
+        with pytest.raises(FileExistsError, match=f"{hf_dir}: already exists"):
+            hf.export(ckpt, hf_dir, **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in hf_dir.iterdir()} == before
 
 
 def test_lora_resume_equals_uninterrupted(tmp_path, base):

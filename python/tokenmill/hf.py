@@ -478,8 +478,8 @@ def export(
     chat_template: Optional[str] = None,
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
-    given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
-    it is written under a temporary name and renamed.
+    given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. ``out`` must not exist; the
+    folder appears whole: it is written under a temporary name and renamed.
 
     ``chat_template`` (default: the SFT template the checkpoint's run trained on, recorded in meta.json):
     ``"alpaca"``, ``"chatml"`` or ``"llama3"``, written as a Jinja ``chat_template`` that renders chats
@@ -496,6 +496,8 @@ def export(
     from tokenmill.checkpoint import load_model_state, read_meta
 
     ckpt, out = Path(checkpoint), Path(out)
+    if out.exists():  # never replace a folder: OUT may be the user's base model or another export
+        raise FileExistsError(f"{out}: already exists; export-hf writes a new folder (remove it first)")
     meta = read_meta(ckpt)
     cfg = LlamaConfig.from_dict(meta["model"])
     tdtype = dtype_of(dtype)
