@@ -335,6 +335,22 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
     assert [x["step"] for x in h if "loss" in x and "step" in x] == [1]
 
 
+def test_lora_on_hf_folder_merge_takes_its_tokenizer(tmp_path):
+    """A LoRA run whose base is an HF folder, trained without data.tokenizer: `export-hf --merge` writes the
+    base folder's tokenizer (it used to look for a meta.json in the HF folder and fail), and transformers
+    computes the merged model's logits."""
+    path = make_hf(tmp_path / "hf")
+    T.train(run_config(tmp_path, path, "--lora.rank=4", "--optim.lr=1e-2"), Batches(batches()))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    out = hf.export(ckpt, tmp_path / "merged", merge=True)
+    exported = Tokenizer.from_file(out / "tokenizer.json")
+    assert exported.fingerprint == Tokenizer.from_file(path / "tokenizer.json").fingerprint
+    ids = torch.tensor([exported.encode(TEXTS[0])])
+    with torch.no_grad():
+        ours = Llama.from_checkpoint(ckpt).eval()(ids)
+    torch.testing.assert_close(hf_logits(out, ids), ours, rtol=0, atol=1e-4)
+
+
 def test_export_of_imported_fine_tuned_model_loads_in_transformers(tmp_path):
     path = make_hf(tmp_path / "hf", num_key_value_heads=2, rope_theta=10000.0, rope_scaling=LLAMA3)
     imported = hf.import_hf(path, tmp_path / "imported")

@@ -493,7 +493,7 @@ def export(
     base_model_name_or_path, by default the base checkpoint's path) or ``merge=True`` (the adapters folded
     into the base: a normal Hugging Face folder)."""
 
-    from tokenmill.checkpoint import load_model_state, read_meta
+    from tokenmill.checkpoint import load_model_state, read_meta, recorded_tokenizer
 
     ckpt, out = Path(checkpoint), Path(out)
     if out.exists():  # never replace a folder: OUT may be the user's base model or another export
@@ -553,9 +553,9 @@ def export(
         tensors.pop("lm_head.weight", None)
 
     tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
-    if not tok_path and merge:  # adapters trained without a tokenizer: the base's, if it has one
-        base_meta = read_meta(Path(meta["base"]))
-        tok_path = str(Path(meta["base"]) / base_meta["tokenizer"]) if base_meta.get("tokenizer") else ""
+    if not tok_path and merge:  # adapters trained without a tokenizer: the base's (checkpoint or HF folder)
+        found = recorded_tokenizer(Path(meta["base"]))
+        tok_path = str(found) if found else ""
     tok = None
     if tok_path:
         import tokenmill
