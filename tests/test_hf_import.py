@@ -188,12 +188,20 @@ def test_import_hf_bfloat16_is_the_weights_rounded(tmp_path):
         )
 
 
-def test_from_hf_dtype_and_sentencepiece_tokenizer_absent_is_fine(tmp_path):
+def test_from_hf_dtype_and_sentencepiece_tokenizer_absent_is_fine(tmp_path, capsys):
     path = make_hf(tmp_path / "hf", tokenizer=False)
     m = Llama.from_hf(path, dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     out = hf.import_hf(path, tmp_path / "ckpt")
     assert "tokenizer" not in json.loads((out / "meta.json").read_text())
+    # the CLI says so in one line (the weights alone are a valid import)
+    capsys.readouterr()  # transformers' save progress
+    assert cli.main(["import-hf", str(path), str(tmp_path / "cli")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"tokenmill import-hf: note: {path} has no tokenizer.json or tokenizer.model, so {tmp_path / 'cli'} "
+        "has no tokenizer: give data.tokenizer to train and --tokenizer to export-hf"
+    ]
 
 
 def test_import_tokenizer_model_when_no_tokenizer_json(tmp_path):
