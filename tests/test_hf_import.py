@@ -350,13 +350,21 @@ def test_lora_on_hf_folder_merge_takes_its_tokenizer(tmp_path):
     path = make_hf(tmp_path / "hf")
     T.train(run_config(tmp_path, path, "--lora.rank=4", "--optim.lr=1e-2"), Batches(batches()))
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
-    out = hf.export(ckpt, tmp_path / "merged", merge=True)
+    out = hf.export(ckpt, tmp_path / "merged", merge=True, chat_template="alpaca")
     exported = Tokenizer.from_file(out / "tokenizer.json")
     assert exported.fingerprint == Tokenizer.from_file(path / "tokenizer.json").fingerprint
     ids = torch.tensor([exported.encode(TEXTS[0])])
     with torch.no_grad():
         ours = Llama.from_checkpoint(ckpt).eval()(ids)
     torch.testing.assert_close(hf_logits(out, ids), ours, rtol=0, atol=1e-4)
+    # --adapter carries the same tokenizer and chat template (--chat-template was silently dropped before):
+    # AutoTokenizer on the adapter folder renders a chat as on the merged one
+    adapter = hf.export(ckpt, tmp_path / "adapter", adapter=True, chat_template="alpaca")
+    chat = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": TEXTS[2]}]
+    tok_a, tok_m = (transformers.AutoTokenizer.from_pretrained(d) for d in (adapter, out))
+    rendered = tok_m.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert tok_a.apply_chat_template(chat, tokenize=True, return_dict=False) == rendered
+    assert tok_a.eos_token == tok_m.eos_token == "</s>" and len(rendered) > 20
 
 
 def test_export_of_imported_fine_tuned_model_loads_in_transformers(tmp_path):

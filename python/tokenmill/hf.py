@@ -514,6 +514,47 @@ def export(
             f"{ckpt} is a full checkpoint, not LoRA adapters: export it without --adapter/--merge"
         )
 
+    tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
+    if not tok_path and meta.get("lora"):  # adapters trained without a tokenizer: the base's (checkpoint/HF)
+        found = recorded_tokenizer(Path(meta["base"]))
+        tok_path = str(found) if found else ""
+    tok = None
+    if tok_path:
+        import tokenmill
+
+        tok = tokenmill.Tokenizer.from_file(tok_path)
+        if tok.n_vocab > cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
+            )
+    specials = dict(tok.special_tokens) if tok is not None else {}
+    bos = tok.bos_token_id if tok is not None else None
+    eos = tok.eos_token_id if tok is not None else None
+    # an adapter folder carries the tokenizer and chat template when known (what `AutoTokenizer` reads there)
+    template = chat_template or (meta.get("chat_template") if tok is not None or not adapter else None)
+    jinja, stop = None, [] if eos is None else [eos]
+    if template:
+        if tok is None:
+            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
+        from tokenmill.data.sft import chat_template as render_template
+
+        jinja, eot = render_template(template, tok)
+        stop = [eot] + [i for i in stop if i != eot]
+        eos = eot
+    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
+    pad = pad if pad is not None else (stop[-1] if stop else None)
+
+    tok_cfg: Optional[dict] = None
+    if tok is not None:
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
+        names = {v: k for k, v in specials.items()}
+        unk = specials.get("<unk>")
+        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
+            if i is not None:
+                tok_cfg[key] = names[i]
+        if jinja is not None:
+            tok_cfg["chat_template"] = jinja
+
     if adapter:
         state = _checked_adapters(ckpt, meta)
         lo = meta["lora"]
@@ -539,7 +580,10 @@ def export(
             "alpha_pattern": {},
             "revision": None,
         }
-        return _write(out, {"adapter_model.safetensors": tensors}, {"adapter_config.json": config})
+        extra = {} if tok_cfg is None else {"tokenizer_config.json": tok_cfg}
+        return _write(
+            out, {"adapter_model.safetensors": tensors}, {"adapter_config.json": config, **extra}, tok
+        )
 
     if merge:
         from tokenmill.model import Llama
@@ -552,35 +596,6 @@ def export(
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
 
-    tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
-    if not tok_path and merge:  # adapters trained without a tokenizer: the base's (checkpoint or HF folder)
-        found = recorded_tokenizer(Path(meta["base"]))
-        tok_path = str(found) if found else ""
-    tok = None
-    if tok_path:
-        import tokenmill
-
-        tok = tokenmill.Tokenizer.from_file(tok_path)
-        if tok.n_vocab > cfg.vocab_size:
-            raise ValueError(
-                f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
-            )
-    specials = dict(tok.special_tokens) if tok is not None else {}
-    bos = tok.bos_token_id if tok is not None else None
-    eos = tok.eos_token_id if tok is not None else None
-    template = chat_template or meta.get("chat_template")
-    jinja, stop = None, [] if eos is None else [eos]
-    if template:
-        if tok is None:
-            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
-        from tokenmill.data.sft import chat_template as render_template
-
-        jinja, eot = render_template(template, tok)
-        stop = [eot] + [i for i in stop if i != eot]
-        eos = eot
-    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
-    pad = pad if pad is not None else (stop[-1] if stop else None)
-
     files: dict = {
         "config.json": {**hf_config(cfg, dtype, bos, eos), "pad_token_id": pad},
         "generation_config.json": {
@@ -589,15 +604,7 @@ def export(
             "pad_token_id": pad,
         },
     }
-    if tok is not None:
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
-        names = {v: k for k, v in specials.items()}
-        unk = specials.get("<unk>")
-        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
-            if i is not None:
-                tok_cfg[key] = names[i]
-        if jinja is not None:
-            tok_cfg["chat_template"] = jinja
+    if tok_cfg is not None:
         files["tokenizer_config.json"] = tok_cfg
     return _write(out, {"model.safetensors": tensors}, files, tok)
 
