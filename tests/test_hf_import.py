@@ -323,7 +323,7 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
     data = ["--data.seq_len=8", "--data.batch_size=2", "--data.document_mask=false"]
     for start in (path, imported):
         with pytest.raises(
-            ValueError, match=r"others \(tokenized with\) is another tokenizer .*tokenizer.json"
+            ValueError, match=r"others: tokenized with a 290-token .*tokenizer.json has 300 tokens"
         ):
             T.train(run_config(tmp_path, start, f"--data.train=['{tmp_path / 'others'}']", *data))
         with pytest.raises(ValueError, match=r"data.tokenizer .*other.json is another tokenizer"):
@@ -337,8 +337,23 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
                 )
             )
         assert not (tmp_path / "run" / "checkpoints").exists()
+    # the model's own tokenizer in another format (native file vs the HF tokenizer.json: other fingerprints,
+    # the same tokens) trains
+    native = Tokenizer.train(
+        TEXTS, vocab_size=300, special_tokens=["<s>", "</s>"]
+    )  # make_hf's, before its save
+    native.save(tmp_path / "mine.tokenmill")
+    assert native.fingerprint != mine.fingerprint
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "native"), native)
     h = T.train(
-        run_config(tmp_path, imported, f"--data.train=['{tmp_path / 'theirs'}']", "--train.steps=1", *data)
+        run_config(
+            tmp_path,
+            imported,
+            f"--data.train=['{tmp_path / 'native'}']",
+            f"--data.tokenizer={tmp_path / 'mine.tokenmill'}",
+            "--train.steps=1",
+            *data,
+        )
     )
     assert [x["step"] for x in h if "loss" in x and "step" in x] == [1]
 

@@ -172,32 +172,42 @@ def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
             )
 
 
+def _same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers give each id the same token. Fingerprints alone differ across formats (an
+    HF round trip stores the merges explicitly), so equal token bytes and special tokens also count."""
+    if a.fingerprint == b.fingerprint:
+        return True
+    if a.n_vocab != b.n_vocab or a.special_tokens != b.special_tokens:
+        return False
+    try:
+        return a.decode_tokens_bytes(range(a.n_vocab)) == b.decode_tokens_bytes(range(b.n_vocab))
+    except (ValueError, KeyError):  # an id without a token
+        return False
+
+
 def _check_base_tokenizer(cfg: TrainConfig, tok, start: Path, manifests: bool) -> None:
-    """The run's tokenizer (data.tokenizer; else, with ``manifests``, the token files' manifests) against the
-    one kept with the model the run starts from: the same ids must mean the same tokens to the model."""
+    """The run's tokenizer (data.tokenizer; else, with ``manifests``, the vocabulary size the token files'
+    manifests record) against the one kept with the model the run starts from: the same ids must mean the
+    same tokens to the model."""
     from tokenmill.data.dataset import read_manifest
 
     path = ckpt.recorded_tokenizer(start)
     if path is None:
         return
-    theirs = tokenmill.Tokenizer.from_file(path).fingerprint
-    if tok is not None:
-        mine = [(f"data.tokenizer {cfg.data.tokenizer}", tok.fingerprint)]
-    elif manifests:
-        mine = [
-            (
-                f"{prefix} (tokenized with)",
-                ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("fingerprint"),
-            )
-            for prefix in [*cfg.data.train, *cfg.data.val]
-        ]
-    else:
-        mine = []
-    for what, fp in mine:
-        if fp and fp != theirs:
+    theirs = tokenmill.Tokenizer.from_file(path)
+    why = "its token ids would mean other tokens to the model of train.init_from"
+    if tok is not None and not _same_vocabulary(tok, theirs):
+        raise ValueError(
+            f"data.tokenizer {cfg.data.tokenizer} is another tokenizer (n_vocab {tok.n_vocab}, fingerprint "
+            f"{tok.fingerprint}) than the model's {path} (n_vocab {theirs.n_vocab}, fingerprint "
+            f"{theirs.fingerprint}): {why}"
+        )
+    for prefix in [*cfg.data.train, *cfg.data.val] if tok is None and manifests else []:
+        n_vocab = ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("n_vocab")
+        if n_vocab is not None and n_vocab != theirs.n_vocab:
             raise ValueError(
-                f"{what} is another tokenizer (fingerprint {fp}) than the model's {path} (fingerprint "
-                f"{theirs}): its token ids would mean other tokens to the model of train.init_from"
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary, but the model's tokenizer {path} has "
+                f"{theirs.n_vocab} tokens: {why}"
             )
 
 
