@@ -356,6 +356,16 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
         )
     )
     assert [x["step"] for x in h if "loss" in x and "step" in x] == [1]
+    # ids without a token (a pad token far above the vocabulary, as padded HF vocabularies have) compare too
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 310, "content": "<|pad|>", "special": True, "normalized": False})
+    (tmp_path / "gap.json").write_text(json.dumps(spec))
+    gap = Tokenizer.from_file(tmp_path / "gap.json")
+    as_tiktoken = Tokenizer.from_tiktoken(
+        gap.mergeable_ranks(), pattern=gap.pattern, special_tokens=gap.special_tokens
+    )
+    assert as_tiktoken.fingerprint != gap.fingerprint and T._same_vocabulary(gap, as_tiktoken)
+    assert not T._same_vocabulary(gap, mine) and not T._same_vocabulary(mine, other)
 
 
 def test_lora_on_hf_folder_merge_takes_its_tokenizer(tmp_path):
