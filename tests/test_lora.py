@@ -187,7 +187,14 @@ def test_merge_lora_gives_the_same_function():
     [
         (
             {"targets": ("wq", "q_proj")},
-            r"lora target 'q_proj' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3",
+            r"lora target 'q_proj' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3 "
+            r"\(q_proj is the Hugging Face name of wq\)",
+        ),
+        ({"targets": ("gate_proj",)}, r"\(gate_proj is the Hugging Face name of w1\)"),
+        ({"targets": ("down_proj",)}, r"\(down_proj is the Hugging Face name of w2\)"),
+        (
+            {"targets": ("wz",)},
+            r"lora target 'wz' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3$",
         ),
         ({"targets": ()}, "non-empty"),
         ({"rank": 0}, "rank must be a positive integer, got 0"),

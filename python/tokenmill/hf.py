@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from tokenmill._fsutil import replace_dir
-from tokenmill.config import LlamaConfig, RopeScaling
+from tokenmill.config import LORA_TARGET_HF, LlamaConfig, RopeScaling
 
 PathLike = Union[str, Path]
 
@@ -65,9 +65,7 @@ _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
 # LoRA targets -> PEFT's target_modules (the Hugging Face module names)
-HF_MODULE = {
-    k.split(".")[1]: v.split(".")[1] for k, v in _LAYER.items() if k.startswith(("attention.w", "feed_"))
-}
+HF_MODULE = LORA_TARGET_HF
 
 
 def hf_name(name: str) -> str:
