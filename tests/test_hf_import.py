@@ -188,12 +188,20 @@ def test_import_hf_bfloat16_is_the_weights_rounded(tmp_path):
         )
 
 
-def test_from_hf_dtype_and_sentencepiece_tokenizer_absent_is_fine(tmp_path):
+def test_from_hf_dtype_and_sentencepiece_tokenizer_absent_is_fine(tmp_path, capsys):
     path = make_hf(tmp_path / "hf", tokenizer=False)
     m = Llama.from_hf(path, dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     out = hf.import_hf(path, tmp_path / "ckpt")
     assert "tokenizer" not in json.loads((out / "meta.json").read_text())
+    # the CLI says so in one line (the weights alone are a valid import)
+    capsys.readouterr()  # transformers' save progress
+    assert cli.main(["import-hf", str(path), str(tmp_path / "cli")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"tokenmill import-hf: note: {path} has no tokenizer.json or tokenizer.model, so {tmp_path / 'cli'} "
+        "has no tokenizer: give data.tokenizer to train and --tokenizer to export-hf"
+    ]
 
 
 def test_import_tokenizer_model_when_no_tokenizer_json(tmp_path):
@@ -218,6 +226,11 @@ def test_import_tokenizer_model_when_no_tokenizer_json(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
     text = "the lazy fox, hello world"
     assert tok.encode_ordinary(text) == sp.encode(text)
+    # This model removes extra whitespace, which tokenizer.json cannot express: export-hf refuses, and leaves
+    # neither the folder nor its temporary twin (the tokenizer is written before the weights).
+    with pytest.raises(ValueError, match="cannot be saved as tokenizer.json: remove_extra_whitespaces"):
+        hf.export(out, tmp_path / "exported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "corpus.txt", "hf", "sp.vocab"]
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -291,6 +304,92 @@ def test_init_from_hf_folder_conflicting_model_key(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     # agreeing keys are fine
     T.train(run_config(tmp_path, path, "--model.dim=64", "--train.steps=1"), Batches(batches()))
+
+
+def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
+    """Token files (or data.tokenizer) of another tokenizer than the one kept with train.init_from's model (an
+    HF folder's tokenizer.json, an imported checkpoint's tokenmill-tokenizer.json) stop the run before any
+    step: their ids would mean other tokens to the model. The model's own tokenizer trains."""
+    import tokenmill as tm
+
+    path = make_hf(tmp_path / "hf")
+    imported = hf.import_hf(path, tmp_path / "imported")
+    mine = Tokenizer.from_huggingface(path / "tokenizer.json")
+    other = Tokenizer.train(TEXTS[::-1] + ["zebra"], vocab_size=290, special_tokens=["<s>", "</s>"])
+    other.save(tmp_path / "other.json")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "theirs"), mine)
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "others"), other)
+    data = ["--data.seq_len=8", "--data.batch_size=2", "--data.document_mask=false"]
+    for start in (path, imported):
+        with pytest.raises(
+            ValueError, match=r"others: tokenized with a 290-token .*tokenizer.json has 300 tokens"
+        ):
+            T.train(run_config(tmp_path, start, f"--data.train=['{tmp_path / 'others'}']", *data))
+        with pytest.raises(ValueError, match=r"data.tokenizer .*other.json is another tokenizer"):
+            T.train(
+                run_config(
+                    tmp_path,
+                    start,
+                    f"--data.train=['{tmp_path / 'theirs'}']",
+                    f"--data.tokenizer={tmp_path / 'other.json'}",
+                    *data,
+                )
+            )
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    # the model's own tokenizer in another format (native file vs the HF tokenizer.json: other fingerprints,
+    # the same tokens) trains
+    native = Tokenizer.train(
+        TEXTS, vocab_size=300, special_tokens=["<s>", "</s>"]
+    )  # make_hf's, before its save
+    native.save(tmp_path / "mine.tokenmill")
+    assert native.fingerprint != mine.fingerprint
+    tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "native"), native)
+    h = T.train(
+        run_config(
+            tmp_path,
+            imported,
+            f"--data.train=['{tmp_path / 'native'}']",
+            f"--data.tokenizer={tmp_path / 'mine.tokenmill'}",
+            "--train.steps=1",
+            *data,
+        )
+    )
+    assert [x["step"] for x in h if "loss" in x and "step" in x] == [1]
+    # ids without a token (a pad token far above the vocabulary, as padded HF vocabularies have) compare too
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 310, "content": "<|pad|>", "special": True, "normalized": False})
+    (tmp_path / "gap.json").write_text(json.dumps(spec))
+    gap = Tokenizer.from_file(tmp_path / "gap.json")
+    as_tiktoken = Tokenizer.from_tiktoken(
+        gap.mergeable_ranks(), pattern=gap.pattern, special_tokens=gap.special_tokens
+    )
+    assert as_tiktoken.fingerprint != gap.fingerprint and T._same_vocabulary(gap, as_tiktoken)
+    assert not T._same_vocabulary(gap, mine) and not T._same_vocabulary(mine, other)
+
+
+def test_lora_on_hf_folder_merge_takes_its_tokenizer(tmp_path):
+    """A LoRA run whose base is an HF folder, trained without data.tokenizer: `export-hf --merge` writes the
+    base folder's tokenizer (it used to look for a meta.json in the HF folder and fail), and transformers
+    computes the merged model's logits."""
+    path = make_hf(tmp_path / "hf")
+    T.train(run_config(tmp_path, path, "--lora.rank=4", "--optim.lr=1e-2"), Batches(batches()))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    out = hf.export(ckpt, tmp_path / "merged", merge=True, chat_template="alpaca")
+    exported = Tokenizer.from_file(out / "tokenizer.json")
+    assert exported.fingerprint == Tokenizer.from_file(path / "tokenizer.json").fingerprint
+    ids = torch.tensor([exported.encode(TEXTS[0])])
+    with torch.no_grad():
+        ours = Llama.from_checkpoint(ckpt).eval()(ids)
+    torch.testing.assert_close(hf_logits(out, ids), ours, rtol=0, atol=1e-4)
+    # --adapter carries the same tokenizer and chat template (--chat-template was silently dropped before):
+    # AutoTokenizer on the adapter folder renders a chat as on the merged one
+    adapter = hf.export(ckpt, tmp_path / "adapter", adapter=True, chat_template="alpaca")
+    chat = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": TEXTS[2]}]
+    tok_a, tok_m = (transformers.AutoTokenizer.from_pretrained(d) for d in (adapter, out))
+    rendered = tok_m.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert tok_a.apply_chat_template(chat, tokenize=True, return_dict=False) == rendered
+    assert tok_a.eos_token == tok_m.eos_token == "</s>" and len(rendered) > 20
 
 
 def test_export_of_imported_fine_tuned_model_loads_in_transformers(tmp_path):

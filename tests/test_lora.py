@@ -187,7 +187,14 @@ def test_merge_lora_gives_the_same_function():
     [
         (
             {"targets": ("wq", "q_proj")},
-            r"lora target 'q_proj' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3",
+            r"lora target 'q_proj' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3 "
+            r"\(q_proj is the Hugging Face name of wq\)",
+        ),
+        ({"targets": ("gate_proj",)}, r"\(gate_proj is the Hugging Face name of w1\)"),
+        ({"targets": ("down_proj",)}, r"\(down_proj is the Hugging Face name of w2\)"),
+        (
+            {"targets": ("wz",)},
+            r"lora target 'wz' does not exist; valid targets: wq, wk, wv, wo, w1, w2, w3$",
         ),
         ({"targets": ()}, "non-empty"),
         ({"rank": 0}, "rank must be a positive integer, got 0"),
@@ -316,6 +323,14 @@ def test_export_refuses_ambiguous_or_mismatched_adapters(tmp_path, base):
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
     r = os.system(f"{sys.executable} -m tokenmill export-hf {ckpt} {out} 2>{tmp_path / 'err'}")
     assert r != 0 and "--adapter" in (tmp_path / "err").read_text() and not out.exists()
+    # OUT naming an existing folder (here the HF base itself, a slip of the command line) is refused before any
+    # work: export-hf never replaces a folder
+    hf_dir, _ = base
+    before = {p.name: p.stat().st_mtime_ns for p in hf_dir.iterdir()}
+    for kw in ({"adapter": True}, {"merge": True}):
+        with pytest.raises(FileExistsError, match=f"{hf_dir}: already exists"):
+            hf.export(ckpt, hf_dir, **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in hf_dir.iterdir()} == before
 
 
 def test_lora_resume_equals_uninterrupted(tmp_path, base):
@@ -471,7 +486,9 @@ def test_lora_config_errors(tmp_path, base):
     ):
         with pytest.raises(ValueError, match=match):
             T.train(cfg, Batches(make_batches(1)), on_step=lambda s, r: called.append(s))
-    assert not called and not (tmp_path / "c" / "run" / "checkpoints").exists()
+    assert not called
+    for refused in "acde":  # a run refused before its first step leaves no output folder behind
+        assert not (tmp_path / refused / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------- QLoRA base

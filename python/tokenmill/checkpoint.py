@@ -265,6 +265,17 @@ def recorded_model_config(path: Path) -> tuple[LlamaConfig, str]:
     return LlamaConfig.from_dict(read_meta(path)["model"]), str(Path(path) / "meta.json")
 
 
+def recorded_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer file kept with a model folder (a Hugging Face folder's tokenizer.json / tokenizer.model, a
+    checkpoint's meta.json ``tokenizer``); None when it has none."""
+    from tokenmill import hf
+
+    if hf.is_hf_folder(path):
+        return hf.tokenizer_file(path)
+    name = read_meta(path).get("tokenizer")
+    return Path(path) / name if name and (Path(path) / name).is_file() else None
+
+
 def check_same_shape(ckpt_dir: Path, model_cfg: LlamaConfig) -> None:
     theirs = LlamaConfig.from_dict(read_meta(ckpt_dir)["model"])
     if theirs.canonical() != model_cfg.canonical():

@@ -210,6 +210,12 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
     out = hf.import_hf(args.hf_dir, args.out, dtype=args.dtype)
     print(f"wrote {out} (train.init_from = {str(out)!r}, or tm.model.Llama.from_checkpoint)")
+    if hf.tokenizer_file(args.hf_dir) is None:  # allowed (the weights alone), but a user should know
+        print(
+            f"tokenmill import-hf: note: {args.hf_dir} has no tokenizer.json or tokenizer.model, so {out} has "
+            "no tokenizer: give data.tokenizer to train and --tokenizer to export-hf",
+            file=sys.stderr,
+        )
     return 0
 
 

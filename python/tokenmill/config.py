@@ -245,6 +245,16 @@ class DistSection:
 
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention q k v o; SwiGLU gate, down, up
+# their Hugging Face module names (PEFT's target_modules), for export-hf --adapter and for error messages
+LORA_TARGET_HF = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w2": "down_proj",
+    "w3": "up_proj",
+}
 
 
 def check_lora(
@@ -263,7 +273,11 @@ def check_lora(
         )
     for t in targets:
         if t not in LORA_TARGETS:
-            raise ValueError(f"lora target {t!r} does not exist; valid targets: {', '.join(LORA_TARGETS)}")
+            ours = {v: k for k, v in LORA_TARGET_HF.items()}.get(t)
+            hint = f" ({t} is the Hugging Face name of {ours})" if ours else ""
+            raise ValueError(
+                f"lora target {t!r} does not exist; valid targets: {', '.join(LORA_TARGETS)}{hint}"
+            )
     if len(set(targets)) != len(targets):
         raise ValueError(f"lora targets list a module twice: {list(targets)}")
     if base_dtype not in (None, "", "nf4"):

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from tokenmill._fsutil import replace_dir
-from tokenmill.config import LlamaConfig, RopeScaling
+from tokenmill.config import LORA_TARGET_HF, LlamaConfig, RopeScaling
 
 PathLike = Union[str, Path]
 
@@ -65,9 +65,7 @@ _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
 # LoRA targets -> PEFT's target_modules (the Hugging Face module names)
-HF_MODULE = {
-    k.split(".")[1]: v.split(".")[1] for k, v in _LAYER.items() if k.startswith(("attention.w", "feed_"))
-}
+HF_MODULE = LORA_TARGET_HF
 
 
 def hf_name(name: str) -> str:
@@ -105,6 +103,14 @@ def is_hf_folder(path: PathLike) -> bool:
     """A Hugging Face model folder (config.json) rather than a tokenmill checkpoint (meta.json)."""
     p = Path(path)
     return (p / "config.json").is_file() and not (p / "meta.json").exists()
+
+
+def tokenizer_file(hf_dir: PathLike) -> Optional[Path]:
+    """The tokenizer of a Hugging Face folder: ``tokenizer.json``, else ``tokenizer.model``; None without one."""
+    return next(
+        (Path(hf_dir) / n for n in ("tokenizer.json", "tokenizer.model") if (Path(hf_dir) / n).is_file()),
+        None,
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -291,8 +297,7 @@ def _inspect(hf_dir: PathLike) -> _Source:
     if missing:
         raise ValueError(f"{where}: tensor(s) missing: {', '.join(missing[:5])}")
 
-    tokenizer = next((root / n for n in ("tokenizer.json", "tokenizer.model") if (root / n).is_file()), None)
-    return _Source(cfg, tensors, want, tokenizer)
+    return _Source(cfg, tensors, want, tokenizer_file(root))
 
 
 def _read_tensors(src: _Source, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -471,8 +476,8 @@ def export(
     chat_template: Optional[str] = None,
 ) -> Path:
     """Write ``out/`` with config.json, model.safetensors, generation_config.json and (when a tokenizer is
-    given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. The folder appears whole:
-    it is written under a temporary name and renamed.
+    given or recorded in the checkpoint) tokenizer.json + tokenizer_config.json. ``out`` must not exist; the
+    folder appears whole: it is written under a temporary name and renamed.
 
     ``chat_template`` (default: the SFT template the checkpoint's run trained on, recorded in meta.json):
     ``"alpaca"``, ``"chatml"`` or ``"llama3"``, written as a Jinja ``chat_template`` that renders chats
@@ -486,9 +491,11 @@ def export(
     base_model_name_or_path, by default the base checkpoint's path) or ``merge=True`` (the adapters folded
     into the base: a normal Hugging Face folder)."""
 
-    from tokenmill.checkpoint import load_model_state, read_meta
+    from tokenmill.checkpoint import load_model_state, read_meta, recorded_tokenizer
 
     ckpt, out = Path(checkpoint), Path(out)
+    if out.exists():  # never replace a folder: OUT may be the user's base model or another export
+        raise FileExistsError(f"{out}: already exists; export-hf writes a new folder (remove it first)")
     meta = read_meta(ckpt)
     cfg = LlamaConfig.from_dict(meta["model"])
     tdtype = dtype_of(dtype)
@@ -504,6 +511,47 @@ def export(
         raise ValueError(
             f"{ckpt} is a full checkpoint, not LoRA adapters: export it without --adapter/--merge"
         )
+
+    tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
+    if not tok_path and meta.get("lora"):  # adapters trained without a tokenizer: the base's (checkpoint/HF)
+        found = recorded_tokenizer(Path(meta["base"]))
+        tok_path = str(found) if found else ""
+    tok = None
+    if tok_path:
+        import tokenmill
+
+        tok = tokenmill.Tokenizer.from_file(tok_path)
+        if tok.n_vocab > cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
+            )
+    specials = dict(tok.special_tokens) if tok is not None else {}
+    bos = tok.bos_token_id if tok is not None else None
+    eos = tok.eos_token_id if tok is not None else None
+    # an adapter folder carries the tokenizer and chat template when known (what `AutoTokenizer` reads there)
+    template = chat_template or (meta.get("chat_template") if tok is not None or not adapter else None)
+    jinja, stop = None, [] if eos is None else [eos]
+    if template:
+        if tok is None:
+            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
+        from tokenmill.data.sft import chat_template as render_template
+
+        jinja, eot = render_template(template, tok)
+        stop = [eot] + [i for i in stop if i != eot]
+        eos = eot
+    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
+    pad = pad if pad is not None else (stop[-1] if stop else None)
+
+    tok_cfg: Optional[dict] = None
+    if tok is not None:
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
+        names = {v: k for k, v in specials.items()}
+        unk = specials.get("<unk>")
+        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
+            if i is not None:
+                tok_cfg[key] = names[i]
+        if jinja is not None:
+            tok_cfg["chat_template"] = jinja
 
     if adapter:
         state = _checked_adapters(ckpt, meta)
@@ -530,7 +578,10 @@ def export(
             "alpha_pattern": {},
             "revision": None,
         }
-        return _write(out, {"adapter_model.safetensors": tensors}, {"adapter_config.json": config})
+        extra = {} if tok_cfg is None else {"tokenizer_config.json": tok_cfg}
+        return _write(
+            out, {"adapter_model.safetensors": tensors}, {"adapter_config.json": config, **extra}, tok
+        )
 
     if merge:
         from tokenmill.model import Llama
@@ -543,35 +594,6 @@ def export(
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
 
-    tok_path = tokenizer or (str(ckpt / meta["tokenizer"]) if meta.get("tokenizer") else "")
-    if not tok_path and merge:  # adapters trained without a tokenizer: the base's, if it has one
-        base_meta = read_meta(Path(meta["base"]))
-        tok_path = str(Path(meta["base"]) / base_meta["tokenizer"]) if base_meta.get("tokenizer") else ""
-    tok = None
-    if tok_path:
-        import tokenmill
-
-        tok = tokenmill.Tokenizer.from_file(tok_path)
-        if tok.n_vocab > cfg.vocab_size:
-            raise ValueError(
-                f"tokenizer {tok_path} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}"
-            )
-    specials = dict(tok.special_tokens) if tok is not None else {}
-    bos = tok.bos_token_id if tok is not None else None
-    eos = tok.eos_token_id if tok is not None else None
-    template = chat_template or meta.get("chat_template")
-    jinja, stop = None, [] if eos is None else [eos]
-    if template:
-        if tok is None:
-            raise ValueError(f"{ckpt}: a chat template needs the tokenizer (none given or recorded)")
-        from tokenmill.data.sft import chat_template as render_template
-
-        jinja, eot = render_template(template, tok)
-        stop = [eot] + [i for i in stop if i != eot]
-        eos = eot
-    pad = next((specials[n] for n in ("<|pad|>", "<pad>", "[PAD]") if n in specials), None)
-    pad = pad if pad is not None else (stop[-1] if stop else None)
-
     files: dict = {
         "config.json": {**hf_config(cfg, dtype, bos, eos), "pad_token_id": pad},
         "generation_config.json": {
@@ -580,15 +602,7 @@ def export(
             "pad_token_id": pad,
         },
     }
-    if tok is not None:
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
-        names = {v: k for k, v in specials.items()}
-        unk = specials.get("<unk>")
-        for key, i in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)):
-            if i is not None:
-                tok_cfg[key] = names[i]
-        if jinja is not None:
-            tok_cfg["chat_template"] = jinja
+    if tok_cfg is not None:
         files["tokenizer_config.json"] = tok_cfg
     return _write(out, {"model.safetensors": tensors}, files, tok)
 
@@ -629,11 +643,15 @@ def _write(out: Path, tensors: dict, json_files: dict, tok=None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, t in tensors.items():
-        save_file(t, str(tmp / name), metadata={"format": "pt"})
-    for name, obj in json_files.items():
-        (tmp / name).write_text(json.dumps(obj, indent=2))
-    if tok is not None:
-        tok.save_huggingface(str(tmp / "tokenizer.json"))
-    replace_dir(tmp, out)
+    try:
+        if tok is not None:  # first: a tokenizer that tokenizer.json cannot express fails before the weights
+            tok.save_huggingface(str(tmp / "tokenizer.json"))
+        for name, t in tensors.items():
+            save_file(t, str(tmp / name), metadata={"format": "pt"})
+        for name, obj in json_files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:  # nothing half-written is left beside OUT
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -172,6 +172,44 @@ def _check_data(cfg: TrainConfig, tok, vocab_size: int) -> None:
             )
 
 
+def _same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers give each id the same token. Fingerprints alone differ across formats (an
+    HF round trip stores the merges explicitly), so equal token bytes and special tokens also count."""
+    if a.fingerprint == b.fingerprint:
+        return True
+    return (
+        a.n_vocab == b.n_vocab
+        and a.special_tokens == b.special_tokens
+        and a.mergeable_ranks() == b.mergeable_ranks()  # {token bytes: id}; ids without a token are absent
+    )
+
+
+def _check_base_tokenizer(cfg: TrainConfig, tok, start: Path, manifests: bool) -> None:
+    """The run's tokenizer (data.tokenizer; else, with ``manifests``, the vocabulary size the token files'
+    manifests record) against the one kept with the model the run starts from: the same ids must mean the
+    same tokens to the model."""
+    from tokenmill.data.dataset import read_manifest
+
+    path = ckpt.recorded_tokenizer(start)
+    if path is None:
+        return
+    theirs = tokenmill.Tokenizer.from_file(path)
+    why = "its token ids would mean other tokens to the model of train.init_from"
+    if tok is not None and not _same_vocabulary(tok, theirs):
+        raise ValueError(
+            f"data.tokenizer {cfg.data.tokenizer} is another tokenizer (n_vocab {tok.n_vocab}, fingerprint "
+            f"{tok.fingerprint}) than the model's {path} (n_vocab {theirs.n_vocab}, fingerprint "
+            f"{theirs.fingerprint}): {why}"
+        )
+    for prefix in [*cfg.data.train, *cfg.data.val] if tok is None and manifests else []:
+        n_vocab = ((read_manifest(prefix) or {}).get("tokenizer") or {}).get("n_vocab")
+        if n_vocab is not None and n_vocab != theirs.n_vocab:
+            raise ValueError(
+                f"{prefix}: tokenized with a {n_vocab}-token vocabulary, but the model's tokenizer {path} has "
+                f"{theirs.n_vocab} tokens: {why}"
+            )
+
+
 def build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[Iterable, Optional[Iterable]]:
     if not cfg.data.train:
         raise ValueError("data.train is empty: give token-file prefixes (see `tokenmill prepare`)")
@@ -300,9 +338,7 @@ def train(
     require("train", "training")  # safetensors is first needed at the end, for the checkpoint
     tracking.check(cfg.log.trackers)
     rank, world, device = _init_distributed(cfg.run.device)
-    out = Path(cfg.run.out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.run.out_dir)  # created once every input is checked: a refused run leaves no folder
     cuda = device.type == "cuda"
     autocast = _dtype(cfg.run.autocast) if cuda else torch.float32
     param_dtype = _dtype(cfg.run.param_dtype)
@@ -325,6 +361,7 @@ def train(
         start = resume if resume is not None and lora is None else Path(cfg.train.init_from)
         model_cfg = cfg.init_model_config(*ckpt.recorded_model_config(start))
         tok = _load_tokenizer(cfg, model_cfg.vocab_size)
+        _check_base_tokenizer(cfg, tok, start, manifests=train_data is None)
     else:
         tok = _load_tokenizer(cfg, cfg.model.get("vocab_size"))
         model_cfg = cfg.model_config(vocab_size=tok.n_vocab if tok is not None else None)
@@ -442,6 +479,8 @@ def train(
         fused = cuda and not cfg.dist.cpu_offload
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     # -- resume: weights, optimizer, loader position, RNG states, counters
     log_path = out / "log.jsonl"
     step, bad_steps, tokens_seen = 0, 0, 0
