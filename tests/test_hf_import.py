@@ -158,11 +158,11 @@ def test_import_hf_cli_then_from_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [
         "meta.json",
         "model.safetensors",
-        "tokenmill-tokenizer.json",
+        "tokenmill-tokenizer.tokenmill",
     ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["model"]["rope_scaling"] == LLAMA3 and meta["tokenizer"] == "tokenmill-tokenizer.json"
+    assert meta["model"]["rope_scaling"] == LLAMA3 and meta["tokenizer"] == "tokenmill-tokenizer.tokenmill"
     x = ids()
     with torch.no_grad():
         ours = Llama.from_checkpoint(out).eval()(x)
@@ -308,7 +308,7 @@ def test_init_from_hf_folder_conflicting_model_key(tmp_path):
 
 def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
     """Token files (or data.tokenizer) of another tokenizer than the one kept with train.init_from's model (an
-    HF folder's tokenizer.json, an imported checkpoint's tokenmill-tokenizer.json) stop the run before any
+    HF folder's tokenizer.json, an imported checkpoint's tokenmill-tokenizer.tokenmill) stop the run before any
     step: their ids would mean other tokens to the model. The model's own tokenizer trains."""
     import tokenmill as tm
 
@@ -316,23 +316,24 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
     imported = hf.import_hf(path, tmp_path / "imported")
     mine = Tokenizer.from_huggingface(path / "tokenizer.json")
     other = Tokenizer.train(TEXTS[::-1] + ["zebra"], vocab_size=290, special_tokens=["<s>", "</s>"])
-    other.save(tmp_path / "other.json")
+    other.save(tmp_path / "other.tokenmill")
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
     tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "theirs"), mine)
     tm.data.prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "others"), other)
     data = ["--data.seq_len=8", "--data.batch_size=2", "--data.document_mask=false"]
     for start in (path, imported):
         with pytest.raises(
-            ValueError, match=r"others: tokenized with a 290-token .*tokenizer.json has 300 tokens"
+            ValueError,
+            match=r"others: tokenized with a 290-token .*tokenizer\.(json|tokenmill) has 300 tokens",
         ):
             T.train(run_config(tmp_path, start, f"--data.train=['{tmp_path / 'others'}']", *data))
-        with pytest.raises(ValueError, match=r"data.tokenizer .*other.json is another tokenizer"):
+        with pytest.raises(ValueError, match=r"data.tokenizer .*other.tokenmill is another tokenizer"):
             T.train(
                 run_config(
                     tmp_path,
                     start,
                     f"--data.train=['{tmp_path / 'theirs'}']",
-                    f"--data.tokenizer={tmp_path / 'other.json'}",
+                    f"--data.tokenizer={tmp_path / 'other.tokenmill'}",
                     *data,
                 )
             )

@@ -402,7 +402,7 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: to
 def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype] = "float32") -> Path:
     """Convert a Hugging Face ``save_pretrained`` folder into a tokenmill checkpoint folder ``out_dir``
     (``meta.json``, ``model.safetensors`` in ``dtype``, the folder's tokenizer as
-    ``tokenmill-tokenizer.json``) that ``train.init_from`` and ``Llama.from_checkpoint`` accept.
+    ``tokenmill-tokenizer.tokenmill``) that ``train.init_from`` and ``Llama.from_checkpoint`` accept.
 
     Everything is checked before any weight is read; ``out_dir`` must not exist and appears whole (written
     under a temporary name, then renamed). Peak memory is about one tensor beyond the output being written.
@@ -425,7 +425,7 @@ def import_hf(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype
             "imported_from": str(Path(hf_dir).resolve()),
         }
         if tok is not None:
-            meta["tokenizer"] = "tokenmill-tokenizer.json"
+            meta["tokenizer"] = "tokenmill-tokenizer.tokenmill"
             tok.save(tmp / meta["tokenizer"])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         replace_dir(tmp, out)
