@@ -456,7 +456,8 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<Manifest> {
         }
         if m.shard.count != count || m.shard.index != i {
             return Err(Error::invalid(format!(
-                "shards must be exactly indices 0..{count} of one partition, once each; got indices {:?} of counts {:?}",
+                "shards must be exactly indices 0 to {} of one partition of {count}, once each; got indices {:?} of counts {:?}",
+                count.saturating_sub(1),
                 ms.iter().map(|(m, _)| m.shard.index).collect::<Vec<_>>(),
                 ms.iter().map(|(m, _)| m.shard.count).collect::<Vec<_>>()
             )));
