@@ -172,6 +172,27 @@ def test_trainer_runs_with_optional_packages_hidden(tmp_path):
     assert "tensorboard" in refusals[0] and "wandb" in refusals[1]
 
 
+def test_hf_trainer_without_transformers_names_the_extra(tmp_path):
+    """`tm.data.hf` (transformers' Trainer) without transformers: MissingExtraError naming tokenmill[hf] at
+    import, not a bare ModuleNotFoundError; the rest of tm.data still imports."""
+    r = run_hidden(
+        """
+        import tokenmill as tm
+        from tokenmill import extras
+        tm.data.DataLoader  # the loader needs no transformers
+        try:
+            tm.data.hf
+            raise SystemExit("tm.data.hf imported without transformers")
+        except extras.MissingExtraError as e:
+            print("REFUSED", e)
+        """,
+        tmp_path,
+        hidden=("transformers",),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "REFUSED" in r.stdout and "pip install 'tokenmill[hf]'" in r.stdout, r.stdout
+
+
 def test_cli_refuses_naming_the_extra(tmp_path):
     """Through the console script: exit status 1 and one line naming the extra, no traceback, no output."""
     from tokenmill import Tokenizer

@@ -30,10 +30,16 @@ import os
 from typing import Any, Optional, Union
 
 import torch
-import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from tokenmill.data.loader import DataLoader
+from tokenmill.extras import require
+
+# A missing transformers names `tokenmill[hf]` here, at import, before any work.
+require("hf", "tm.data.hf (transformers' Trainer)", ["transformers"])
+
+import transformers  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint  # noqa: E402
+
+from tokenmill.data.loader import DataLoader  # noqa: E402
 
 STATE_FILE = "tokenmill_loader_rank{rank}.json"
 
