@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import machine, today  # noqa: E402
 from tokenmill import hf  # noqa: E402
+from tokenmill.config import LORA_TARGET_HF  # noqa: E402
 from tokenmill.lora import LoraLinear  # noqa: E402
 from tokenmill.model import Llama, LlamaConfig, apply_lora  # noqa: E402
 
@@ -51,7 +52,7 @@ def build(preset: str, seq: int, device: str):
         lora_alpha=ALPHA,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
-        target_modules=sorted(hf.HF_MODULE.values()),
+        target_modules=sorted(LORA_TARGET_HF.values()),
     )
     theirs = peft.get_peft_model(theirs, lcfg)
     # the same adapters on both sides (peft's A has its own random draw)

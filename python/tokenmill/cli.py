@@ -512,6 +512,8 @@ def _add_plan_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tokenmill.data.sft import TEMPLATES  # numpy and the core only
+
     p = argparse.ArgumentParser(prog="tokenmill", description=tokenmill.__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"tokenmill {tokenmill.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -692,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tokenizer", help="tokenizer file (default: the one recorded in the checkpoint)")
     ex.add_argument(
         "--chat-template",
-        choices=("alpaca", "chatml", "llama3"),
+        choices=TEMPLATES,
         help="chat template for tokenizer_config.json (default: the SFT template the run trained on)",
     )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -64,10 +64,6 @@ _ST_NAME = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
-# LoRA targets -> PEFT's target_modules (the Hugging Face module names)
-HF_MODULE = LORA_TARGET_HF
-
-
 def hf_name(name: str) -> str:
     """Our parameter name -> the Hugging Face one (``layers.3.attention.wq.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``)."""
@@ -564,7 +560,7 @@ def export(
             "r": lo["rank"],
             "lora_alpha": lo["alpha"],
             "lora_dropout": lo["dropout"],
-            "target_modules": sorted(HF_MODULE[t] for t in lo["targets"]),
+            "target_modules": sorted(LORA_TARGET_HF[t] for t in lo["targets"]),
             "bias": "none",
             "fan_in_fan_out": False,
             "init_lora_weights": True,
