@@ -27,6 +27,17 @@ def one_torch_thread():
 
 # Tiny random Hugging Face models: the one home of the tests' builders (benches build their own; they do not
 # import tests). Test files import them: `from conftest import hf_llama, save_hf_llama`.
+# The special tokens of the three SFT templates (alpaca's end of text, chatml, llama3).
+CHAT_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
 TINY_HF = dict(  # tokenmill's "tiny" preset as a transformers config, with a 96-wide MLP
     vocab_size=512,
     hidden_size=64,

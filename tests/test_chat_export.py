@@ -7,6 +7,7 @@ import json
 
 import pytest
 import tokenmill as tm
+from conftest import CHAT_SPECIALS
 from safetensors.torch import save_file
 from tokenmill.data import TokenDataset
 from tokenmill.hf import export
@@ -15,15 +16,6 @@ from tokenmill.model import Llama, LlamaConfig
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": "<|endoftext|>"}
 CHATS = [
     [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}],
@@ -45,7 +37,7 @@ CHATS = [
 def tok(tmp_path_factory):
     words = " ".join(m["content"] for c in CHATS for m in c) + " Below is an instruction Response"
     t = tm.Tokenizer.train(
-        [words] * 20, vocab_size=400, pattern="gpt2", special_tokens=SPECIALS, show_progress=False
+        [words] * 20, vocab_size=400, pattern="gpt2", special_tokens=CHAT_SPECIALS, show_progress=False
     )
     path = tmp_path_factory.mktemp("tok") / "tok.json"
     t.save_huggingface(path)

@@ -9,23 +9,14 @@ import json
 import numpy as np
 import pytest
 import tokenmill as tm
+from conftest import CHAT_SPECIALS
 from tokenmill.data import DataLoader, TokenDataset, prepare_sft
-
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
 
 
 @pytest.fixture(scope="module")
 def tok():
     return tm.Tokenizer.from_tiktoken(
-        {bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=SPECIALS
+        {bytes([i]): i for i in range(256)}, pattern="llama3", special_tokens=CHAT_SPECIALS
     )
 
 
